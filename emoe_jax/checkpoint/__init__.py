@@ -1,0 +1,1 @@
+"""emoe_jax.checkpoint"""
