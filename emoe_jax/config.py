@@ -1,0 +1,435 @@
+"""Model configuration: one frozen `MoEConfig` for every supported family.
+
+Steps of `from_hf_config`:
+  1. pick the family from `model_type` (or `architectures`);
+  2. check every field of the Hugging Face `config.json` against the family's
+     list of understood fields, refusing unknown ones (naming them) and known
+     ones whose value we do not implement (sliding windows, other activations...);
+  3. map the fields onto `MoEConfig`, accepting both old and new spellings
+     (`rope_theta` / transformers 5's `rope_parameters`, `num_experts` /
+     `num_local_experts` / `n_routed_experts`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2")
+
+
+class ConfigError(ValueError):
+    """A configuration we cannot run faithfully; the message names the field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeConfig:
+    """Rotary embedding settings. `kind` is 'default' or 'yarn' (DeepSeek-V2)."""
+
+    theta: float = 10000.0
+    kind: str = "default"
+    # YaRN fields (used only when kind == 'yarn'); names follow transformers.
+    factor: float = 1.0
+    original_max_position_embeddings: int = 0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    # DeepSeek rotates interleaved pairs (x0,x1),(x2,x3)...; the others rotate halves.
+    interleaved: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """A decoder-only MoE transformer. Fields not used by a family keep their defaults."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    # Dense FFN width (dense layers of DeepSeek / Qwen `mlp_only_layers`).
+    intermediate_size: int
+    # Routed experts.
+    num_experts: int
+    top_k: int
+    moe_intermediate_size: int
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    # Layers that use a dense FFN instead of an MoE block.
+    dense_layers: tuple[int, ...] = ()
+    # Shared experts: Qwen2-MoE has one sigmoid-gated shared expert; DeepSeek has plain ones.
+    shared_expert_intermediate_size: int = 0
+    shared_expert_gated: bool = False
+    # Attention.
+    attention: str = "gqa"  # 'gqa' or 'mla'
+    qkv_bias: bool = False
+    # 'none', 'head' (Qwen3: RMSNorm over head_dim), 'full' (OLMoE: RMSNorm over all heads).
+    qk_norm: str = "none"
+    clip_qkv: float | None = None
+    # MLA (DeepSeek-V2).
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope: RopeConfig = RopeConfig()
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    # Tokenizer behaviour: whether the family's tokenizer prepends BOS.
+    add_bos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"unknown family {self.family!r}; supported: {', '.join(FAMILIES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+        if self.attention not in ("gqa", "mla"):
+            raise ConfigError(f"attention={self.attention!r} must be 'gqa' or 'mla'")
+        if self.qk_norm not in ("none", "head", "full"):
+            raise ConfigError(f"qk_norm={self.qk_norm!r} must be 'none', 'head' or 'full'")
+        bad = [layer for layer in self.dense_layers if not 0 <= layer < self.num_layers]
+        if bad:
+            raise ConfigError(f"dense_layers {bad} outside [0, {self.num_layers})")
+
+    # ---- derived quantities -------------------------------------------------
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """Decoder-layer indices that hold routed experts, in order."""
+        dense = set(self.dense_layers)
+        return tuple(i for i in range(self.num_layers) if i not in dense)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return len(self.moe_layers)
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one routed expert (gate, up and down projections)."""
+        return 3 * self.hidden_size * self.moe_intermediate_size
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        if isinstance(self.eos_token_id, int):
+            return (self.eos_token_id,)
+        return tuple(self.eos_token_id)
+
+    def replace(self, **changes: Any) -> "MoEConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "MoEConfig":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown MoEConfig fields: {', '.join(unknown)}")
+        d["rope"] = RopeConfig(**d.get("rope", {}))
+        for key in ("dense_layers",):
+            d[key] = tuple(d.get(key, ()))
+        if isinstance(d.get("eos_token_id"), list):
+            d["eos_token_id"] = tuple(d["eos_token_id"])
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------
+# Presets: real shapes of the public checkpoints, and tiny shapes for tests.
+# ---------------------------------------------------------------------------
+
+PRESETS: dict[str, MoEConfig] = {
+    "mixtral-8x7b": MoEConfig(
+        family="mixtral", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
+        num_kv_heads=8, head_dim=128, intermediate_size=14336, num_experts=8, top_k=2,
+        moe_intermediate_size=14336, norm_topk_prob=True, rope=RopeConfig(theta=1e6),
+        rms_norm_eps=1e-5, max_position_embeddings=32768, bos_token_id=1, eos_token_id=2,
+        add_bos=True,
+    ),
+    "qwen1.5-moe-a2.7b": MoEConfig(
+        family="qwen2_moe", vocab_size=151936, hidden_size=2048, num_layers=24, num_heads=16,
+        num_kv_heads=16, head_dim=128, intermediate_size=5632, num_experts=60, top_k=4,
+        moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+        shared_expert_gated=True, qkv_bias=True, rope=RopeConfig(theta=1e6),
+        max_position_embeddings=8192, eos_token_id=151643,
+    ),
+    "qwen3-30b-a3b": MoEConfig(
+        family="qwen3_moe", vocab_size=151936, hidden_size=2048, num_layers=48, num_heads=32,
+        num_kv_heads=4, head_dim=128, intermediate_size=6144, num_experts=128, top_k=8,
+        moe_intermediate_size=768, norm_topk_prob=True, qk_norm="head",
+        rope=RopeConfig(theta=1e6), max_position_embeddings=40960, eos_token_id=151645,
+    ),
+    "olmoe-1b-7b": MoEConfig(
+        family="olmoe", vocab_size=50304, hidden_size=2048, num_layers=16, num_heads=16,
+        num_kv_heads=16, head_dim=128, intermediate_size=1024, num_experts=64, top_k=8,
+        moe_intermediate_size=1024, qk_norm="full", rms_norm_eps=1e-5,
+        max_position_embeddings=4096, eos_token_id=50279, pad_token_id=1,
+    ),
+    "deepseek-v2-lite": MoEConfig(
+        family="deepseek_v2", vocab_size=102400, hidden_size=2048, num_layers=27, num_heads=16,
+        num_kv_heads=16, head_dim=64, intermediate_size=10944, num_experts=64, top_k=6,
+        moe_intermediate_size=1408, dense_layers=(0,), shared_expert_intermediate_size=2 * 1408,
+        attention="mla", kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128,
+        rope=RopeConfig(theta=10000.0, kind="yarn", factor=40.0, original_max_position_embeddings=4096,
+                        beta_fast=32.0, beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707,
+                        interleaved=True),
+        max_position_embeddings=163840, bos_token_id=100000, eos_token_id=100001, add_bos=True,
+    ),
+}
+
+
+def tiny_config(family: str, **overrides: Any) -> MoEConfig:
+    """A tiny config of `family` for tests (float32-friendly sizes)."""
+    base: dict[str, Any] = dict(
+        family=family, vocab_size=128, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
+        head_dim=8, intermediate_size=48, num_experts=8, top_k=2, moe_intermediate_size=16,
+        max_position_embeddings=256,
+    )
+    if family == "mixtral":
+        base.update(norm_topk_prob=True)
+    elif family == "qwen2_moe":
+        base.update(shared_expert_intermediate_size=24, shared_expert_gated=True, qkv_bias=True)
+    elif family == "qwen3_moe":
+        base.update(qk_norm="head", norm_topk_prob=True)
+    elif family == "olmoe":
+        base.update(qk_norm="full")
+    elif family == "deepseek_v2":
+        base.update(
+            attention="mla", dense_layers=(0,), kv_lora_rank=16, qk_nope_head_dim=8,
+            qk_rope_head_dim=8, v_head_dim=8, head_dim=8, num_kv_heads=4,
+            shared_expert_intermediate_size=32, rope=RopeConfig(interleaved=True),
+        )
+    base.update(overrides)
+    return MoEConfig(**base)
+
+
+def get_preset(name: str) -> MoEConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}") from None
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face config.json reader
+# ---------------------------------------------------------------------------
+
+# Fields that never change the forward pass (training, bookkeeping, generation defaults).
+_IGNORED = {
+    "architectures", "transformers_version", "torch_dtype", "dtype", "initializer_range",
+    "use_cache", "output_router_logits", "router_aux_loss_coef", "router_jitter_noise",
+    "attention_dropout", "_name_or_path", "model_type", "auto_map", "aux_loss_alpha",
+    "seq_aux", "ep_size", "pretraining_tp", "quantization_config_ignored", "return_dict",
+    "output_attentions", "output_hidden_states", "tie_word_embeddings", "id2label", "label2id",
+    "chunk_size_feed_forward", "is_encoder_decoder", "problem_type", "tokenizer_class",
+    "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings", "vocab_size",
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "rms_norm_eps", "rope_theta", "rope_parameters", "rope_scaling", "hidden_act",
+    "intermediate_size", "num_experts_per_tok", "head_dim", "max_window_layers",
+    "layer_types", "use_sliding_window", "sliding_window", "norm_topk_prob",
+    "generation_config", "use_return_dict", "moe_intermediate_size", "mlp_bias",
+    "attention_bias",
+}
+
+_FAMILY_FIELDS: dict[str, set[str]] = {
+    "mixtral": {"num_local_experts"},
+    "qwen2_moe": {"num_experts", "decoder_sparse_step", "mlp_only_layers",
+                  "shared_expert_intermediate_size", "qkv_bias"},
+    "qwen3_moe": {"num_experts", "num_local_experts", "decoder_sparse_step", "mlp_only_layers"},
+    "olmoe": {"num_experts", "clip_qkv"},
+    "deepseek_v2": {"n_routed_experts", "n_shared_experts", "first_k_dense_replace",
+                    "moe_layer_freq", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim",
+                    "qk_rope_head_dim", "v_head_dim", "qk_head_dim", "topk_method", "n_group",
+                    "topk_group", "routed_scaling_factor", "scoring_func", "num_experts"},
+}
+
+_ARCH_TO_FAMILY = {
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "OlmoeForCausalLM": "olmoe",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+}
+
+
+def _family_of(hf: Mapping[str, Any]) -> str:
+    model_type = hf.get("model_type")
+    if model_type in FAMILIES:
+        return model_type
+    for arch in hf.get("architectures") or []:
+        if arch in _ARCH_TO_FAMILY:
+            return _ARCH_TO_FAMILY[arch]
+    raise ConfigError(
+        f"unsupported model_type {model_type!r} (architectures {hf.get('architectures')}); "
+        f"emoe_jax supports: {', '.join(FAMILIES)}"
+    )
+
+
+def _rope_from_hf(hf: Mapping[str, Any], family: str) -> RopeConfig:
+    # transformers 5 puts theta and scaling into `rope_parameters`; older configs
+    # use `rope_theta` + `rope_scaling`.
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {})
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    merged = {**scaling, **params}
+    interleaved = family == "deepseek_v2"
+    if kind == "default":
+        return RopeConfig(theta=float(theta), interleaved=interleaved)
+    if kind == "yarn":
+        return RopeConfig(
+            theta=float(theta), kind="yarn", factor=float(merged["factor"]),
+            original_max_position_embeddings=int(merged.get("original_max_position_embeddings")
+                                                 or hf.get("max_position_embeddings")),
+            beta_fast=float(merged.get("beta_fast", 32.0)), beta_slow=float(merged.get("beta_slow", 1.0)),
+            mscale=float(merged.get("mscale", 1.0) or 1.0),
+            mscale_all_dim=float(merged.get("mscale_all_dim", 0.0) or 0.0),
+            interleaved=interleaved,
+        )
+    raise ConfigError(
+        f"rope type {kind!r} is not supported (field rope_scaling/rope_parameters); "
+        "supported: default, yarn"
+    )
+
+
+def _check_fields(hf: Mapping[str, Any], family: str) -> None:
+    allowed = _IGNORED | _FAMILY_FIELDS[family]
+    unknown = sorted(k for k in hf if k not in allowed)
+    if unknown:
+        raise ConfigError(
+            f"config.json of a {family} model has fields emoe_jax does not support: "
+            f"{', '.join(unknown)}. Remove them only if they do not change the forward pass; "
+            "otherwise this checkpoint cannot be run faithfully."
+        )
+
+    def refuse(field: str, why: str) -> None:
+        raise ConfigError(f"config field {field}={hf.get(field)!r} is not supported: {why}")
+
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        refuse("hidden_act", "only SwiGLU (silu) experts are implemented")
+    if hf.get("use_sliding_window") or (family == "mixtral" and hf.get("sliding_window")):
+        refuse("sliding_window" if family == "mixtral" else "use_sliding_window",
+               "sliding-window attention is not implemented")
+    if family == "qwen3_moe" and hf.get("sliding_window") and hf.get("use_sliding_window"):
+        refuse("sliding_window", "sliding-window attention is not implemented")
+    if hf.get("mlp_bias"):
+        refuse("mlp_bias", "biased MLPs are not implemented")
+    if family == "deepseek_v2":
+        if hf.get("topk_method", "greedy") != "greedy":
+            refuse("topk_method", "only 'greedy' top-k routing (DeepSeek-V2-Lite) is implemented")
+        if hf.get("scoring_func", "softmax") != "softmax":
+            refuse("scoring_func", "only softmax router scores are implemented")
+        if hf.get("moe_layer_freq", 1) != 1:
+            refuse("moe_layer_freq", "only every-layer MoE after first_k_dense_replace is implemented")
+        if hf.get("norm_topk_prob"):
+            refuse("norm_topk_prob", "transformers' DeepSeek-V2 does not renormalise top-k weights")
+    if family in ("qwen2_moe", "qwen3_moe") and hf.get("decoder_sparse_step", 1) < 1:
+        refuse("decoder_sparse_step", "must be >= 1")
+
+
+def from_hf_config(hf: Mapping[str, Any] | str | Path) -> MoEConfig:
+    """Map a Hugging Face config (dict, or path to config.json or its directory) to MoEConfig."""
+    if not isinstance(hf, Mapping):
+        path = Path(hf)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise ConfigError(f"no config.json at {path}")
+        try:
+            hf = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    family = _family_of(hf)
+    _check_fields(hf, family)
+
+    def need(*names: str) -> Any:
+        for name in names:
+            if hf.get(name) is not None:
+                return hf[name]
+        raise ConfigError(f"config.json lacks {' / '.join(names)} (needed for {family})")
+
+    hidden = int(need("hidden_size"))
+    heads = int(need("num_attention_heads"))
+    layers = int(need("num_hidden_layers"))
+    kw: dict[str, Any] = dict(
+        family=family,
+        vocab_size=int(need("vocab_size")),
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(hf.get("head_dim") or hidden // heads),
+        intermediate_size=int(need("intermediate_size")),
+        top_k=int(need("num_experts_per_tok")),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=tuple(hf["eos_token_id"]) if isinstance(hf.get("eos_token_id"), list)
+        else hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"),
+        rope=_rope_from_hf(hf, family),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+    )
+    if family == "mixtral":
+        kw.update(num_experts=int(need("num_local_experts", "num_experts")),
+                  moe_intermediate_size=kw["intermediate_size"], norm_topk_prob=True, add_bos=True)
+    elif family in ("qwen2_moe", "qwen3_moe"):
+        step = int(hf.get("decoder_sparse_step", 1))
+        mlp_only = set(hf.get("mlp_only_layers") or [])
+        kw.update(
+            num_experts=int(need("num_experts", "num_local_experts")),
+            moe_intermediate_size=int(need("moe_intermediate_size")),
+            dense_layers=tuple(i for i in range(layers) if i in mlp_only or (i + 1) % step != 0),
+        )
+        if family == "qwen2_moe":
+            kw.update(qkv_bias=bool(hf.get("qkv_bias", True)),
+                      shared_expert_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0),
+                      shared_expert_gated=bool(hf.get("shared_expert_intermediate_size")))
+        else:
+            kw.update(qk_norm="head", qkv_bias=bool(hf.get("attention_bias", False)))
+    elif family == "olmoe":
+        kw.update(num_experts=int(need("num_experts")), moe_intermediate_size=kw["intermediate_size"],
+                  qk_norm="full", qkv_bias=bool(hf.get("attention_bias", False)),
+                  clip_qkv=hf.get("clip_qkv"))
+    elif family == "deepseek_v2":
+        moe_inter = int(need("moe_intermediate_size"))
+        q_lora = hf.get("q_lora_rank")
+        kw.update(
+            num_experts=int(need("n_routed_experts", "num_experts")),
+            moe_intermediate_size=moe_inter,
+            dense_layers=tuple(range(int(hf.get("first_k_dense_replace", 0)))),
+            shared_expert_intermediate_size=moe_inter * int(hf.get("n_shared_experts") or 0),
+            attention="mla",
+            qkv_bias=bool(hf.get("attention_bias", False)),
+            q_lora_rank=int(q_lora) if q_lora else None,
+            kv_lora_rank=int(need("kv_lora_rank")),
+            qk_nope_head_dim=int(need("qk_nope_head_dim")),
+            qk_rope_head_dim=int(need("qk_rope_head_dim")),
+            v_head_dim=int(need("v_head_dim")),
+            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+            add_bos=True,
+        )
+        kw["head_dim"] = kw["qk_rope_head_dim"]
+    return MoEConfig(**kw)

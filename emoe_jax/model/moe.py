@@ -1,0 +1,150 @@
+"""The MoE block: softmax top-k router, routed SwiGLU experts over a slot buffer, shared experts.
+
+Routed-expert weights are not module parameters. The block takes them as an
+argument, `ExpertSlots` (gate/up [S, H, I], down [S, I, H]), plus
+`slot_of_expert` [E] int32 mapping each expert to its slot (-1: not resident).
+With S = E and the identity map this is the all-resident model; the offloaded
+runtime passes its device slot cache instead.
+
+Steps:
+  1. router logits [N, E] in float32 -> softmax -> top-k ids and weights
+     (renormalised when the family does, scaled by DeepSeek's routed factor);
+     in restricted mode (eMoE) non-resident experts are masked out first;
+  2. token-expert pairs are mapped to slots and mixed by one of the kernels
+     below (all compute the same sum; tests check each against the reference);
+  3. shared experts (sigmoid-gated for Qwen2-MoE) are added.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ..config import MoEConfig
+from .layers import SwiGLU
+
+
+class ExpertSlots(NamedTuple):
+    """Routed expert weights held in S slots: y = (silu(x @ gate) * (x @ up)) @ down."""
+
+    gate: jax.Array  # [S, H, I]
+    up: jax.Array  # [S, H, I]
+    down: jax.Array  # [S, I, H]
+
+
+class Routing(NamedTuple):
+    ids: jax.Array  # [N, k] int32 expert ids, in descending router probability
+    weights: jax.Array  # [N, k] float32 combine weights
+
+
+def route(logits: jax.Array, cfg: MoEConfig, resident: jax.Array | None = None) -> Routing:
+    """Top-k routing from router logits [N, E] (float32).
+
+    resident: optional [E] bool; when given (restricted mode), experts that are
+    not resident cannot be chosen, so tokens go to their next-best resident expert.
+    """
+    if resident is not None:
+        logits = jnp.where(resident[None, :], logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, ids = jax.lax.top_k(probs, cfg.top_k)
+    if cfg.norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    weights = weights * cfg.routed_scaling_factor
+    return Routing(ids.astype(jnp.int32), weights.astype(jnp.float32))
+
+
+def _slots_and_weights(routing: Routing, slot_of_expert: jax.Array):
+    slots = slot_of_expert[routing.ids]  # [N, k]
+    # A pair whose expert is not resident (only possible in restricted mode when
+    # fewer than k experts are resident) contributes nothing.
+    weights = jnp.where(slots >= 0, routing.weights, 0.0)
+    return jnp.maximum(slots, 0), weights
+
+
+def _ffn(x, gate, up, down):
+    return (jax.nn.silu(x @ gate) * (x @ up)) @ down
+
+
+def mix_reference(x, routing: Routing, experts: ExpertSlots, slot_of_expert) -> jax.Array:
+    """Plain reference: loop over the k choices, one expert FFN per token. x [N, H] -> [N, H]."""
+    slots, weights = _slots_and_weights(routing, slot_of_expert)
+    out = jnp.zeros(x.shape, jnp.float32)
+    for j in range(slots.shape[1]):
+        y = jax.vmap(lambda xi, s: _ffn(xi, experts.gate[s], experts.up[s], experts.down[s]))(x, slots[:, j])
+        out = out + y.astype(jnp.float32) * weights[:, j : j + 1]
+    return out.astype(x.dtype)
+
+
+def mix_gather(x, routing: Routing, experts: ExpertSlots, slot_of_expert) -> jax.Array:
+    """Decode path (few tokens): gather each token's k experts and einsum. Memory N*k*H*I."""
+    slots, weights = _slots_and_weights(routing, slot_of_expert)
+    g, u, d = experts.gate[slots], experts.up[slots], experts.down[slots]  # [N, k, H, I] / [N, k, I, H]
+    h = jax.nn.silu(jnp.einsum("NH,NKHI->NKI", x, g)) * jnp.einsum("NH,NKHI->NKI", x, u)
+    y = jnp.einsum("NKI,NKIH->NKH", h, d)
+    return jnp.einsum("NKH,NK->NH", y.astype(jnp.float32), weights).astype(x.dtype)
+
+
+def mix_sorted(x, routing: Routing, experts: ExpertSlots, slot_of_expert) -> jax.Array:
+    """Prefill path (many tokens): sort token-expert pairs by slot and run grouped
+    matmuls with `jax.lax.ragged_dot`, so each slot's weights are read once."""
+    slots, weights = _slots_and_weights(routing, slot_of_expert)
+    n, k = slots.shape
+    num_slots = experts.gate.shape[0]
+    flat_slots = slots.reshape(-1)  # [N*k]
+    order = jnp.argsort(flat_slots, stable=True)
+    token_of_pair = order // k  # [N*k] token index of each sorted pair
+    xs = x[token_of_pair]  # [N*k, H]
+    group_sizes = jnp.bincount(flat_slots, length=num_slots).astype(jnp.int32)  # [S]
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, experts.gate, group_sizes)) * jax.lax.ragged_dot(
+        xs, experts.up, group_sizes)
+    ys = jax.lax.ragged_dot(h, experts.down, group_sizes)  # [N*k, H]
+    ys = ys.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+    return jnp.zeros((n, x.shape[1]), jnp.float32).at[token_of_pair].add(ys).astype(x.dtype)
+
+
+def mix_experts(x, routing: Routing, experts: ExpertSlots, slot_of_expert, method: str = "auto"):
+    """Combine routed experts for tokens x [N, H]. 'auto' gathers for small N and sorts otherwise."""
+    if method == "auto":
+        method = "gather" if x.shape[0] * routing.ids.shape[1] <= experts.gate.shape[0] else "sorted"
+    fn = {"reference": mix_reference, "gather": mix_gather, "sorted": mix_sorted}.get(method)
+    if fn is None:
+        raise ValueError(f"unknown expert mixing method {method!r}; use auto, reference, gather or sorted")
+    return fn(x, routing, experts, slot_of_expert)
+
+
+class MoEBlock(nnx.Module):
+    """Router + shared experts (parameters); routed experts come in as `ExpertSlots`."""
+
+    def __init__(self, cfg: MoEConfig, *, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.gate = nnx.Linear(cfg.hidden_size, cfg.num_experts, use_bias=False, param_dtype=dtype, rngs=rngs)
+        if cfg.shared_expert_intermediate_size:
+            self.shared = SwiGLU(cfg.hidden_size, cfg.shared_expert_intermediate_size, dtype=dtype, rngs=rngs)
+            if cfg.shared_expert_gated:
+                self.shared_gate = nnx.Linear(cfg.hidden_size, 1, use_bias=False, param_dtype=dtype, rngs=rngs)
+
+    def router_logits(self, x: jax.Array) -> jax.Array:
+        """x [N, H] -> [N, E] float32 logits."""
+        w = self.gate.kernel[...]
+        return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
+
+    def route(self, x: jax.Array, resident: jax.Array | None = None) -> Routing:
+        return route(self.router_logits(x), self.cfg, resident)
+
+    def combine(self, x, routing: Routing, experts: ExpertSlots, slot_of_expert, method="auto"):
+        """Routed experts plus shared experts for x [N, H] with a routing already decided."""
+        out = mix_experts(x, routing, experts, slot_of_expert, method)
+        if self.cfg.shared_expert_intermediate_size:
+            shared = self.shared(x)
+            if self.cfg.shared_expert_gated:
+                shared = jax.nn.sigmoid(self.shared_gate(x)) * shared
+            out = out + shared
+        return out
+
+    def __call__(self, x, experts: ExpertSlots, slot_of_expert, *, restricted=False, method="auto"):
+        resident = (slot_of_expert >= 0) if restricted else None
+        routing = self.route(x, resident)
+        return self.combine(x, routing, experts, slot_of_expert, method), routing

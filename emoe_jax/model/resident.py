@@ -1,0 +1,81 @@
+"""All-resident model: every expert on the device, each step one fused jit.
+
+This is the reference the offloaded runtime must match exactly, and the fused
+baseline it is timed against. The graph definition is static at the jit
+boundary; parameters, experts and the KV cache are explicit arguments so one
+compilation serves every call of the same shape (flax gemma sampler style).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..config import MoEConfig
+from .decoder import init_kv_caches
+from .moe import ExpertSlots
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, length: int | None = None):
+    """Left-pad token lists: returns tokens [B, T] int32 and pad_len [B] int32."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt must have at least one token")
+    t = length or max(len(p) for p in prompts)
+    tokens = np.full((len(prompts), t), pad_id, np.int32)
+    pad_len = np.zeros(len(prompts), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, t - len(p):] = p
+        pad_len[i] = t - len(p)
+    return tokens, pad_len
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "restricted", "method"), donate_argnames=("caches",))
+def fused_step(graphdef, params, experts, slot_maps, tokens, caches, write_index, pad_len, *,
+               restricted=False, method="auto"):
+    """One forward over new tokens [B, T] for all layers. Returns logits [B, T, V], caches, routings."""
+    model = nnx.merge(graphdef, params)
+    return model.forward(tokens, caches, write_index, pad_len, experts, slot_maps,
+                         restricted=restricted, method=method)
+
+
+class ResidentModel:
+    """Holds params and all experts; prefill + greedy/sampled decode with one fused step per token."""
+
+    def __init__(self, cfg: MoEConfig, graphdef, params, experts: Sequence[ExpertSlots], dtype=jnp.float32):
+        self.cfg, self.graphdef, self.params, self.dtype = cfg, graphdef, params, dtype
+        self.experts = list(experts)
+        self.slot_maps = jnp.tile(jnp.arange(cfg.num_experts, dtype=jnp.int32), (cfg.num_moe_layers, 1))
+
+    def logits(self, prompts: Sequence[Sequence[int]], method: str = "auto"):
+        """Logits [B, T, V] of left-padded prompts (no cache) and routings."""
+        tokens, pad_len = left_pad(prompts)
+        caches = init_kv_caches(self.cfg, tokens.shape[0], tokens.shape[1], self.dtype)
+        logits, _, routings = fused_step(self.graphdef, self.params, self.experts, self.slot_maps,
+                                         jnp.asarray(tokens), caches, jnp.int32(0), jnp.asarray(pad_len),
+                                         method=method)
+        return logits, routings, pad_len
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, max_len: int | None = None):
+        """Greedy decoding. Returns generated ids [B, max_new_tokens] (np.int32)."""
+        tokens, pad_len = left_pad(prompts)
+        b, t = tokens.shape
+        max_len = max_len or t + max_new_tokens
+        caches = init_kv_caches(self.cfg, b, max_len, self.dtype)
+        pad = jnp.asarray(pad_len)
+        logits, caches, _ = fused_step(self.graphdef, self.params, self.experts, self.slot_maps,
+                                       jnp.asarray(tokens), caches, jnp.int32(0), pad)
+        out = []
+        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        for step in range(max_new_tokens):
+            out.append(nxt)
+            if step == max_new_tokens - 1:
+                break
+            logits, caches, _ = fused_step(self.graphdef, self.params, self.experts, self.slot_maps,
+                                           nxt[:, None], caches, jnp.int32(t + step), pad)
+            nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        return np.asarray(jnp.stack(out, axis=1))

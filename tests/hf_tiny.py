@@ -1,0 +1,57 @@
+"""Tiny random transformers models of every supported family, built offline for parity tests."""
+
+from __future__ import annotations
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2")
+
+_COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+
+
+def make_hf_model(family: str, seed: int = 0, **overrides):
+    """A float32 tiny random HF model of `family` with eager attention and experts."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    kw = dict(_COMMON)
+    if family == "mixtral":
+        cls, cfg_cls = tf.MixtralForCausalLM, tf.MixtralConfig
+        kw.update(num_local_experts=8, num_experts_per_tok=2)
+    elif family == "qwen2_moe":
+        cls, cfg_cls = tf.Qwen2MoeForCausalLM, tf.Qwen2MoeConfig
+        kw.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                  shared_expert_intermediate_size=24, norm_topk_prob=False)
+    elif family == "qwen3_moe":
+        cls, cfg_cls = tf.Qwen3MoeForCausalLM, tf.Qwen3MoeConfig
+        kw.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8,
+                  norm_topk_prob=True)
+    elif family == "olmoe":
+        cls, cfg_cls = tf.OlmoeForCausalLM, tf.OlmoeConfig
+        kw.update(num_experts=8, num_experts_per_tok=2, intermediate_size=16)
+    elif family == "deepseek_v2":
+        cls, cfg_cls = tf.DeepseekV2ForCausalLM, tf.DeepseekV2Config
+        kw.update(n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, n_shared_experts=2,
+                  kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                  v_head_dim=8, first_k_dense_replace=1, n_group=1, topk_group=1, num_key_value_heads=4,
+                  routed_scaling_factor=1.0)
+    else:
+        raise ValueError(family)
+    kw.update(overrides)
+    cfg = cfg_cls(**kw)
+    try:
+        model = cls._from_config(cfg, attn_implementation="eager", experts_implementation="eager")
+    except TypeError:
+        model = cls._from_config(cfg, attn_implementation="eager")
+    model.eval()
+    # Random init of transformers uses std 0.02, which makes routers nearly uniform;
+    # widen router weights so top-k choices are well separated (ties would make
+    # the comparison depend on tie-breaking, not on the implementation).
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight") and p.shape[0] in (8,):
+                p.mul_(20.0)
+            elif "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    return model
