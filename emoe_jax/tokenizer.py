@@ -1,0 +1,190 @@
+"""Tokenizers of the supported families, with each family's BOS convention.
+
+Steps of `load_tokenizer(path, config=None)`:
+  1. find the tokenizer: `tokenizer.json` (a `tokenizers` file) in a checkpoint or
+     Hugging Face directory, or that file itself; a directory with only a SentencePiece
+     `tokenizer.model` is converted through `transformers` (needs `sentencepiece` and
+     `protobuf`; the error says so when they are missing);
+  2. read `tokenizer_config.json` (bos/eos/pad tokens, `add_bos_token`) and
+     `generation_config.json` (extra EOS ids) when present;
+  3. decide whether `encode` prepends BOS, first rule that applies:
+       a. `add_bos_token` in tokenizer_config.json (what the checkpoint's authors set;
+          transformers 4 honoured it, transformers 5.23 lets the post-processor decide,
+          and the two agree on the released Mixtral and DeepSeek-V2 tokenizers),
+       b. the tokenizer.json post-processor, if there is one (what transformers 5 does),
+       c. the family default `MoEConfig.add_bos`;
+  4. `encode` tokenizes without the post-processor and prepends BOS itself, never
+     twice (a text that already starts with the BOS token keeps a single one), and
+     never appends EOS.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from emoe_jax.config import ConfigError, MoEConfig, from_hf_config
+
+
+class TokenizerError(ValueError):
+    """A missing or unreadable tokenizer; the message names the file and the fix."""
+
+
+def _token_str(value: Any) -> str | None:
+    # tokenizer_config.json stores special tokens as strings or AddedToken dicts.
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{path} is not valid JSON: {e}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _config_in(directory: Path) -> MoEConfig | None:
+    data = _read_json(directory / "config.json")
+    if not data:
+        return None
+    try:
+        return MoEConfig.from_dict(data) if "family" in data else from_hf_config(data)
+    except (ConfigError, TypeError):
+        return None
+
+
+class Tokenizer:
+    """encode/decode with the family's BOS convention; ids as plain Python ints."""
+
+    def __init__(self, backend, *, add_bos: bool, bos_id: int | None, eos_ids: Sequence[int],
+                 pad_id: int | None, source: str):
+        self.backend = backend  # tokenizers.Tokenizer
+        self.add_bos = add_bos
+        self.bos_id = bos_id
+        self.eos_ids = tuple(dict.fromkeys(eos_ids))  # unique, order kept
+        self.pad_id = pad_id
+        self.source = source
+        if add_bos and bos_id is None:
+            raise TokenizerError(f"{source}: BOS is required but the tokenizer defines no BOS token")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and (not ids or ids[0] != self.bos_id):
+            if self.bos_id is None:
+                raise TokenizerError(f"{self.source}: add_bos=True but the tokenizer has no BOS token")
+            ids = [self.bos_id, *ids]
+        return list(ids)
+
+    def encode_batch(self, texts: Sequence[str], add_bos: bool | None = None) -> list[list[int]]:
+        return [self.encode(t, add_bos) for t in texts]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer({self.source!r}, vocab={self.vocab_size}, bos={self.bos_id}, "
+                f"eos={self.eos_ids}, pad={self.pad_id}, add_bos={self.add_bos})")
+
+
+def _from_sentencepiece(directory: Path):
+    """Convert a SentencePiece tokenizer.model to a `tokenizers` object via transformers."""
+    try:
+        import sentencepiece  # noqa: F401
+        import google.protobuf  # noqa: F401
+        from transformers import AutoTokenizer
+    except ImportError as e:
+        raise TokenizerError(
+            f"{directory} has only a SentencePiece tokenizer.model; converting it needs "
+            f"`pip install sentencepiece protobuf transformers` ({e})"
+        ) from None
+    # Work on a copy: AutoTokenizer may look at config.json, which in a converted
+    # checkpoint is ours, not Hugging Face's.
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+            if (directory / name).is_file():
+                shutil.copyfile(directory / name, Path(tmp) / name)
+        cfg = _read_json(Path(tmp) / "tokenizer_config.json")
+        cfg.setdefault("tokenizer_class", "LlamaTokenizer")
+        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(cfg))
+        try:
+            return AutoTokenizer.from_pretrained(tmp).backend_tokenizer
+        except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+            raise TokenizerError(f"cannot convert {directory / 'tokenizer.model'}: {e}") from None
+
+
+def _post_processor_adds_bos(backend, bos_id: int | None) -> bool | None:
+    """True/False when tokenizer.json has a post-processor (does it prepend BOS?), else None."""
+    if backend.post_processor is None:
+        return None
+    if bos_id is None:
+        return False
+    ids = backend.encode("a", add_special_tokens=True).ids
+    return bool(ids) and ids[0] == bos_id
+
+
+def load_tokenizer(path: str | Path, config: MoEConfig | None = None) -> Tokenizer:
+    """Tokenizer of a converted checkpoint, a Hugging Face directory, or a tokenizer.json file."""
+    from tokenizers import Tokenizer as Backend
+
+    path = Path(path)
+    if path.is_file():
+        directory, tok_file = path.parent, path
+    elif path.is_dir():
+        directory, tok_file = path, path / "tokenizer.json"
+    else:
+        raise FileNotFoundError(f"tokenizer path not found: {path}")
+    source = tok_file
+    if tok_file.is_file():
+        try:
+            backend = Backend.from_file(str(tok_file))
+        except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception
+            raise TokenizerError(f"{tok_file} is not a valid tokenizers file: {e}") from None
+    elif (directory / "tokenizer.model").is_file():
+        backend = _from_sentencepiece(directory)
+        source = directory / "tokenizer.model"
+    else:
+        raise FileNotFoundError(
+            f"no tokenizer.json or tokenizer.model in {directory}; copy the tokenizer files of the "
+            "Hugging Face checkpoint there (python -m emoe_jax.convert copies them)"
+        )
+    if config is None:
+        config = _config_in(directory)
+    tok_cfg = _read_json(directory / "tokenizer_config.json")
+    gen_cfg = _read_json(directory / "generation_config.json")
+
+    def special(name: str, fallback: int | None) -> int | None:
+        token = _token_str(tok_cfg.get(name))
+        tid = backend.token_to_id(token) if token else None
+        return tid if tid is not None else fallback
+
+    bos_id = special("bos_token", config.bos_token_id if config else None)
+    pad_id = special("pad_token", config.pad_token_id if config else None)
+    eos: list[int] = []
+    eos_tok = special("eos_token", None)
+    if eos_tok is not None:
+        eos.append(eos_tok)
+    if config is not None:
+        eos.extend(config.eos_ids)
+    gen_eos = gen_cfg.get("eos_token_id")
+    eos.extend(gen_eos if isinstance(gen_eos, list) else [gen_eos] if isinstance(gen_eos, int) else [])
+
+    if isinstance(tok_cfg.get("add_bos_token"), bool):
+        add_bos = tok_cfg["add_bos_token"]
+    else:
+        from_post = _post_processor_adds_bos(backend, bos_id)
+        add_bos = from_post if from_post is not None else bool(config.add_bos if config else False)
+    return Tokenizer(backend, add_bos=add_bos, bos_id=bos_id, eos_ids=eos, pad_id=pad_id, source=str(source))
