@@ -367,7 +367,7 @@ class _Columns:
     offsets: np.ndarray  # [P+1] int64
     token_ids: np.ndarray  # [N] int32
     experts: np.ndarray  # [N, L, k] int16
-    weights: np.ndarray | None  # [N, L, k] float16 or float32
+    weights: np.ndarray | None  # [N, L, k] float16
     hidden: np.ndarray | None  # [N, L, H] float16
     records: list[dict[str, Any]]  # [P] prompts.jsonl objects
 
@@ -426,7 +426,8 @@ class TraceSet:
 
         weights = None
         if prompts and has_weights == {True}:
-            weights = cat([p.weights for p in prompts], WEIGHT_DTYPE, (L, k))
+            # Rounded to the on-disk dtype so in-memory and loaded sets read back identically.
+            weights = cat([p.weights for p in prompts], WEIGHT_DISK_DTYPE, (L, k))
         hidden = None
         if meta.hidden_size is not None:
             hidden = cat([p.hidden for p in prompts], HIDDEN_DTYPE, (L, meta.hidden_size))
