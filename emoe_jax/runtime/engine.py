@@ -1,0 +1,306 @@
+"""The offloaded engine: prefill and decode with only S experts per layer on the device.
+
+For each step (prefill of the prompts, then one token at a time) and each layer:
+  1. `attend`: attention with the KV cache and the router's top-k (one jit);
+  2. the top-k ids come to the host (the only sync per layer), and
+     - exact mode: every expert a real token routed to is made resident (device
+       slot hit, else host tier, else disk); when one step needs more distinct
+       experts than there are slots, they are streamed through the slots in
+       waves whose partial outputs are summed, so any S >= 1 works;
+     - restricted mode (eMoE): the router only saw resident experts, nothing moves;
+  3. `ffn`: routed experts over the slot buffers + shared experts (one jit).
+Outputs in exact mode equal the all-resident model's for every S and policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..config import MoEConfig
+from ..model.decoder import MoETransformer, init_kv_caches
+from ..model.moe import ExpertSlots
+from ..model.resident import left_pad
+from . import stages
+from .budget import parse_expert_count
+from .compile_count import compile_count
+from .tiers import DeviceSlotCache, ExpertSource, HostTier
+
+MODES = ("exact", "restricted")
+
+
+class GenerationError(ValueError):
+    """Bad generation input (empty prompt, too long, ...); the message says what to change."""
+
+
+@dataclasses.dataclass
+class StepRouting:
+    """Routing of one step at one MoE layer, handed to trace recorders."""
+
+    moe_layer: int
+    ids: np.ndarray  # [B, T, k] int32
+    weights: np.ndarray  # [B, T, k] float32
+    valid: np.ndarray  # [B, T] bool: real tokens (not padding)
+    router_input: jax.Array | None  # [B, T, H] normed hidden state the router saw (device)
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated ids per prompt (stopped at EOS, EOS excluded)
+    stats: dict
+
+
+@dataclasses.dataclass
+class _Timers:
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    stall_s: float = 0.0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    waves: int = 0
+
+
+def _bucket(n: int, minimum: int = 8) -> int:
+    return max(minimum, 1 << (n - 1).bit_length())
+
+
+class OffloadedEngine:
+    def __init__(self, cfg: MoEConfig, graphdef, params, source: ExpertSource, *,
+                 device_experts: str | float | int | None = None, host_experts: str | float | int | None = None,
+                 policy: str = "lru", host_policy: str = "lru", mode: str = "exact", dtype=jnp.float32,
+                 method: str = "auto", pad_id: int | None = None):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose exact or restricted")
+        self.cfg, self.mode, self.method, self.dtype = cfg, mode, method, dtype
+        self.pad_id = pad_id if pad_id is not None else (cfg.pad_token_id or 0)
+        model: MoETransformer = nnx.merge(graphdef, params)
+        self._embed = nnx.split(model.embed_tokens)
+        self._layers = [nnx.split(layer) for layer in model.layers]
+        self._moe_of_layer = {li: mi for mi, li in enumerate(cfg.moe_layers)}
+        self._moe_blocks = {li: nnx.split(model.layers[li].mlp) for li in cfg.moe_layers}
+        self._norm = nnx.split(model.norm)
+        self._proj = nnx.split(model.embed_tokens if cfg.tie_word_embeddings else model.lm_head)
+        e, lm = cfg.num_experts, cfg.num_moe_layers
+        self.num_slots = parse_expert_count(device_experts, e, "--device-experts")
+        host_count = parse_expert_count(host_experts, e * lm, "--host-experts")
+        self.source = source
+        self.host = HostTier(source, host_count, host_policy)
+        self.device_cache = DeviceSlotCache(lm, e, self.num_slots, cfg.hidden_size, cfg.moe_intermediate_size,
+                                            dtype, policy)
+        self.routing_hooks: list[Callable[[StepRouting], None]] = []
+        self.record_router_inputs = False
+        self._timers = _Timers()
+
+    # ---- construction -----------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path, dtype=None, **kwargs) -> "OffloadedEngine":
+        from ..checkpoint import load_checkpoint
+        from ..model.hf_params import build_params, dense_from_converted
+
+        ckpt = load_checkpoint(path)
+        dtype = dtype or jnp.dtype(ckpt.manifest.get("dtype", "float32"))
+        graphdef, params = build_params(ckpt.config, dense_from_converted(ckpt.dense), dtype)
+        engine = cls(ckpt.config, graphdef, params, ckpt.experts, dtype=dtype, **kwargs)
+        engine.checkpoint = ckpt
+        return engine
+
+    # ---- residency ----------------------------------------------------------
+    def preload(self, moe_layer: int, experts: Sequence[int]) -> None:
+        """Make `experts` resident in `moe_layer` (restricted mode's resident set, warm starts)."""
+        experts = list(dict.fromkeys(int(x) for x in experts))[: self.num_slots]
+        self._make_resident(moe_layer, experts, count=False)
+
+    def _make_resident(self, ml: int, experts: Sequence[int], count: bool = True) -> None:
+        cache = self.device_cache
+        missing = cache.lookup(ml, experts) if count else [e for e in experts if cache.slot_of_expert[ml, e] < 0]
+        if not missing:
+            return
+        t0 = time.perf_counter()
+        host_copies = self.host.get_many([(ml, e) for e in missing])
+        for e, weights in zip(missing, host_copies):
+            cache.load(ml, e, weights, protected=experts)
+        jax.block_until_ready(cache.buffers[ml])
+        self._timers.stall_s += time.perf_counter() - t0
+
+    # ---- one forward over new tokens -----------------------------------------
+    def _forward(self, tokens: np.ndarray, caches: list, write_index: int, pad_len: np.ndarray,
+                 valid: np.ndarray) -> tuple[jax.Array, list]:
+        """tokens [B, T]; valid [B, T] bool. Returns last-position logits [B, V] and caches."""
+        x = stages.embed(self._embed[0], self._embed[1], jnp.asarray(tokens))
+        wi, pad = jnp.int32(write_index), jnp.asarray(pad_len)
+        restricted = self.mode == "restricted"
+        for li, (gdef, state) in enumerate(self._layers):
+            ml = self._moe_of_layer.get(li)
+            resident = jnp.asarray(self.device_cache.resident(ml)) if (ml is not None and restricted) else None
+            residual, normed, caches[li], routing = stages.attend(
+                gdef, state, x, caches[li], wi, pad, resident, restricted=restricted and ml is not None)
+            if ml is None:
+                x = stages.ffn(gdef, state, residual, normed, None, None, None, method=self.method)
+                continue
+            ids = np.asarray(routing.ids)  # [B*T, k]: the one host sync of the layer
+            if self.routing_hooks:
+                b, t = tokens.shape
+                step = StepRouting(ml, ids.reshape(b, t, -1), np.asarray(routing.weights).reshape(b, t, -1),
+                                   valid, normed if self.record_router_inputs else None)
+                for hook in self.routing_hooks:
+                    hook(step)
+            x = self._moe_ffn(gdef, state, ml, residual, normed, routing, ids, valid)
+        logits = stages.head(self._norm[0], self._norm[1], self._proj[0], self._proj[1], x,
+                             tied=self.cfg.tie_word_embeddings)
+        return logits, caches
+
+    def _moe_ffn(self, gdef, state, ml, residual, normed, routing, ids, valid):
+        cache = self.device_cache
+        if self.mode == "restricted":
+            return stages.ffn(gdef, state, residual, normed, routing, cache.buffers[ml],
+                              jnp.asarray(cache.slot_of_expert[ml]), method=self.method)
+        # Padding tokens need no experts: their pairs fall on non-resident slots and add 0.
+        needed = np.unique(ids[valid.reshape(-1)])
+        if needed.size <= self.num_slots:
+            self._make_resident(ml, needed.tolist())
+            return stages.ffn(gdef, state, residual, normed, routing, cache.buffers[ml],
+                              jnp.asarray(cache.slot_of_expert[ml]), method=self.method)
+        # More distinct experts than slots: stream them through in waves, resident ones first.
+        resident_first = sorted(needed.tolist(), key=lambda e: cache.slot_of_expert[ml, e] < 0)
+        acc = jnp.zeros((normed.shape[0] * normed.shape[1], normed.shape[2]), jnp.float32)
+        for start in range(0, len(resident_first), self.num_slots):
+            wave = resident_first[start:start + self.num_slots]
+            self._make_resident(ml, wave)
+            wave_map = np.full(self.cfg.num_experts, -1, np.int32)
+            wave_map[wave] = cache.slot_of_expert[ml, wave]
+            acc = stages.routed_partial(normed, routing, cache.buffers[ml], jnp.asarray(wave_map), acc,
+                                        method=self.method)
+            self._timers.waves += 1
+        moe_gdef, moe_state = self._moe_blocks[self.cfg.moe_layers[ml]]
+        return stages.finish_waves(moe_gdef, moe_state, residual, normed, acc)
+
+    # ---- generation ---------------------------------------------------------
+    def _validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        if not prompts:
+            raise GenerationError("no prompts given")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise GenerationError(f"prompt {i} is empty; give at least one token (or non-empty text)")
+            if any((not 0 <= int(tok) < self.cfg.vocab_size) for tok in p):
+                raise GenerationError(f"prompt {i} has token ids outside [0, {self.cfg.vocab_size})")
+        if max_new_tokens < 1:
+            raise GenerationError("max_new_tokens must be at least 1")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.cfg.max_position_embeddings:
+            raise GenerationError(
+                f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's context of "
+                f"{self.cfg.max_position_embeddings} tokens; shorten the prompt or lower --max-new-tokens")
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
+                 on_token: Callable[[int, np.ndarray], None] | None = None) -> GenerationResult:
+        """Generate for a batch of token-id prompts. Greedy when temperature == 0."""
+        self._validate(prompts, max_new_tokens)
+        compiles0 = compile_count()
+        self._timers = _Timers()
+        ctx = self.cfg.max_position_embeddings
+        longest = max(len(p) for p in prompts)
+        t = _bucket(longest)
+        if t + max_new_tokens > ctx:
+            t = longest
+        tokens, pad_len = left_pad(prompts, self.pad_id, length=t)
+        b = tokens.shape[0]
+        max_len = min(-(-(t + max_new_tokens) // 64) * 64, max(ctx, t + max_new_tokens))
+        caches = init_kv_caches(self.cfg, b, max_len, self.dtype)
+        valid = np.arange(t)[None, :] >= pad_len[:, None]
+        key = jax.random.PRNGKey(seed)
+
+        t0 = time.perf_counter()
+        logits, caches = self._forward(tokens, caches, 0, pad_len, valid)
+        nxt = self._pick(logits, temperature, top_p, key, 0)
+        self._timers.prefill_s = time.perf_counter() - t0
+        self._timers.prefill_tokens = int(valid.sum())
+
+        eos = set(self.cfg.eos_ids) if stop_at_eos else set()
+        out = np.zeros((b, max_new_tokens), np.int32)
+        done = np.zeros(b, bool)
+        lengths = np.full(b, max_new_tokens)
+        ones = np.ones((b, 1), bool)
+        t1 = time.perf_counter()
+        for step in range(max_new_tokens):
+            out[:, step] = nxt
+            if on_token is not None:
+                on_token(step, np.where(done, -1, nxt))
+            for i in np.flatnonzero(~done & np.isin(nxt, list(eos))):
+                done[i], lengths[i] = True, step
+            if done.all() or step == max_new_tokens - 1:
+                break
+            logits, caches = self._forward(nxt[:, None], caches, t + step, pad_len, ones)
+            nxt = self._pick(logits, temperature, top_p, key, step + 1)
+            self._timers.decode_tokens += int((~done).sum())
+        self._timers.decode_s = time.perf_counter() - t1
+        tokens_out = [out[i, : lengths[i]].tolist() for i in range(b)]
+        return GenerationResult(tokens_out, self.stats(compile_count() - compiles0))
+
+    def _pick(self, logits, temperature, top_p, key, step) -> np.ndarray:
+        if temperature <= 0:
+            return np.asarray(jnp.argmax(logits, axis=-1)).astype(np.int32)
+        sub = jax.random.fold_in(key, step)
+        return np.asarray(stages.sample(logits, sub, jnp.float32(temperature), jnp.float32(top_p),
+                                        top_p_enabled=top_p < 1.0))
+
+    # ---- reporting ------------------------------------------------------------
+    def stats(self, compiles: int | None = None) -> dict:
+        tm, cache, host = self._timers, self.device_cache, self.host
+        expert_bytes = cache.slot_bytes
+        all_bytes = expert_bytes * self.cfg.num_experts * self.cfg.num_moe_layers
+        return {
+            "prefill_tokens": tm.prefill_tokens,
+            "prefill_s": tm.prefill_s,
+            "prefill_tokens_per_s": tm.prefill_tokens / tm.prefill_s if tm.prefill_s else 0.0,
+            "decode_tokens": tm.decode_tokens,
+            "decode_s": tm.decode_s,
+            "decode_tokens_per_s": tm.decode_tokens / tm.decode_s if tm.decode_s else 0.0,
+            "device_slots_per_layer": self.num_slots,
+            "device_expert_bytes": cache.device_bytes,
+            "all_expert_bytes": all_bytes,
+            "device_hit_rate": cache.stats.hit_rate,
+            "device": cache.stats.as_dict(),
+            "host_capacity_experts": host.capacity,
+            "host_hit_rate": host.stats.hit_rate,
+            "host": host.stats.as_dict(),
+            "h2d_bytes": cache.stats.bytes_in,
+            "disk_to_host_bytes": host.stats.bytes_in,
+            "stall_s": tm.stall_s,
+            "waves": tm.waves,
+            "compiles": compiles,
+            "mode": self.mode,
+        }
+
+    def memory_report(self) -> dict:
+        """Device memory: allocator stats on GPU/TPU; slot buffers (+ params) on CPU."""
+        dev = self.device_cache.device
+        report = {"platform": dev.platform, "slot_buffer_bytes": self.device_cache.device_bytes}
+        params_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize
+                           for _, s in [self._embed, self._norm, self._proj, *self._layers]
+                           for a in jax.tree.leaves(s))
+        report["dense_param_bytes"] = params_bytes
+        stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+        if stats:
+            report["bytes_in_use"] = stats.get("bytes_in_use")
+            report["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
+        return report
+
+
+def reference_experts(engine: OffloadedEngine) -> list[ExpertSlots]:
+    """All experts of every layer from the engine's source (for the all-resident baseline)."""
+    cfg = engine.cfg
+    out = []
+    for ml in range(cfg.num_moe_layers):
+        per = [engine.source.read(ml, e) for e in range(cfg.num_experts)]
+        out.append(ExpertSlots(*(jnp.stack([jnp.asarray(p[w]) for p in per]) for w in ("gate", "up", "down"))))
+    return out
+
+
+__all__ = ["OffloadedEngine", "GenerationResult", "GenerationError", "StepRouting", "MODES"]

@@ -1,0 +1,238 @@
+"""Disk -> host -> device tiers, each with a budget and counters.
+
+- `InMemoryExperts` is a stand-in for the disk tier (the converted TensorStore
+  `ExpertStore` has the same read API) for tests and models built in memory.
+- `HostTier` keeps up to `capacity` experts in host memory, in `pinned_host`
+  memory where the backend offers it (so the host->device copy is a DMA), and
+  otherwise as NumPy arrays. It is for slice-and-move only: nothing computes on it.
+- `DeviceSlotCache` holds S slots per MoE layer as static-shape device buffers
+  [S, ...]. Loading an expert writes one slot in place with a donated jitted
+  `dynamic_update_index_in_dim` and updates the expert->slot table; no shape
+  ever changes, so nothing recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Iterable, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import SingleDeviceSharding
+
+from ..model.moe import ExpertSlots
+from .policies import EvictionPolicy, make_policy
+
+WEIGHTS = ("gate", "up", "down")
+
+
+class ExpertSource(Protocol):
+    """What the runtime needs from the disk tier (`emoe_jax.checkpoint.ExpertStore`)."""
+
+    @property
+    def expert_bytes(self) -> int: ...
+
+    def read(self, layer: int, expert: int) -> dict[str, np.ndarray]: ...
+
+    def read_async(self, items: Iterable[tuple[int, int]]) -> list: ...
+
+
+@dataclasses.dataclass
+class TierStats:
+    hits: int = 0
+    misses: int = 0
+    bytes_in: int = 0
+    evictions: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 1.0
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "hit_rate": self.hit_rate}
+
+
+class _Done:
+    def __init__(self, value):
+        self._value = value
+
+    def result(self):
+        return self._value
+
+
+class InMemoryExperts:
+    """Experts held as NumPy arrays, per MoE layer: the disk tier for tests."""
+
+    def __init__(self, experts: Sequence[ExpertSlots]):
+        self._layers = [{w: np.asarray(a) for w, a in zip(WEIGHTS, e)} for e in experts]
+        self.reads = 0
+        self.bytes_read = 0
+
+    @property
+    def expert_bytes(self) -> int:
+        return sum(a[0].nbytes for a in self._layers[0].values())
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers)
+
+    @property
+    def num_experts(self) -> int:
+        return self._layers[0]["gate"].shape[0]
+
+    def read(self, layer: int, expert: int) -> dict[str, np.ndarray]:
+        self.reads += 1
+        self.bytes_read += self.expert_bytes
+        return {w: a[expert] for w, a in self._layers[layer].items()}
+
+    def read_async(self, items):
+        return [_Done(self.read(layer, e)) for layer, e in items]
+
+
+def host_memory_kind(device: jax.Device) -> str | None:
+    kinds = {m.kind for m in device.addressable_memories()}
+    return "pinned_host" if "pinned_host" in kinds else None
+
+
+class HostTier:
+    """Up to `capacity` experts (over all layers) in host memory, evicted by `policy`."""
+
+    def __init__(self, source: ExpertSource, capacity: int, policy: str = "lru",
+                 device: jax.Device | None = None, use_pinned: bool = True):
+        if capacity < 1:
+            raise ValueError("host tier capacity must be at least one expert")
+        self.source, self.capacity = source, capacity
+        self.policy: EvictionPolicy = make_policy(policy)
+        self.device = device or jax.devices()[0]
+        kind = host_memory_kind(self.device) if use_pinned else None
+        # On CPU the "device" is host memory already; pinning buys nothing there.
+        self.memory_kind = kind if self.device.platform != "cpu" else None
+        self._sharding = SingleDeviceSharding(self.device, memory_kind=self.memory_kind) if self.memory_kind else None
+        self._store: dict[tuple[int, int], dict] = {}
+        self.stats = TierStats()
+
+    def _place(self, arrays: dict[str, np.ndarray]) -> dict:
+        if self._sharding is None:
+            return arrays
+        return {w: jax.device_put(a, self._sharding) for w, a in arrays.items()}
+
+    def get_many(self, keys: Sequence[tuple[int, int]], protected: Iterable[tuple[int, int]] = ()) -> list[dict]:
+        """Host copies of experts `keys`; misses are read from the source in one batch."""
+        protected = set(keys) | set(protected)
+        missing = [k for k in dict.fromkeys(keys) if k not in self._store]
+        for k in keys:
+            if k in self._store:
+                self.stats.hits += 1
+                self.policy.touch(k)
+        if missing:
+            self.stats.misses += len(missing)
+            futures = self.source.read_async(missing)
+            for key, fut in zip(missing, futures):
+                arrays = fut.result()
+                self.stats.bytes_in += sum(a.nbytes for a in arrays.values())
+                self._insert(key, self._place(arrays), protected)
+        out = [self._store.get(k) for k in keys]
+        if any(o is None for o in out):  # capacity smaller than one request: serve directly
+            out = [o if o is not None else self._place(self.source.read(*k)) for o, k in zip(out, keys)]
+        return out
+
+    def _insert(self, key, arrays, protected):
+        while len(self._store) >= self.capacity:
+            try:
+                victim = self.policy.victim(protected)
+            except LookupError:
+                return  # everything resident is needed now; serve this one without caching
+            self.policy.remove(victim)
+            del self._store[victim]
+            self.stats.evictions += 1
+        self._store[key] = arrays
+        self.policy.insert(key)
+
+    def __contains__(self, key) -> bool:
+        return key in self._store
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_slot(slots: ExpertSlots, gate, up, down, slot):
+    """Write one expert into slot `slot` of the layer's buffers, in place (donated)."""
+    put = lambda buf, w: jax.lax.dynamic_update_index_in_dim(buf, w.astype(buf.dtype), slot, 0)  # noqa: E731
+    return ExpertSlots(put(slots.gate, gate), put(slots.up, up), put(slots.down, down))
+
+
+class DeviceSlotCache:
+    """S device slots per MoE layer, with an expert->slot table and per-layer eviction."""
+
+    def __init__(self, num_layers: int, num_experts: int, slots: int, hidden: int, inter: int, dtype,
+                 policy: str = "lru", device: jax.Device | None = None):
+        self.num_layers, self.num_experts, self.num_slots = num_layers, num_experts, slots
+        self.device = device or jax.devices()[0]
+        sharding = SingleDeviceSharding(self.device)
+        # Allocated once with jnp.zeros on the device (not from NumPy), then only updated in place.
+        self.buffers = [ExpertSlots(jnp.zeros((slots, hidden, inter), dtype, device=sharding),
+                                    jnp.zeros((slots, hidden, inter), dtype, device=sharding),
+                                    jnp.zeros((slots, inter, hidden), dtype, device=sharding))
+                        for _ in range(num_layers)]
+        self.slot_of_expert = np.full((num_layers, num_experts), -1, np.int32)  # [Lm, E]
+        self.expert_in_slot = np.full((num_layers, slots), -1, np.int32)  # [Lm, S]
+        self.policies = [make_policy(policy) for _ in range(num_layers)]
+        self.stats = TierStats()
+        self.slot_bytes = sum(int(np.prod(b.shape)) * b.dtype.itemsize for b in self.buffers[0]) // slots
+
+    @property
+    def device_bytes(self) -> int:
+        return self.slot_bytes * self.num_slots * self.num_layers
+
+    def resident(self, layer: int) -> np.ndarray:
+        """[E] bool: which experts of `layer` are in a slot."""
+        return self.slot_of_expert[layer] >= 0
+
+    def lookup(self, layer: int, experts: Iterable[int]) -> list[int]:
+        """Count hits/misses for `experts` and return the missing ones."""
+        missing = []
+        for e in experts:
+            if self.slot_of_expert[layer, e] >= 0:
+                self.stats.hits += 1
+                self.policies[layer].touch(int(e))
+            else:
+                self.stats.misses += 1
+                missing.append(int(e))
+        return missing
+
+    def free_slot(self, layer: int, protected: Iterable[int]) -> int:
+        """An empty slot, or one freed by evicting the policy's victim (never a protected expert)."""
+        empty = np.flatnonzero(self.expert_in_slot[layer] < 0)
+        if empty.size:
+            return int(empty[0])
+        victim = int(self.policies[layer].victim(protected))
+        slot = int(self.slot_of_expert[layer, victim])
+        self.policies[layer].remove(victim)
+        self.slot_of_expert[layer, victim] = -1
+        self.expert_in_slot[layer, slot] = -1
+        self.stats.evictions += 1
+        return slot
+
+    def load(self, layer: int, expert: int, weights: dict, protected: Iterable[int] = ()) -> int:
+        """Make `expert` resident from host `weights`; returns its slot."""
+        if self.slot_of_expert[layer, expert] >= 0:
+            return int(self.slot_of_expert[layer, expert])
+        slot = self.free_slot(layer, protected)
+        dev = SingleDeviceSharding(self.device)
+        g, u, d = (jax.device_put(weights[w], dev) for w in WEIGHTS)
+        self.buffers[layer] = _write_slot(self.buffers[layer], g, u, d, jnp.int32(slot))
+        self.stats.bytes_in += self.slot_bytes
+        self.slot_of_expert[layer, expert] = slot
+        self.expert_in_slot[layer, slot] = expert
+        self.policies[layer].insert(expert)
+        return slot
+
+    def evict_all(self, layer: int) -> None:
+        for e in np.flatnonzero(self.slot_of_expert[layer] >= 0):
+            self.policies[layer].remove(int(e))
+        self.slot_of_expert[layer] = -1
+        self.expert_in_slot[layer] = -1
