@@ -1,7 +1,6 @@
 """Corpus builder, loader and the `build`/`stats` CLI on fixture sources and the real stdlib source."""
 
 import json
-from pathlib import Path
 
 import pytest
 

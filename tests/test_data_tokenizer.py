@@ -68,7 +68,8 @@ def test_training_compresses_and_is_deterministic():
     b = train_tokenizer_from_texts(iter(TRAIN_TEXTS), 320)
     assert a.to_str() == b.to_str()
     text = "def f(x):\n    return x + 1\n"
-    assert len(a.encode(text, add_special_tokens=False).ids) < 0.7 * len(text.encode("utf-8"))  # 11 pre-tokens is the floor
+    # the byte-level pre-tokenizer cuts this into 11 pieces, a floor for any merges
+    assert len(a.encode(text, add_special_tokens=False).ids) < 0.7 * len(text.encode("utf-8"))
 
 
 def test_transformers_loads_the_same_tokenizer(tokenizer, tokenizer_dir):

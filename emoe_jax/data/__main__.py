@@ -38,7 +38,8 @@ def _fractions(text: str) -> tuple[float, float, float]:
     try:
         parts = tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers like 0.9,0.05,0.05, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected three comma-separated numbers like 0.9,0.05,0.05, got {text!r}") from None
     if len(parts) != 3:
         raise argparse.ArgumentTypeError(f"expected three fractions (train,validation,test), got {text!r}")
     return parts  # type: ignore[return-value]
@@ -110,7 +111,8 @@ def _split_tasks(values: list[str] | None) -> list[str] | None:
 
 def _run(args: argparse.Namespace) -> dict:
     if args.command == "tasks":
-        result = {name: {"description": s.description, "install": s.install_hint} for name, s in DEFAULT_SOURCES.items()}
+        result = {name: {"description": s.description, "install": s.install_hint}
+                  for name, s in DEFAULT_SOURCES.items()}
         if not args.json:
             for name, info in result.items():
                 print(f"{name:<10} {info['description']}\n{'':<10} source: {info['install']}")

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -222,7 +223,8 @@ def build_corpus(
 ) -> dict:
     """Build the corpus of `tasks` (default: every task of `registry`) into `out_dir`.
 
-    Returns the manifest (also written to `out_dir/manifest.json`). Raises
+    Returns the manifest (as written to `out_dir/manifest.json`) plus
+    `seconds_per_task` (obtain + read + select, wall clock). Raises
     `SourceUnavailableError` naming the package and the install command when a
     source cannot be obtained, before anything is written.
     """
@@ -231,11 +233,14 @@ def build_corpus(
     _prepare_output(out_dir, overwrite)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     results: list[_TaskResult] = []
+    seconds: dict[str, float] = {}
     bar = tqdm(sources, desc="corpus tasks", unit="task", disable=not progress)
     for source in bar:
         bar.set_postfix_str(source.task)
+        start = time.perf_counter()
         files = source.obtain(cache)
         results.append(_collect(source, files, config))
+        seconds[source.task] = round(time.perf_counter() - start, 3)
     manifest = {
         "format": CORPUS_FORMAT,
         "config": dataclasses.asdict(config) | {"split_fractions": list(config.split_fractions)},
@@ -247,4 +252,5 @@ def build_corpus(
         "chars": {s: sum(t["chars"][s] for t in manifest["tasks"].values()) for s in SPLITS},
     }
     _write_atomically(out_dir, results, manifest, overwrite)
-    return manifest
+    # Timings go to the caller only: the file stays a pure function of the inputs.
+    return manifest | {"seconds_per_task": seconds}

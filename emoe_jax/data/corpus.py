@@ -57,7 +57,8 @@ class Corpus:
                     record = json.loads(line)
                     yield Document(task=record["task"], doc_id=record["doc_id"], text=record["text"])
                 except (json.JSONDecodeError, KeyError, TypeError) as error:
-                    raise DataError(f"{path}:{line_number} is not a corpus record ({error}); rebuild the corpus") from error
+                    raise DataError(
+                        f"{path}:{line_number} is not a corpus record ({error}); rebuild the corpus") from error
 
     def load(self, split: str) -> list[Document]:
         return list(self.documents(split))
