@@ -9,8 +9,8 @@ Steps of `load_tokenizer(path, config=None)`:
      `generation_config.json` (extra EOS ids) when present;
   3. decide whether `encode` prepends BOS, first rule that applies:
        a. `add_bos_token` in tokenizer_config.json (what the checkpoint's authors set;
-          transformers 4 honoured it, transformers 5.23 lets the post-processor decide,
-          and the two agree on the released Mixtral and DeepSeek-V2 tokenizers),
+          transformers 4 honoured it, transformers 5.23 lets the post-processor decide;
+          see docs/checkpoint.md),
        b. the tokenizer.json post-processor, if there is one (what transformers 5 does),
        c. the family default `MoEConfig.add_bos`;
   4. `encode` tokenizes without the post-processor and prepends BOS itself, never

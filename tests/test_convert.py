@@ -252,3 +252,18 @@ def test_refuses_foreign_out_dir_and_detects_corruption(tmp_path):
     chunk.unlink()
     with pytest.raises(ExpertIntegrityError, match="MoE layer 1 expert 2"):
         ckpt.experts.read(1, 2)
+
+
+def test_overwrite_verify_and_mismatched_resume(tmp_path):
+    hf, ref = make_hf(tmp_path, "olmoe")
+    out = tmp_path / "out"
+    crashed = _cli(hf, out, env={"EMOE_JAX_CONVERT_CRASH_AFTER": "2"})
+    assert crashed.returncode == 86
+    # Resuming with another dtype would mix two jobs: refused.
+    _assert_clean_error(_cli(hf, out, "--dtype", "bfloat16"), "partial conversion", "--overwrite")
+    proc = _cli(hf, out, "--dtype", "bfloat16", "--overwrite", "--verify", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["status"] == "completed"
+    assert_matches(out, ref, "olmoe", dtype=ml_dtypes.bfloat16)
+    # A finished conversion of the same source with another dtype: refused without --overwrite.
+    _assert_clean_error(_cli(hf, out, "--dtype", "float32"), "already holds a finished conversion")
