@@ -30,7 +30,7 @@ from ..model.resident import left_pad
 from . import stages
 from .budget import parse_expert_count
 from .compile_count import compile_count
-from .tiers import DeviceSlotCache, ExpertSource, HostTier
+from .tiers import DeviceSlotCache, ExpertSource, HostTier, TierStats
 
 MODES = ("exact", "restricted")
 
@@ -54,6 +54,7 @@ class StepRouting:
 class GenerationResult:
     tokens: list[list[int]]  # generated ids per prompt (stopped at EOS, EOS excluded)
     stats: dict
+    logits: np.ndarray | None = None  # [B, steps, V] float32 when requested
 
 
 @dataclasses.dataclass
@@ -199,11 +200,15 @@ class OffloadedEngine:
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
-                 on_token: Callable[[int, np.ndarray], None] | None = None) -> GenerationResult:
+                 on_token: Callable[[int, np.ndarray], None] | None = None,
+                 return_logits: bool = False) -> GenerationResult:
         """Generate for a batch of token-id prompts. Greedy when temperature == 0."""
         self._validate(prompts, max_new_tokens)
         compiles0 = compile_count()
+        # Stats are per call: a warm cache from earlier calls shows up as hits, not as old misses.
         self._timers = _Timers()
+        self.device_cache.stats = TierStats()
+        self.host.stats = TierStats()
         ctx = self.cfg.max_position_embeddings
         longest = max(len(p) for p in prompts)
         t = _bucket(longest)
@@ -218,6 +223,7 @@ class OffloadedEngine:
 
         t0 = time.perf_counter()
         logits, caches = self._forward(tokens, caches, 0, pad_len, valid)
+        kept_logits = [np.asarray(logits)] if return_logits else None
         nxt = self._pick(logits, temperature, top_p, key, 0)
         self._timers.prefill_s = time.perf_counter() - t0
         self._timers.prefill_tokens = int(valid.sum())
@@ -237,11 +243,14 @@ class OffloadedEngine:
             if done.all() or step == max_new_tokens - 1:
                 break
             logits, caches = self._forward(nxt[:, None], caches, t + step, pad_len, ones)
+            if return_logits:
+                kept_logits.append(np.asarray(logits))
             nxt = self._pick(logits, temperature, top_p, key, step + 1)
             self._timers.decode_tokens += int((~done).sum())
         self._timers.decode_s = time.perf_counter() - t1
         tokens_out = [out[i, : lengths[i]].tolist() for i in range(b)]
-        return GenerationResult(tokens_out, self.stats(compile_count() - compiles0))
+        return GenerationResult(tokens_out, self.stats(compile_count() - compiles0),
+                                np.stack(kept_logits, axis=1) if return_logits else None)
 
     def _pick(self, logits, temperature, top_p, key, step) -> np.ndarray:
         if temperature <= 0:
