@@ -103,3 +103,38 @@ def experts_from_hf(cfg: MoEConfig, hf: Mapping[str, np.ndarray], dtype=jnp.floa
             stacks.append(np.stack([np.asarray(hf[key(e)]).T for e in range(cfg.num_experts)]))
         out.append(ExpertSlots(*(jnp.asarray(s, dtype) for s in stacks)))
     return out
+
+
+def params_to_hf(cfg: MoEConfig, state) -> dict[str, np.ndarray]:
+    """Inverse of `build_params`: the model's parameters as HF-named tensors (HF orientation).
+
+    Used to export a model trained here in the converted checkpoint format.
+    """
+    pure = nnx.to_pure_dict(state)
+    out: dict[str, np.ndarray] = {}
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, path + (k,))
+            return
+        name, transpose = _hf_name(cfg, path)
+        arr = np.asarray(node)
+        out[name] = arr.T if transpose else arr
+
+    walk(pure, ())
+    return out
+
+
+def nest_for_checkpoint(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Flat HF names -> the converter's nested dense layout (leading 'model.' dropped)."""
+    nested: dict[str, Any] = {}
+    for name, arr in flat.items():
+        parts = name.split(".")
+        if parts[0] == "model":
+            parts = parts[1:]
+        node = nested
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = arr
+    return nested
