@@ -1,0 +1,80 @@
+"""Predictors by name, so CLIs can take ``--predictor NAME``.
+
+``get_predictor(name, **kwargs)`` builds one; ``available_predictors()`` lists
+the names with a one-line description. Keyword arguments a predictor does not
+take (e.g. ``lookahead`` for LRU) are an error unless ``ignore_unknown=True``,
+which CLIs use to pass shared options to every predictor.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from emoe_jax.predict.base import BasePredictor
+from emoe_jax.predict.moe_infinity import MoEInfinity
+from emoe_jax.predict.moe_infinity_beyond import MoEInfinityBeyond
+from emoe_jax.predict.no_prefetch import NoPrefetch
+from emoe_jax.predict.oracle import OraclePrefetch
+from emoe_jax.predict.prev_token import PreviousToken
+from emoe_jax.predict.static_freq import StaticFrequency
+
+
+class UnknownPredictorError(ValueError):
+    """Raised for a predictor name that is not registered."""
+
+
+def _no_prefetch(eviction: str) -> Callable[..., BasePredictor]:
+    def build() -> BasePredictor:
+        return NoPrefetch(eviction=eviction)
+
+    return build
+
+
+# name -> (factory, description)
+_REGISTRY: dict[str, tuple[Callable[..., BasePredictor], str]] = {
+    "lru": (_no_prefetch("lru"), "no prefetch, least-recently-used eviction"),
+    "lfu": (_no_prefetch("lfu"), "no prefetch, least-frequently-used eviction"),
+    "belady": (_no_prefetch("belady"), "ORACLE: no prefetch, Belady/MIN eviction (reads the future)"),
+    "static-freq": (StaticFrequency, "per-layer expert frequency of the training traces"),
+    "prev-token": (PreviousToken, "experts the previous token used at each layer"),
+    "moe-infinity-beyond": (
+        MoEInfinityBeyond,
+        "MoE-Beyond's MoE-Infinity baseline: mean counts of the first 9 training prompts",
+    ),
+    "moe-infinity": (MoEInfinity, "MoE-Infinity: nearest past request EAM by cosine, layer-decayed"),
+    "oracle-prefetch": (OraclePrefetch, "ORACLE: perfect prefetch within the lookahead, Belady eviction"),
+}
+_ALIASES = {"min": "belady", "none": "lru", "oracle": "oracle-prefetch"}
+
+
+def available_predictors() -> dict[str, str]:
+    """Registered names -> one-line descriptions."""
+    return {name: desc for name, (_, desc) in _REGISTRY.items()}
+
+
+def register_predictor(name: str, factory: Callable[..., BasePredictor], description: str) -> None:
+    """Add a predictor (used by later subpackages: learned, eMoE, speculative gating)."""
+    if name in _REGISTRY or name in _ALIASES:
+        raise ValueError(f"predictor name {name!r} is already registered")
+    _REGISTRY[name] = (factory, description)
+
+
+def get_predictor(name: str, ignore_unknown: bool = False, **kwargs: Any) -> BasePredictor:
+    """Build the predictor registered as ``name`` with ``kwargs``."""
+    key = _ALIASES.get(name, name)
+    if key not in _REGISTRY:
+        raise UnknownPredictorError(
+            f"unknown predictor {name!r}; available: {', '.join(sorted(_REGISTRY))} "
+            f"(aliases: {', '.join(f'{a}={b}' for a, b in sorted(_ALIASES.items()))})"
+        )
+    factory = _REGISTRY[key][0]
+    params = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = [k for k in kwargs if k not in params and not takes_any]
+    if unknown and not ignore_unknown:
+        raise ValueError(
+            f"predictor {key!r} does not take {', '.join(sorted(unknown))}; "
+            f"it takes: {', '.join(params) or 'no options'}"
+        )
+    return factory(**{k: v for k, v in kwargs.items() if k not in unknown})

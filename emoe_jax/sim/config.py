@@ -1,0 +1,112 @@
+"""Simulator settings: cache size, cost model, lookahead, protocol.
+
+``SimConfig()`` is the honest default (transfers take time, one serial link,
+cache persists across prompts, starts empty). ``SimConfig.moe_beyond()`` is
+MoE-Beyond's protocol: zero transfer time, a fresh randomly filled cache per
+prompt, the first 10 tokens of each prompt as uncounted warm-up (no prefetch
+during warm-up), and prefetches for layer l inserted right before layer l runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from emoe_jax.predict.base import EVICTION_POLICIES
+
+
+class SimConfigError(ValueError):
+    """A simulator setting is out of range or inconsistent with the traces."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimConfig:
+    capacity: float = 0.1  # <= 1: fraction of all L*E layer-experts; > 1: a count of layer-experts
+    per_layer: bool = False  # False: one global pool; True: capacity split evenly over layers
+    expert_bytes: float = 17.3e6  # one routed expert (DeepSeek-V2-Lite, bf16: 3*2048*1408*2)
+    bandwidth_gbps: float = 25.0  # per link, GB/s with 1 GB = 1e9 bytes
+    layer_compute_ms: float = 0.5  # time from one layer's router to the next's, experts resident
+    links: int = 1  # serial transfer links working in parallel
+    zero_latency: bool = False  # transfers take no time (MoE-Beyond's simulator)
+    lookahead_layers: int = 1  # furthest prefetch target, in layers ahead (token-major)
+    prefetch_k: int | None = None  # experts prefetched per target layer; None = the model's top-k
+    min_score: float = 0.0  # only scores above this are prefetched (and count in recall@k)
+    eviction: str | None = None  # None = the predictor's own choice
+    warmup_tokens: int = 0  # per prompt: tokens replayed without prefetch and left out of metrics
+    reset_per_prompt: bool = False  # fresh cache for every prompt (MoE-Beyond) or one running cache
+    initial_fill: str = "empty"  # "empty" or "random" (random resident experts, random recency)
+    seed: int = 0  # for the random fill
+    metric_k: tuple[int, ...] = ()  # recall/precision@k cut-offs; () = (top_k,)
+
+    @classmethod
+    def moe_beyond(cls, **overrides) -> "SimConfig":
+        """MoE-Beyond's zero-latency protocol (cache_simulator/infinity_moe_sim.py)."""
+        base = dict(
+            zero_latency=True,
+            reset_per_prompt=True,
+            initial_fill="random",
+            warmup_tokens=10,
+            lookahead_layers=0,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    def with_(self, **changes) -> "SimConfig":
+        return replace(self, **changes)
+
+    # -- derived ---------------------------------------------------------------
+    def transfer_seconds(self) -> float:
+        """Seconds to move one expert over one link."""
+        if self.zero_latency:
+            return 0.0
+        return self.expert_bytes / (self.bandwidth_gbps * 1e9)
+
+    def compute_seconds(self) -> float:
+        return 0.0 if self.zero_latency else self.layer_compute_ms * 1e-3
+
+    def pools(self, num_layers: int, num_experts: int, top_k: int) -> tuple[int, int]:
+        """(number of pools, slots per pool) for a model of this shape."""
+        total_keys = num_layers * num_experts
+        if self.capacity <= 0:
+            raise SimConfigError(f"capacity must be > 0, got {self.capacity}")
+        if self.capacity <= 1:
+            total = int(self.capacity * total_keys)  # MoE-Beyond: int(1664 * 0.1) = 166
+        else:
+            if self.capacity != int(self.capacity):
+                raise SimConfigError(f"capacity > 1 is a count of experts and must be whole, got {self.capacity}")
+            total = int(self.capacity)
+        total = min(total, total_keys)
+        if self.per_layer:
+            per = total // num_layers
+            if per < top_k:
+                raise SimConfigError(
+                    f"per-layer capacity {per} (= {total} // {num_layers} layers) is below top-k={top_k}: "
+                    "a layer could not hold its own experts; raise --capacity or use the global pool"
+                )
+            return num_layers, per
+        if total < top_k:
+            raise SimConfigError(f"capacity {total} experts is below top-k={top_k}; raise --capacity")
+        return 1, total
+
+    def validate(self, num_layers: int, num_experts: int, top_k: int) -> None:
+        self.pools(num_layers, num_experts, top_k)
+        if not self.zero_latency and (self.bandwidth_gbps <= 0 or self.expert_bytes <= 0):
+            raise SimConfigError("bandwidth and expert bytes must be > 0 (or use zero-latency mode)")
+        if self.layer_compute_ms < 0:
+            raise SimConfigError(f"layer compute time must be >= 0 ms, got {self.layer_compute_ms}")
+        if self.links < 1:
+            raise SimConfigError(f"links must be >= 1, got {self.links}")
+        if not 0 <= self.lookahead_layers <= num_layers:
+            raise SimConfigError(
+                f"lookahead must be 0..{num_layers} layers (at most one token ahead), got {self.lookahead_layers}"
+            )
+        if self.prefetch_k is not None and not 0 <= self.prefetch_k <= num_experts:
+            raise SimConfigError(f"prefetch_k must be 0..{num_experts}, got {self.prefetch_k}")
+        if self.eviction is not None and self.eviction not in EVICTION_POLICIES:
+            raise SimConfigError(f"unknown eviction policy {self.eviction!r}; choose from {EVICTION_POLICIES}")
+        if self.warmup_tokens < 0:
+            raise SimConfigError(f"warmup_tokens must be >= 0, got {self.warmup_tokens}")
+        if self.initial_fill not in ("empty", "random"):
+            raise SimConfigError(f"initial_fill must be 'empty' or 'random', got {self.initial_fill!r}")
+        for k in self.metric_k:
+            if not 1 <= k <= num_experts:
+                raise SimConfigError(f"metric k={k} outside 1..{num_experts}")

@@ -1,0 +1,185 @@
+"""Replay routing traces for one predictor and one cache size; report hit rates and costs.
+
+Steps:
+1. Check the configuration against the traces (pool sizes, lookahead, policy).
+2. For Belady eviction, build the next-use table over the whole replay (the
+   only place the simulator reads the future; such results are marked oracle).
+3. For each prompt in stored order: run the predictor over it in decoder order
+   (``emoe_jax.predict.drive``), turn its scores into prefetch requests and
+   recall@k counts (``requests``), reset/fill the cache if asked, and replay it
+   in the compiled kernel (``kernel.run_prompt``), which carries the cache,
+   the link queue and the clock from prompt to prompt.
+4. Turn the counters into rates per access and costs per token (``SimResult``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from emoe_jax.predict.drive import prompt_predictions
+from emoe_jax.sim import kernel as K
+from emoe_jax.sim.config import SimConfig, SimConfigError
+from emoe_jax.sim.requests import (
+    PredictionScore,
+    build_requests,
+    next_use_table,
+    ranked_experts,
+    score_updates,
+    select_rows,
+)
+
+
+@dataclass
+class SimResult:
+    predictor: str
+    eviction: str
+    oracle: bool  # True if the predictor or the eviction policy read the future
+    config: dict
+    capacity_experts: int  # total slots over all pools
+    prompts: int
+    tokens: int  # counted tokens (after warm-up)
+    accesses: int  # counted (token, layer, expert) routings
+    hits: int  # expert resident and arrived when its layer ran (timely prefetches included)
+    timely_prefetches: int  # hits on a prefetched, not yet used expert
+    late_prefetches: int  # expert prefetched (or queued) but not arrived: stall charged, not a hit
+    demand_misses: int  # expert absent and not requested: full transfer charged
+    prefetches_issued: int
+    prefetches_started: int  # transfers actually started for prefetches
+    prefetches_used: int  # prefetched experts later routed to
+    prefetches_wasted: int  # prefetched, then evicted without use
+    prefetches_cancelled: int  # queued but dropped (target passed, no free slot) or abandoned
+    demand_transfers: int
+    evictions: int
+    stall_seconds: float
+    bytes_moved: float
+    wall_seconds: float
+    prediction: dict = field(default_factory=dict)  # recall@k / precision@k summary
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / max(self.accesses, 1)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        tokens = max(self.tokens, 1)
+        d.update(
+            hit_rate=self.hit_rate,
+            miss_rate=self.demand_misses / max(self.accesses, 1),
+            late_prefetch_rate=self.late_prefetches / max(self.accesses, 1),
+            timely_prefetch_rate=self.timely_prefetches / max(self.timely_prefetches + self.late_prefetches, 1),
+            prefetch_coverage=self.timely_prefetches / max(self.accesses, 1),
+            prefetch_accuracy=self.prefetches_used / max(self.prefetches_started, 1),
+            prefetch_waste_rate=self.prefetches_wasted / max(self.prefetches_started, 1),
+            stall_ms_per_token=1e3 * self.stall_seconds / tokens,
+            bytes_per_token=self.bytes_moved / tokens,
+        )
+        return d
+
+
+def _random_fill(rng: np.random.Generator, pools: int, per_pool: int, num_layers: int, num_experts: int) -> np.ndarray:
+    """Random resident keys in random recency order (MoE-Beyond's ExpertCache.__init__)."""
+    if pools == 1:
+        return rng.permutation(num_layers * num_experts)[:per_pool].astype(np.int64)
+    keys = np.concatenate([l * num_experts + rng.permutation(num_experts)[:per_pool] for l in range(num_layers)])
+    return rng.permutation(keys).astype(np.int64)
+
+
+def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progress: bool = False) -> SimResult:
+    """Replay every prompt of ``traces`` (a TraceSet) with ``predictor`` under ``config``."""
+    config = config or SimConfig()
+    meta = traces.meta
+    L, E, k = int(meta.num_layers), int(meta.num_experts), int(meta.top_k)
+    config.validate(L, E, k)
+    if len(traces) == 0:
+        raise SimConfigError("the trace set has no prompts")
+    policy = config.eviction or getattr(predictor, "eviction", "lru")
+    if policy not in K.POLICY_IDS:
+        raise SimConfigError(f"unknown eviction policy {policy!r}; choose from {tuple(K.POLICY_IDS)}")
+    pools, per_pool = config.pools(L, E, k)
+    prefetch_k = k if config.prefetch_k is None else config.prefetch_k
+    ks = config.metric_k or (k,)
+    state = K.CacheState(L * E, pools, per_pool, config.links)
+    arrays = state.arrays()
+    layer_base = (np.arange(L, dtype=np.int32) * E)[None, :, None]  # [1, L, 1]
+    scorer = PredictionScore(L, config.lookahead_layers, k, tuple(ks))
+    xfer, compute = config.transfer_seconds(), config.compute_seconds()
+
+    next_use = None
+    if policy == "belady":
+        all_keys = np.concatenate(
+            [(np.asarray(p.experts).astype(np.int32) + layer_base).reshape(-1, k) for p in traces]
+        )  # [G, k]
+        next_use, first_use = next_use_table(all_keys, L * E)
+        state.next_use[:] = first_use
+        del all_keys
+    dummy_next = np.zeros((0, k), np.int64)
+    rng = np.random.default_rng(config.seed)
+    start_wall = time.perf_counter()
+    step_offset = 0
+    for i, trace in enumerate(tqdm(traces, desc=f"sim {predictor.name}", disable=not progress, unit="prompt")):
+        experts = np.asarray(trace.experts)
+        if experts.size and np.any(np.diff(np.sort(experts, axis=-1), axis=-1) == 0):
+            raise SimConfigError(f"prompt {trace.prompt_id}: a token routes to the same expert twice")
+        keys = np.ascontiguousarray((experts.astype(np.int32) + layer_base).reshape(-1, k))  # [S, k]
+        num_steps = keys.shape[0]
+        preds = prompt_predictions(predictor, trace, meta)
+        rows = select_rows(preds, num_steps, config.lookahead_layers, predictor.name)
+        ranked, valid = ranked_experts(preds.scores[rows], max(prefetch_k, *ks), config.min_score)  # [R, m]
+        req_ptr, req_key, req_target = build_requests(
+            preds, rows, ranked, valid, num_steps, L, E, prefetch_k, step_offset
+        )
+        if policy == "score":
+            upd_ptr, upd_layer, upd_scores = score_updates(preds, rows, num_steps, L)
+        else:
+            upd_ptr, upd_layer, upd_scores = np.zeros(num_steps + 1, np.int64), np.zeros(0, np.int64), np.zeros((0, E), np.float32)
+        scorer.add(preds, rows, ranked, valid, experts, config.warmup_tokens)
+        if i == 0 or config.reset_per_prompt:
+            fill = (
+                _random_fill(rng, pools, per_pool, L, E)
+                if config.initial_fill == "random"
+                else np.zeros(0, np.int64)
+            )
+            K.reset_cache(fill, E, pools > 1, state.status, state.ready, state.last_use, state.freq,
+                          state.prefetched, state.pinned, state.slots, state.pool_size, state.slot_pos,
+                          state.link_free, state.q_ptr, state.ints, state.floats)  # fmt: skip
+        access_next = dummy_next if next_use is None else next_use[step_offset : step_offset + num_steps]
+        if next_use is None:
+            access_next = np.full((num_steps, k), K.NEVER, np.int64)
+        K.run_prompt(
+            keys, access_next, req_ptr, req_key, req_target, upd_ptr, upd_layer, upd_scores,
+            step_offset, config.warmup_tokens, L, E, pools > 1, per_pool, K.POLICY_IDS[policy],
+            xfer, compute, config.expert_bytes, *arrays,
+        )  # fmt: skip
+        step_offset += num_steps
+    wall = time.perf_counter() - start_wall
+    c, f = state.counts, state.floats
+    return SimResult(
+        predictor=predictor.name,
+        eviction=policy,
+        oracle=bool(getattr(predictor, "oracle", False) or policy == "belady"),
+        config=asdict(config),
+        capacity_experts=pools * per_pool,
+        prompts=len(traces),
+        tokens=int(c[K.C_TOKENS]),
+        accesses=int(c[K.C_ACCESSES]),
+        hits=int(c[K.C_HITS]),
+        timely_prefetches=int(c[K.C_TIMELY]),
+        late_prefetches=int(c[K.C_LATE]),
+        demand_misses=int(c[K.C_MISSES]),
+        prefetches_issued=int(c[K.C_PF_ISSUED]),
+        prefetches_started=int(c[K.C_PF_STARTED]),
+        prefetches_used=int(c[K.C_PF_USED]),
+        prefetches_wasted=int(c[K.C_PF_WASTED]),
+        prefetches_cancelled=int(c[K.C_PF_CANCELLED]),
+        demand_transfers=int(c[K.C_DEMAND_XFERS]),
+        evictions=int(c[K.C_EVICTIONS]),
+        stall_seconds=float(f[K.F_STALL]),
+        bytes_moved=float(f[K.F_BYTES]),
+        wall_seconds=wall,
+        prediction=scorer.summary(),
+    )
