@@ -87,20 +87,29 @@ def write_expert(arrays: Mapping[str, ts.TensorStore], moe_layer: int, expert: i
 class ExpertFuture:
     """Pending read of one expert; `.result()` gives dict(gate, up, down) of numpy arrays."""
 
-    def __init__(self, layer: int, expert: int, futures: dict[str, ts.Future]):
+    def __init__(self, layer: int, expert: int, futures: dict[str, ts.Future], expected_crc: int | None = None):
         self.layer, self.expert, self._futures = layer, expert, futures
+        self._expected_crc = expected_crc
 
     def done(self) -> bool:
         return all(f.done() for f in self._futures.values())
 
     def result(self) -> dict[str, np.ndarray]:
         try:
-            return {w: f.result() for w, f in self._futures.items()}
+            weights = {w: f.result() for w, f in self._futures.items()}
         except Exception as e:  # TensorStore raises ValueError/OSError variants
             raise ExpertIntegrityError(
                 f"cannot read MoE layer {self.layer} expert {self.expert}: {e}. "
                 "The expert store is damaged; rerun python -m emoe_jax.convert"
             ) from None
+        if self._expected_crc is not None:
+            got = expert_crc32(weights)
+            if got != self._expected_crc:
+                raise ExpertIntegrityError(
+                    f"MoE layer {self.layer} expert {self.expert}: crc32 {got:#010x} != manifest "
+                    f"{self._expected_crc:#010x}; the expert store is corrupt, rerun python -m emoe_jax.convert "
+                    "--overwrite")
+        return weights
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,9 @@ class ExpertStore:
         if tuple(self._arrays["up"].shape) != (lm, e, h, i) or tuple(self._arrays["down"].shape) != (lm, e, i, h):
             raise CheckpointError(f"expert arrays under {self.path} have inconsistent shapes")
         self._lock = threading.Lock()
+        # Check every read against the manifest crc32 (cheap next to the read itself), so a
+        # corrupt chunk is an error naming the expert rather than silently wrong output.
+        self.verify_reads = checksums is not None
         self.reads = 0
         self.bytes_read = 0
 
@@ -187,9 +199,10 @@ class ExpertStore:
         futures = []
         with ts.Batch() as batch:
             for layer, expert in items:
+                crc = self._checksums[layer][expert] if self.verify_reads else None
                 futures.append(ExpertFuture(layer, expert, {
                     w: self._arrays[w][layer, expert].read(batch=batch) for w in WEIGHTS
-                }))
+                }, crc))
         self._count(len(items))
         return futures
 

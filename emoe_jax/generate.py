@@ -1,0 +1,176 @@
+"""Generate text with a fraction of the experts on the device: the main job.
+
+    python -m emoe_jax.generate --prompt "def fibonacci(n):"
+    python -m emoe_jax.generate --model out/olmoe --prompt "Hello" --device-experts 0.1 --json
+
+Steps: load the converted checkpoint (default: the embedded model in
+checkpoints/embedded), tokenize the prompts with the checkpoint's tokenizer,
+run the offloaded engine (exact by default), stream the text, print stats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "embedded"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m emoe_jax.generate",
+        description="Generate with an MoE model whose experts are offloaded: only --device-experts of each "
+                    "layer's experts live on the accelerator, the rest are fetched from host memory or disk "
+                    "on demand. In exact mode (default) the output equals the all-resident model's.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="converted checkpoint directory (python -m emoe_jax.convert HF_DIR OUT_DIR makes one)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for a batch")
+    p.add_argument("--prompts-file", help="file with one prompt per line (added to --prompt)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device-experts", default="0.25",
+                   help="experts per layer on the device: a fraction (0.25) or a count (16)")
+    p.add_argument("--host-experts", default=None,
+                   help="experts held in host memory over all layers: fraction or count (default: all)")
+    p.add_argument("--mode", choices=["exact", "restricted"], default="exact",
+                   help="exact: fetch every routed expert (output unchanged); restricted: eMoE's lossy mode, "
+                        "tokens go to their best resident expert and nothing is fetched")
+    p.add_argument("--policy", choices=["lru", "lfu"], default="lru", help="device slot eviction policy")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--no-stream", action="store_true", help="print text only at the end")
+    p.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, stats)")
+    return p
+
+
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.exists():
+            raise SystemExit(f"error: --prompts-file {path} does not exist")
+        prompts += [line for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("error: give at least one --prompt (or --prompts-file)")
+    for i, text in enumerate(prompts):
+        if not text.strip():
+            raise SystemExit(f"error: prompt {i} is empty; give some text")
+    return prompts
+
+
+def _check_model(path: Path) -> None:
+    if path.exists():
+        return
+    if path == DEFAULT_MODEL:
+        raise SystemExit(
+            f"error: the embedded default model is missing at {path}. Reinstall from a full clone of the "
+            "repository, or pass --model DIR with a checkpoint converted by python -m emoe_jax.convert.")
+    raise SystemExit(f"error: --model {path} does not exist; convert a Hugging Face checkpoint with "
+                     "python -m emoe_jax.convert HF_DIR OUT_DIR")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prompts = _prompts(args)
+    model_dir = Path(args.model)
+    _check_model(model_dir)
+
+    import jax.numpy as jnp
+
+    from .checkpoint import CheckpointError
+    from .runtime.budget import BudgetError
+    from .runtime.engine import GenerationError, OffloadedEngine
+
+    try:
+        dtype = jnp.dtype(args.dtype) if args.dtype else None
+        engine = OffloadedEngine.from_checkpoint(model_dir, dtype=dtype, device_experts=args.device_experts,
+                                                 host_experts=args.host_experts, mode=args.mode,
+                                                 policy=args.policy)
+        tokenizer = engine.checkpoint.tokenizer
+        ids = [tokenizer.encode(p) for p in prompts]
+        if args.mode == "restricted":
+            _preload_restricted(engine)
+        stream = not args.json and not args.no_stream and len(prompts) == 1
+        printer = _StreamPrinter(tokenizer, prompts[0]) if stream else None
+        result = engine.generate(ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                 seed=args.seed, on_token=printer)
+    except (CheckpointError, BudgetError, GenerationError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    texts = [tokenizer.decode(t) for t in result.tokens]
+    stats = {**result.stats, "memory": engine.memory_report()}
+    if args.json:
+        print(json.dumps({"text": texts, "tokens": result.tokens, "stats": stats}))
+        return 0
+    if printer is not None:
+        printer.finish(result.tokens[0])
+    else:
+        for prompt, text in zip(prompts, texts):
+            print(f"--- {prompt!r}\n{prompt}{text}\n")
+    print(format_stats(stats), file=sys.stderr)
+    return 0
+
+
+def _preload_restricted(engine) -> None:
+    """Restricted mode needs a resident set up front. Without a predictor (see
+    emoe_jax.predict) we keep the lowest-numbered experts and say so."""
+    print("note: restricted mode without a predictor keeps experts 0..S-1 of each layer resident",
+          file=sys.stderr)
+    for ml in range(engine.cfg.num_moe_layers):
+        engine.preload(ml, range(engine.num_slots))
+
+
+class _StreamPrinter:
+    """Prints new text as tokens arrive (decoding the whole sequence so multi-byte tokens stay intact)."""
+
+    def __init__(self, tokenizer, prompt: str):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+        print(prompt, end="", flush=True)
+
+    def __call__(self, step, tokens) -> None:
+        if tokens[0] < 0:
+            return
+        self.ids.append(int(tokens[0]))
+        text = self.tokenizer.decode(self.ids)
+        if text.startswith(self.shown) and not text.endswith("\ufffd"):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+    def finish(self, final_ids) -> None:
+        text = self.tokenizer.decode(final_ids)
+        if text.startswith(self.shown):
+            print(text[len(self.shown):], end="")
+        print(flush=True)
+
+
+def format_stats(s: dict) -> str:
+    mib = 1 / 2**20
+    lines = [
+        "---- stats ----",
+        f"prefill: {s['prefill_tokens']} tokens in {s['prefill_s']:.3f} s ({s['prefill_tokens_per_s']:.1f} tok/s)",
+        f"decode:  {s['decode_tokens']} tokens in {s['decode_s']:.3f} s ({s['decode_tokens_per_s']:.1f} tok/s)",
+        f"device experts: {s['device_slots_per_layer']} slots/layer, {s['device_expert_bytes'] * mib:.1f} MiB "
+        f"of {s['all_expert_bytes'] * mib:.1f} MiB of all experts "
+        f"({100 * s['device_expert_bytes'] / max(s['all_expert_bytes'], 1):.0f}%)",
+        f"device hit rate: {100 * s['device_hit_rate']:.1f}% ({s['device']['hits']} hits, "
+        f"{s['device']['misses']} misses, {s['device']['evictions']} evictions, {s['waves']} waves)",
+        f"host hit rate:   {100 * s['host_hit_rate']:.1f}% (capacity {s['host_capacity_experts']} experts, "
+        f"{s['host']['misses']} disk reads)",
+        f"moved: host->device {s['h2d_bytes'] * mib:.1f} MiB, disk->host {s['disk_to_host_bytes'] * mib:.1f} MiB",
+        f"stalled on misses: {s['stall_s']:.3f} s; compilations: {s['compiles']}; mode: {s['mode']}",
+    ]
+    mem = s.get("memory")
+    if mem:
+        lines.append(f"memory ({mem['platform']}): slot buffers {mem['slot_buffer_bytes'] * mib:.1f} MiB, "
+                     f"dense params {mem['dense_param_bytes'] * mib:.1f} MiB"
+                     + (f", in use {mem['bytes_in_use'] * mib:.1f} MiB" if mem.get("bytes_in_use") else ""))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

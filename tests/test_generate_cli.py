@@ -1,0 +1,107 @@
+"""python -m emoe_jax.generate end to end on a tiny checkpoint with a real (tiny) tokenizer."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from emoe_jax.checkpoint import write_checkpoint
+from emoe_jax.config import tiny_config
+from emoe_jax.data.testing import tiny_corpus, tiny_tokenizer
+from emoe_jax.model.hf_params import nest_for_checkpoint, params_to_hf
+from emoe_jax.model.random_init import random_model
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    tok = tiny_tokenizer(tiny_corpus(root / "corpus", docs_per_task=10), root / "tok", vocab_size=300)
+    cfg = tiny_config("qwen3_moe", vocab_size=300, bos_token_id=0, eos_token_id=1, pad_token_id=2, add_bos=True)
+    _, params, experts = random_model(cfg, seed=3, router_scale=5.0)
+    stacked = {w: np.stack([np.asarray(getattr(e, w)) for e in experts]) for w in ("gate", "up", "down")}
+    write_checkpoint(root / "ckpt", cfg, nest_for_checkpoint(params_to_hf(cfg, params)), stacked,
+                     tokenizer_dir=tok)
+    return root / "ckpt"
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "emoe_jax.generate", *args], capture_output=True, text=True)
+
+
+def test_json_output_and_exactness(tiny_ckpt):
+    outs = []
+    for frac in ("1.0", "0.25", "1"):
+        proc = run("--model", str(tiny_ckpt), "--prompt", "hello world", "--prompt", "x",
+                   "--max-new-tokens", "8", "--device-experts", frac, "--json")
+        assert proc.returncode == 0, proc.stderr
+        outs.append(json.loads(proc.stdout))
+    for out in outs:
+        assert set(out) == {"text", "tokens", "stats"} and len(out["text"]) == 2
+        for key in ("decode_tokens_per_s", "prefill_tokens_per_s", "device_hit_rate", "device_expert_bytes",
+                    "all_expert_bytes", "h2d_bytes", "stall_s", "compiles"):
+            assert key in out["stats"], key
+    # Exact mode: the same tokens whatever the device budget.
+    assert outs[0]["tokens"] == outs[1]["tokens"] == outs[2]["tokens"]
+    assert outs[1]["stats"]["device_expert_bytes"] * 4 == outs[0]["stats"]["device_expert_bytes"]
+
+
+def test_streaming_text_and_stats(tiny_ckpt):
+    proc = run("--model", str(tiny_ckpt), "--prompt", "abc", "--max-new-tokens", "5")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("abc")
+    assert "device hit rate" in proc.stderr and "compilations" in proc.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--prompt", "  "], "empty"),
+    ([], "at least one --prompt"),
+    (["--prompt", "a", "--device-experts", "0"], "device-experts"),
+    (["--prompt", "a", "--max-new-tokens", "100000"], "context"),
+])
+def test_bad_input_is_a_clear_error(tiny_ckpt, args, needle):
+    proc = run("--model", str(tiny_ckpt), *args)
+    assert proc.returncode != 0
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_model_dir(tmp_path):
+    proc = run("--model", str(tmp_path / "nope"), "--prompt", "a")
+    assert proc.returncode != 0 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_incomplete_checkpoint_is_refused(tiny_ckpt, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_ckpt, broken)
+    (broken / "manifest.json").unlink()
+    proc = run("--model", str(broken), "--prompt", "a")
+    assert proc.returncode != 0 and "incomplete" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_corrupt_or_missing_expert_chunk_is_named(tiny_ckpt, tmp_path):
+    import shutil
+
+    from emoe_jax.checkpoint import ExpertIntegrityError
+    from emoe_jax.runtime.engine import OffloadedEngine
+
+    for damage in ("flip", "delete"):
+        broken = tmp_path / damage
+        shutil.copytree(tiny_ckpt, broken)
+        chunks = sorted(p for p in (broken / "experts" / "gate").rglob("*") if p.is_file() and p.name != "zarr.json")
+        victim = chunks[len(chunks) // 2]
+        if damage == "flip":
+            data = bytearray(victim.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            victim.write_bytes(bytes(data))
+        else:
+            victim.unlink()
+        engine = OffloadedEngine.from_checkpoint(broken, device_experts=1.0)
+        with pytest.raises(ExpertIntegrityError, match=r"MoE layer \d+ expert \d+"):
+            # Long enough that every expert gets routed to at least once.
+            engine.generate([list(range(3, 200))], 2)
+        proc = run("--model", str(broken), "--prompt", "the quick brown fox jumps over 0123456789 " * 3, "--max-new-tokens", "2",
+                   "--device-experts", "1.0")
+        assert proc.returncode != 0 and "expert" in proc.stderr and "Traceback" not in proc.stderr
