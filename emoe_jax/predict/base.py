@@ -53,7 +53,7 @@ class Prediction:
     """Expert scores for some (token, layer) targets at or after the current step.
 
     ``targets[i] = (token_offset, layer)``: token_offset 0 is the current token t,
-    1 is token t+1. ``scores[i]`` are non-negative, higher means more likely to be
+    1 is token t+1 (the simulator's lookahead is at most one token). ``scores[i]`` are non-negative, higher means more likely to be
     used (probabilities, frequencies or counts); the simulator prefetches the
     top-m experts whose score is above its ``min_score``.
     """

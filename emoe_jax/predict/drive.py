@@ -43,10 +43,10 @@ def _check_targets(pred: Prediction, t: int, l: int, num_layers: int, num_expert
             f"predictor {name!r} returned scores for {pred.scores.shape[1]} experts, "
             f"the trace has {num_experts}"
         )
-    if np.any((layers < 0) | (layers >= num_layers)) or np.any((offsets < 0) | (offsets > 1)):
+    if np.any((layers < 0) | (layers >= num_layers)) or np.any(offsets < 0):
         raise ValueError(
             f"predictor {name!r} at (t={t}, l={l}) returned targets outside "
-            f"(token_offset in 0..1, layer in 0..{num_layers - 1}): {pred.targets.tolist()}"
+            f"(token_offset >= 0, layer in 0..{num_layers - 1}): {pred.targets.tolist()}"
         )
     target = (t + offsets) * num_layers + layers
     if np.any(target < t * num_layers + l):

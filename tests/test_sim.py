@@ -1,0 +1,271 @@
+"""Simulator: hand-computed cache and cost cases, the compiled kernel against the
+plain reference, the MoE-Beyond protocol, clear errors, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from emoe_jax.predict import BasePredictor, Prediction, get_predictor
+from emoe_jax.sim import SimConfig, SimConfigError, simulate, split_by_prompt_id
+from emoe_jax.sim.__main__ import main as sim_main
+from emoe_jax.sim.reference import simulate_reference
+from emoe_jax.sim.requests import next_use_table, ranked_experts, ranked_experts_reference
+from emoe_jax.traces import PromptTrace, TraceMeta, TraceSet, TraceWriter
+
+MS = 1e-3
+
+
+def make_traces(experts_per_prompt, num_experts, ids=None) -> TraceSet:
+    first = np.asarray(experts_per_prompt[0])
+    L, k = first.shape[1], first.shape[2]
+    meta = TraceMeta(model="test", num_layers=L, num_experts=num_experts, top_k=k,
+                     moe_layer_ids=tuple(range(L)), hidden_size=None, source="test")  # fmt: skip
+    ids = ids or list(range(len(experts_per_prompt)))
+    prompts = [
+        PromptTrace(prompt_id=pid, task="", text="", token_ids=np.arange(len(x), dtype=np.int32),
+                    experts=np.asarray(x, np.int16), weights=None, n_prefill=len(x))  # fmt: skip
+        for pid, x in zip(ids, experts_per_prompt)
+    ]
+    return TraceSet.from_prompts(meta, prompts)
+
+
+def sequence(*experts):
+    """One layer, top-1: token t routes to experts[t]."""
+    return make_traces([np.array(experts).reshape(-1, 1, 1)], num_experts=8)
+
+
+ZERO = SimConfig(zero_latency=True, lookahead_layers=0)
+
+
+# -- hand-computed cache behaviour ------------------------------------------------
+
+
+def test_lru_misses_by_hand():
+    # capacity 2, accesses 0 1 2 0 1 3 0
+    # 0 miss [0]; 1 miss [0 1]; 2 miss evict 0 [1 2]; 0 miss evict 1 [2 0];
+    # 1 miss evict 2 [0 1]; 3 miss evict 0 [1 3]; 0 miss evict 1 [3 0]  -> 7 misses, 0 hits
+    r = simulate(sequence(0, 1, 2, 0, 1, 3, 0), get_predictor("lru"), ZERO.with_(capacity=2))
+    assert (r.accesses, r.demand_misses, r.hits) == (7, 7, 0)
+
+
+def test_belady_min_misses_by_hand():
+    # capacity 2, accesses 0 1 2 0 1 3 0 (steps 0..6)
+    # 0 miss; 1 miss; 2 miss: next uses 0@3, 1@4 -> evict 1 [0 2]; 0 hit;
+    # 1 miss: next uses 0@6, 2 never -> evict 2 [0 1]; 3 miss: 0@6, 1 never -> evict 1 [0 3];
+    # 0 hit  -> 5 misses, 2 hits
+    r = simulate(sequence(0, 1, 2, 0, 1, 3, 0), get_predictor("belady"), ZERO.with_(capacity=2))
+    assert (r.demand_misses, r.hits) == (5, 2)
+    assert r.oracle
+
+
+def test_lfu_by_hand():
+    # capacity 2, accesses 0 0 1 2 1 0
+    # 0 miss; 0 hit (f0=2); 1 miss [0 1]; 2 miss: f0=2, f1=1 -> evict 1 [0 2];
+    # 1 miss: f0=2, f2=1 -> evict 2 [0 1]; 0 hit -> 4 misses, 2 hits
+    r = simulate(sequence(0, 0, 1, 2, 1, 0), get_predictor("lfu"), ZERO.with_(capacity=2))
+    assert (r.demand_misses, r.hits) == (4, 2)
+
+
+def test_capacity_fraction_and_pools():
+    traces = make_traces([np.zeros((1, 4, 2), int) + np.array([0, 1])], num_experts=10)  # L=4, E=10, k=2
+    assert SimConfig(capacity=0.1).pools(4, 10, 2) == (1, 4)  # int(0.1 * 40)
+    assert SimConfig(capacity=0.2, per_layer=True).pools(4, 10, 2) == (4, 2)
+    with pytest.raises(SimConfigError, match="below top-k"):
+        SimConfig(capacity=0.1, per_layer=True).pools(4, 10, 2)
+    r = simulate(traces, get_predictor("lru"), SimConfig(capacity=8))
+    assert r.capacity_experts == 8
+
+
+# -- cost model arithmetic ---------------------------------------------------------
+
+
+def test_demand_misses_charge_full_transfer_time():
+    # 10 MB experts over 10 GB/s -> 1 ms per transfer; compute 0.5 ms per layer.
+    # L=2, k=1, tokens route (e0, e1) then (e0, e1); the cache holds all.
+    # step 0: miss, wait 1 ms; step 1: miss, wait 1 ms; steps 2, 3: hits.
+    # stall = 2 ms over 2 tokens = 1 ms/token; bytes = 2 x 10 MB / 2 tokens = 10 MB/token.
+    traces = make_traces([np.array([[[0], [1]], [[0], [1]]])], num_experts=4)
+    cfg = SimConfig(capacity=8, expert_bytes=10e6, bandwidth_gbps=10.0, layer_compute_ms=0.5)
+    d = simulate(traces, get_predictor("lru"), cfg).to_dict()
+    assert (d["demand_misses"], d["hits"]) == (2, 2)
+    assert d["stall_ms_per_token"] == pytest.approx(1.0)
+    assert d["bytes_per_token"] == pytest.approx(10e6)
+
+
+def test_misses_of_one_step_serialise_on_one_link_and_overlap_on_two():
+    # k=2, both experts missing: one link -> 2 ms stall, two links -> 1 ms.
+    traces = make_traces([np.array([[[0, 1]]])], num_experts=4)
+    cfg = SimConfig(capacity=4, expert_bytes=10e6, bandwidth_gbps=10.0, layer_compute_ms=0.5)
+    assert simulate(traces, get_predictor("lru"), cfg).stall_seconds == pytest.approx(2 * MS)
+    assert simulate(traces, get_predictor("lru"), cfg.with_(links=2)).stall_seconds == pytest.approx(1 * MS)
+
+
+def test_late_prefetch_is_stall_not_hit_and_early_one_is_timely():
+    # Oracle prefetch, lookahead 1, 1 ms transfers, 2 ms compute; one token, L=2, k=1: e0 then e1.
+    # step 0 at t=0: prefetch e0 (target step 0) starts at 0, ready 1 ms; e1 queued (link busy).
+    #   demand e0: in transfer -> LATE, stall 1 ms; now = 1 + 2 = 3 ms.
+    # step 1: e1 started at 1 ms when the link freed, ready at 2 ms <= 3 ms -> TIMELY hit.
+    traces = make_traces([np.array([[[0], [1]]])], num_experts=4)
+    cfg = SimConfig(capacity=8, expert_bytes=10e6, bandwidth_gbps=10.0, layer_compute_ms=2.0, lookahead_layers=1)
+    r = simulate(traces, get_predictor("oracle-prefetch", lookahead=1), cfg)
+    assert (r.late_prefetches, r.timely_prefetches, r.hits, r.demand_misses) == (1, 1, 1, 0)
+    assert r.stall_seconds == pytest.approx(1 * MS)
+    assert r.to_dict()["timely_prefetch_rate"] == pytest.approx(0.5)
+
+
+def test_wrong_prefetch_is_waste_and_costs_bandwidth():
+    class Wrong(BasePredictor):
+        name = "wrong"
+
+        def predict(self, t, l):  # always predicts expert 3 for the next step
+            return Prediction(np.array([[(l + 1) // 2, (l + 1) % 2]]), np.eye(4, dtype=np.float32)[[3]])
+
+    # L=2, tokens route e0, e1, e0, e1; capacity 2 per pool (per layer), compute ample.
+    traces = make_traces([np.array([[[0], [1]], [[0], [1]]])], num_experts=4)
+    cfg = SimConfig(capacity=4, per_layer=True, expert_bytes=10e6, bandwidth_gbps=10.0, layer_compute_ms=5.0)
+    r = simulate(traces, Wrong(), cfg)
+    assert r.prefetches_used == 0 and r.prefetches_started > 0
+    assert r.bytes_moved == pytest.approx((r.prefetches_started + r.demand_transfers) * 10e6)
+
+
+def test_repeated_pattern_reaches_full_hit_rate():
+    # Every token routes to the same experts: after warm-up, frequency and
+    # previous-token predictors (and plain LRU) hit every access.
+    pattern = np.array([[1, 2], [3, 4], [5, 6]])
+    traces = make_traces([np.tile(pattern, (12, 1, 1))], num_experts=8)
+    cfg = SimConfig(capacity=6, layer_compute_ms=2.0, warmup_tokens=1)
+    for name in ["static-freq", "prev-token", "moe-infinity-beyond"]:
+        p = get_predictor(name, lookahead=1)
+        p.fit(traces)
+        r = simulate(traces, p, cfg)
+        assert r.hit_rate == 1.0, name
+        assert r.prediction["recall@2"] == 1.0, name
+
+
+# -- MoE-Beyond protocol -------------------------------------------------------------
+
+
+def test_moe_beyond_protocol_excludes_warmup_and_moves_nothing_in_time():
+    rng = np.random.default_rng(0)
+    traces = make_traces([rng.integers(0, 8, (15, 2, 1)), rng.integers(0, 8, (5, 2, 1))], num_experts=8)
+    r = simulate(traces, get_predictor("lru"), SimConfig.moe_beyond(capacity=4))
+    assert r.tokens == 5  # 15 - 10 warm-up tokens; the 5-token prompt is all warm-up
+    assert r.stall_seconds == 0.0
+
+
+def test_zero_latency_prefetch_of_current_layer_is_a_hit():
+    traces = make_traces([np.array([[[0], [1]], [[2], [3]]])], num_experts=4)
+    r = simulate(traces, get_predictor("oracle-prefetch", lookahead=0), SimConfig.moe_beyond(capacity=2, warmup_tokens=0, initial_fill="empty"))
+    assert r.hit_rate == 1.0 and r.timely_prefetches == 4
+
+
+# -- compiled kernel against the plain reference ---------------------------------------
+
+
+def random_traces(seed, prompts=3, L=3, E=6, k=2, max_tokens=9):
+    rng = np.random.default_rng(seed)
+    return make_traces(
+        [
+            np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(L)]) for _ in range(int(n))])
+            for n in rng.integers(1, max_tokens, prompts)
+        ],
+        E,
+    )
+
+
+CONFIGS = {
+    "timed": SimConfig(capacity=5, expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=0.7),
+    "two-links-lookahead3": SimConfig(capacity=6, expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=0.3,
+                                      links=2, lookahead_layers=3),  # fmt: skip
+    "slow-link": SimConfig(capacity=4, expert_bytes=3e6, bandwidth_gbps=1.0, layer_compute_ms=0.5, lookahead_layers=2),
+    "per-layer": SimConfig(capacity=9, per_layer=True, expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=0.4),
+    "score": SimConfig(capacity=5, eviction="score", expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=0.5),
+    "moe-beyond": SimConfig.moe_beyond(capacity=5, warmup_tokens=2),
+    "full-layer-lookahead": SimConfig(capacity=7, lookahead_layers=3, prefetch_k=3, expert_bytes=1e6,
+                                      bandwidth_gbps=2.0, layer_compute_ms=0.2, reset_per_prompt=True,
+                                      initial_fill="random", seed=3),  # fmt: skip
+}
+REFERENCE_KEYS = {
+    "accesses": "accesses", "hits": "hits", "timely": "timely_prefetches", "late": "late_prefetches",
+    "misses": "demand_misses", "issued": "prefetches_issued", "started": "prefetches_started",
+    "used": "prefetches_used", "wasted": "prefetches_wasted", "cancelled": "prefetches_cancelled",
+    "demand": "demand_transfers", "tokens": "tokens", "evictions": "evictions",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+@pytest.mark.parametrize("name", ["lru", "lfu", "belady", "static-freq", "prev-token", "moe-infinity", "oracle-prefetch"])
+def test_kernel_matches_reference(name, config_name):
+    config = CONFIGS[config_name]
+    for seed in range(2):
+        traces = random_traces(seed)
+        fast = get_predictor(name, ignore_unknown=True, lookahead=config.lookahead_layers)
+        slow = get_predictor(name, ignore_unknown=True, lookahead=config.lookahead_layers)
+        fast.fit(traces)
+        slow.fit(traces)
+        got = simulate(traces, fast, config).to_dict()
+        want = simulate_reference(traces, slow, config)
+        for ref_key, key in REFERENCE_KEYS.items():
+            assert got[key] == want[ref_key], (key, got[key], want[ref_key])
+        assert got["stall_seconds"] == pytest.approx(want["stall"], rel=1e-9, abs=1e-12)
+        assert got["bytes_moved"] == pytest.approx(want["bytes"])
+
+
+def test_ranking_and_next_use_match_plain_definitions():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(-2, 3, (200, 16)).astype(np.float32) / 2
+    for m in (1, 6, 16):
+        a, av = ranked_experts(scores, m, 0.0)
+        b, bv = ranked_experts_reference(scores, m, 0.0)
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(av, bv)
+    keys = rng.integers(0, 5, (30, 1))
+    nxt, first = next_use_table(keys, 6)
+    for g in range(30):
+        later = [h for h in range(g + 1, 30) if keys[h, 0] == keys[g, 0]]
+        assert nxt[g, 0] == (later[0] if later else 2**62)
+    assert first[5] == 2**62 and all(first[v] == list(keys[:, 0]).index(v) for v in set(keys[:, 0]))
+
+
+# -- errors and CLI ---------------------------------------------------------------------
+
+
+def test_bad_settings_give_clear_errors():
+    traces = sequence(0, 1)
+    with pytest.raises(SimConfigError, match="below top-k"):
+        simulate(traces, get_predictor("lru"), SimConfig(capacity=0.01))
+    with pytest.raises(SimConfigError, match="lookahead"):
+        simulate(traces, get_predictor("lru"), SimConfig(capacity=2, lookahead_layers=5))
+    with pytest.raises(SimConfigError, match="eviction"):
+        simulate(traces, get_predictor("lru"), SimConfig(capacity=2, eviction="fifo"))
+    with pytest.raises(SimConfigError, match="no prompts"):
+        simulate(traces.select([]), get_predictor("lru"), SimConfig(capacity=2))
+
+
+def test_split_by_prompt_id_is_contiguous():
+    traces = make_traces([np.zeros((1, 1, 1), int)] * 10, 4, ids=[9, 3, 5, 1, 7, 2, 8, 4, 6, 10])
+    train, val = split_by_prompt_id(traces, 0.2)
+    assert sorted(train.prompt_ids) == list(range(1, 9)) and list(val.prompt_ids) == [9, 10]
+    with pytest.raises(ValueError, match="fraction"):
+        split_by_prompt_id(traces, 1.5)
+
+
+def test_cli_json_and_errors(tmp_path, capsys):
+    traces = random_traces(5, prompts=6)
+    path = tmp_path / "traces"
+    with TraceWriter(path, traces.meta) as w:
+        for p in traces:
+            w.add(p)
+    assert sim_main(["--traces", str(path), "--predictor", "static-freq", "--capacity", "6", "--split", "0.5",
+                     "--json", "--no-progress"]) == 0  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert out["predictor"] == "static-freq" and 0 <= out["hit_rate"] <= 1
+    assert out["split"]["train_prompts"] == 3 and "recall@2" in out["prediction"]
+    assert sim_main(["--traces", str(path), "--predictor", "nope"]) == 2
+    assert "unknown predictor" in capsys.readouterr().err
+    assert sim_main(["--traces", str(tmp_path / "missing"), "--predictor", "lru"]) == 2
+    assert sim_main(["--traces", str(path), "--predictor", "static-freq", "--capacity", "6", "--no-progress"]) == 2
+    assert "fit" in capsys.readouterr().err
