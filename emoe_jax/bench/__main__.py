@@ -1,0 +1,28 @@
+"""python -m emoe_jax.bench SUITE ...: benchmark suites, each with --help and --json."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUITES = {
+    "runtime": ("emoe_jax.bench.runtime", "decode tokens/s and memory vs device-expert fraction"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUITES:
+        parser = argparse.ArgumentParser(prog="python -m emoe_jax.bench",
+                                         description="Benchmark suites (each has its own --help).")
+        parser.add_argument("suite", choices=sorted(SUITES),
+                            help="; ".join(f"{k}: {v[1]}" for k, v in SUITES.items()))
+        parser.parse_args(argv)
+        return 2
+    module = importlib.import_module(SUITES[argv[0]][0])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

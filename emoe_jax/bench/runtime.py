@@ -1,0 +1,177 @@
+"""Runtime benchmark: decode tokens/s and device memory vs the fraction of experts on the device.
+
+    python -m emoe_jax.bench runtime                      # tiny + mid random models (+ embedded if present)
+    python -m emoe_jax.bench runtime --models mid --fractions 1,0.25 --json
+
+For each model:
+  1. the fused all-resident baseline: one jit per decode step, all experts on
+     the device, next token fed back on the device (no host sync) -- the
+     fastest this model can decode here;
+  2. the offloaded engine at each fraction S/E (exact mode, LRU), on fresh
+     engines; a warm-up generation compiles everything, then `--repeats`
+     generations on different prompts are timed and the median decode rate kept.
+All figures of a table come from one process run, so their ratios are comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..checkpoint import load_checkpoint
+from ..config import tiny_config
+from ..model.hf_params import build_params, dense_from_converted
+from ..model.moe import ExpertSlots
+from ..model.decoder import init_kv_caches
+from ..model.random_init import random_model
+from ..model.resident import ResidentModel, fused_step, left_pad
+from ..runtime.engine import OffloadedEngine
+from ..runtime.tiers import InMemoryExperts
+
+MODELS = {
+    # name: (family, overrides) -- random weights; shapes chosen to fit a 2-core CPU run.
+    "tiny": ("qwen3_moe", dict(num_layers=4, num_experts=16, top_k=2, hidden_size=64, moe_intermediate_size=64,
+                               head_dim=16, vocab_size=512)),
+    "mid": ("qwen3_moe", dict(num_layers=8, num_experts=32, top_k=4, hidden_size=512, num_heads=8, num_kv_heads=4,
+                              head_dim=64, moe_intermediate_size=512, intermediate_size=1024, vocab_size=4096,
+                              max_position_embeddings=2048)),
+}
+
+
+def _prompts(vocab: int, batch: int, length: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, size=length).tolist() for _ in range(batch)]
+
+
+def fused_decode_rate(rm: ResidentModel, prompts, new_tokens: int) -> float:
+    """Decode tokens/s of the fused all-resident step, prefill excluded."""
+    tokens, pad_len = left_pad(prompts)
+    b, t = tokens.shape
+    caches = init_kv_caches(rm.cfg, b, t + new_tokens, rm.dtype)
+    pad = jnp.asarray(pad_len)
+    logits, caches, _ = fused_step(rm.graphdef, rm.params, rm.experts, rm.slot_maps, jnp.asarray(tokens), caches,
+                                   jnp.int32(0), pad)
+    nxt = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+    jax.block_until_ready(nxt)
+    t0 = time.perf_counter()
+    for step in range(new_tokens - 1):
+        logits, caches, _ = fused_step(rm.graphdef, rm.params, rm.experts, rm.slot_maps, nxt[:, None], caches,
+                                       jnp.int32(t + step), pad)
+        nxt = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+    jax.block_until_ready(nxt)
+    return b * (new_tokens - 1) / (time.perf_counter() - t0)
+
+
+EMBEDDED = Path(__file__).resolve().parents[2] / "checkpoints" / "embedded"
+
+
+def _model(name: str, dtype):
+    if name == "embedded":
+        ckpt = load_checkpoint(EMBEDDED)
+        cfg = ckpt.config
+        dtype = jnp.dtype(ckpt.manifest.get("dtype", "float32"))
+        graphdef, params = build_params(cfg, dense_from_converted(ckpt.dense), dtype)
+        experts = []
+        for ml in range(cfg.num_moe_layers):
+            layer = ckpt.experts.read_layer(ml)
+            experts.append(ExpertSlots(*(jnp.asarray(layer[w]) for w in ("gate", "up", "down"))))
+        return cfg, graphdef, params, experts, dtype
+    family, overrides = MODELS[name]
+    cfg = tiny_config(family, **overrides)
+    graphdef, params, experts = random_model(cfg, seed=0, dtype=dtype, router_scale=3.0)
+    return cfg, graphdef, params, experts, dtype
+
+
+def bench_model(name: str, fractions, batch: int, prompt_len: int, new_tokens: int, repeats: int, dtype) -> dict:
+    cfg, graphdef, params, experts, dtype = _model(name, dtype)
+    rm = ResidentModel(cfg, graphdef, params, experts, dtype)
+    warm = _prompts(cfg.vocab_size, batch, prompt_len, 0)
+    fused_decode_rate(rm, warm, new_tokens)  # compile
+    fused = float(np.median([fused_decode_rate(rm, _prompts(cfg.vocab_size, batch, prompt_len, r + 1), new_tokens)
+                             for r in range(repeats)]))
+    expert_bytes = int(sum(a.nbytes for a in experts[0])) // cfg.num_experts
+    all_bytes = expert_bytes * cfg.num_experts * cfg.num_moe_layers
+    rows = [{"config": "fused all-resident", "fraction": 1.0, "slots": cfg.num_experts,
+             "decode_tokens_per_s": fused, "ratio_vs_fused": 1.0, "device_expert_bytes": all_bytes,
+             "device_hit_rate": 1.0, "stall_s": 0.0}]
+    for frac in fractions:
+        engine = OffloadedEngine(cfg, graphdef, params, InMemoryExperts(experts), device_experts=frac, dtype=dtype)
+        engine.generate(warm, new_tokens, stop_at_eos=False)  # compile every stage
+        results = [engine.generate(_prompts(cfg.vocab_size, batch, prompt_len, r + 1), new_tokens,
+                                   stop_at_eos=False).stats for r in range(repeats)]
+        rates = [s["decode_tokens_per_s"] for s in results]
+        mid = results[int(np.argsort(rates)[len(rates) // 2])]
+        rows.append({"config": f"offloaded S/E={frac:g}", "fraction": frac, "slots": engine.num_slots,
+                     "decode_tokens_per_s": mid["decode_tokens_per_s"],
+                     "ratio_vs_fused": mid["decode_tokens_per_s"] / fused,
+                     "device_expert_bytes": mid["device_expert_bytes"], "device_hit_rate": mid["device_hit_rate"],
+                     "stall_s": mid["stall_s"], "compiles_after_warmup": mid["compiles"]})
+    return {"model": name, "family": cfg.family, "layers": cfg.num_layers, "experts": cfg.num_experts,
+            "top_k": cfg.top_k, "expert_bytes": expert_bytes, "all_expert_bytes": all_bytes, "batch": batch,
+            "prompt_len": prompt_len, "new_tokens": new_tokens, "rows": rows}
+
+
+def to_markdown(result: dict) -> str:
+    mib = 1 / 2**20
+    lines = [f"**{result['model']}** ({result['family']}, {result['layers']} layers x {result['experts']} experts, "
+             f"top-{result['top_k']}, expert {result['expert_bytes'] * mib:.2f} MiB; batch {result['batch']}, "
+             f"{result['new_tokens']} new tokens)", "",
+             "| config | slots/layer | decode tok/s | vs fused | device expert MiB | device hit rate | stall s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['config']} | {r['slots']} | {r['decode_tokens_per_s']:.1f} | {r['ratio_vs_fused']:.2f} | "
+                     f"{r['device_expert_bytes'] * mib:.1f} | {100 * r['device_hit_rate']:.1f}% | {r['stall_s']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m emoe_jax.bench runtime", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="tiny,mid", help=f"comma list of {', '.join([*MODELS, 'embedded'])}")
+    p.add_argument("--fractions", default="1.0,0.5,0.25,0.1")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--out", help="write the JSON results to this file (atomically)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODELS and m != "embedded"]
+    if unknown:
+        print(f"error: unknown model(s) {unknown}; choose from {', '.join([*MODELS, 'embedded'])}", file=sys.stderr)
+        return 2
+    try:
+        fractions = [float(f) for f in args.fractions.split(",")]
+    except ValueError:
+        print(f"error: --fractions {args.fractions!r} must be comma-separated numbers", file=sys.stderr)
+        return 2
+    meta = {"jax": jax.__version__, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
+            "machine": platform.machine(), "processor": platform.processor()}
+    results = {"meta": meta, "models": [bench_model(n, fractions, args.batch, args.prompt_len, args.new_tokens,
+                                                    args.repeats, jnp.dtype(args.dtype)) for n in names]}
+    if args.out:
+        out = Path(args.out)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(out)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print(f"backend: {meta['backend']} ({meta['device']}), jax {meta['jax']}\n")
+        for r in results["models"]:
+            print(to_markdown(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
