@@ -105,3 +105,17 @@ def test_corrupt_or_missing_expert_chunk_is_named(tiny_ckpt, tmp_path):
         proc = run("--model", str(broken), "--prompt", "the quick brown fox jumps over 0123456789 " * 3, "--max-new-tokens", "2",
                    "--device-experts", "1.0")
         assert proc.returncode != 0 and "expert" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_runs_from_the_tensorstore_disk_tier_with_a_small_host_budget(tiny_ckpt):
+    from emoe_jax.runtime.engine import OffloadedEngine
+
+    full = OffloadedEngine.from_checkpoint(tiny_ckpt, device_experts=1.0)
+    ref = full.generate([[5, 6, 7, 8, 9]], 6, stop_at_eos=False).tokens
+    engine = OffloadedEngine.from_checkpoint(tiny_ckpt, device_experts=2, host_experts=3)
+    store = engine.source
+    store.reset_counters()
+    out = engine.generate([[5, 6, 7, 8, 9]], 6, stop_at_eos=False)
+    assert out.tokens == ref
+    assert store.reads == out.stats["host"]["misses"] > 3  # more reads than the host tier can hold
+    assert out.stats["disk_to_host_bytes"] == store.bytes_read
