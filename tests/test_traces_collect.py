@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -201,7 +202,7 @@ def corpus_and_model(tmp_path_factory, tiny):
     return corpus, ckpt, cfg, tiny[4]
 
 
-def test_cli_collects_a_loadable_trace_set_with_tasks(corpus_and_model, tmp_path, capsys):
+def test_cli_collects_a_loadable_trace_set_with_tasks(corpus_and_model, tmp_path, capsys, monkeypatch):
     from emoe_jax.checkpoint import load_checkpoint
     from emoe_jax.data.corpus import Corpus
 
@@ -232,11 +233,15 @@ def test_cli_collects_a_loadable_trace_set_with_tasks(corpus_and_model, tmp_path
         np.testing.assert_array_equal(np.sort(trace.experts, -1), np.sort(ref_ids, -1))
         np.testing.assert_allclose(trace.weights, ref_w, atol=1e-3)  # stored as float16
 
-    # The same run again gives the same trace set (deterministic choice and generation).
-    again = tmp_path / "again"
-    assert main([*args[:-1], str(again)]) == 0
+    # The same run again, with relative paths, gives the same trace set (deterministic choice and generation).
+    monkeypatch.chdir(ckpt.parent)
+    relative = [x.replace(str(ckpt.parent) + "/", "") for x in args[:-1]]
+    assert main([*relative, "again"]) == 0
     capsys.readouterr()
-    _assert_same_traces(list(ts), list(TraceSet.load(again)))
+    again = TraceSet.load(ckpt.parent / "again")
+    assert again.meta.model == "ckpt"
+    _assert_same_traces(list(ts), list(again))
+    shutil.rmtree(ckpt.parent / "again")
     # An existing output is refused, not overwritten.
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err

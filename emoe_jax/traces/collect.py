@@ -294,7 +294,9 @@ def collect_corpus_traces(model: str | os.PathLike, corpus: str | os.PathLike, o
     if not chosen:
         raise CollectError(f"split {split!r} of {corpus} has no non-empty documents to trace")
 
-    engine = OffloadedEngine.from_checkpoint(model, device_experts=device_experts, host_experts=host_experts)
+    # Resolved: Orbax refuses relative checkpoint paths ("Checkpoint path should be absolute").
+    engine = OffloadedEngine.from_checkpoint(Path(model).resolve(), device_experts=device_experts,
+                                             host_experts=host_experts)
     tokenizer = engine.checkpoint.tokenizer
     room = engine.cfg.max_position_embeddings - max_new_tokens - 1
     if room < 1:
