@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device-experts", default="0.25",
-                   help="experts per layer on the device: a fraction (0.25) or a count (16)")
+                   help="experts per MoE layer on the device: a fraction (0.25) or a count (16), for every "
+                        "layer, or a comma list with one value per MoE layer (4,8,8,16)")
     p.add_argument("--host-experts", default=None,
                    help="experts held in host memory over all layers: fraction or count (default: all)")
     p.add_argument("--mode", choices=["exact", "restricted"], default="exact",
@@ -122,7 +123,7 @@ def _preload_restricted(engine) -> None:
     print("note: restricted mode without a predictor keeps experts 0..S-1 of each layer resident",
           file=sys.stderr)
     for ml in range(engine.cfg.num_moe_layers):
-        engine.preload(ml, range(engine.num_slots))
+        engine.preload(ml, range(engine.slots[ml]))
 
 
 class _StreamPrinter:

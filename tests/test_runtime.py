@@ -111,3 +111,14 @@ def test_sampling_is_seeded_and_top_p_restricts_choices():
     # top_p tiny keeps only the arg-max token: equals greedy.
     greedy = engine.generate([[5, 6, 7]], 8, stop_at_eos=False).tokens
     assert engine.generate([[5, 6, 7]], 8, temperature=1.0, top_p=1e-6, seed=1, stop_at_eos=False).tokens == greedy
+
+
+def test_per_layer_slot_counts():
+    cfg, g, p, ex, resident = model("deepseek_v2")  # 2 MoE layers
+    engine = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts="1,0.5")
+    assert engine.slots == [1, 4] and engine.num_slots == [1, 4]
+    out = engine.generate([[9, 8, 7, 6]], 5, stop_at_eos=False)
+    assert out.tokens[0] == resident.generate([[9, 8, 7, 6]], 5)[0].tolist()
+    assert out.stats["device_expert_bytes"] == 5 * engine.device_cache.slot_bytes
+    with pytest.raises(BudgetError, match="MoE layers"):
+        OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts="1,2,3")

@@ -32,3 +32,16 @@ def parse_expert_count(spec: str | float | int | None, total: int, name: str, mi
             f"(the model has {total} experts per layer). Use a fraction in (0, 1] or a count."
         )
     return count
+
+
+def parse_per_layer_counts(spec, total: int, num_layers: int, name: str) -> list[int]:
+    """Slots per layer: one value for every layer (0.25, 16) or one per layer ("4,8,8,16" or a list)."""
+    if spec is None or isinstance(spec, (int, float)):
+        return [parse_expert_count(spec, total, name)] * num_layers
+    items = [x.strip() for x in spec.split(",")] if isinstance(spec, str) else list(spec)
+    if len(items) == 1:
+        return [parse_expert_count(items[0], total, name)] * num_layers
+    if len(items) != num_layers:
+        raise BudgetError(f"{name} lists {len(items)} values but the model has {num_layers} MoE layers; "
+                          "give one value for all layers or exactly one per MoE layer")
+    return [parse_expert_count(x, total, f"{name}[{i}]") for i, x in enumerate(items)]

@@ -28,7 +28,7 @@ from ..model.decoder import MoETransformer, init_kv_caches
 from ..model.moe import ExpertSlots
 from ..model.resident import left_pad
 from . import stages
-from .budget import parse_expert_count
+from .budget import parse_expert_count, parse_per_layer_counts
 from .compile_count import compile_count
 from .tiers import DeviceSlotCache, ExpertSource, HostTier, TierStats
 
@@ -88,15 +88,20 @@ class OffloadedEngine:
         self._norm = nnx.split(model.norm)
         self._proj = nnx.split(model.embed_tokens if cfg.tie_word_embeddings else model.lm_head)
         e, lm = cfg.num_experts, cfg.num_moe_layers
-        self.num_slots = parse_expert_count(device_experts, e, "--device-experts")
+        self.slots = parse_per_layer_counts(device_experts, e, lm, "--device-experts")
         host_count = parse_expert_count(host_experts, e * lm, "--host-experts")
         self.source = source
         self.host = HostTier(source, host_count, host_policy)
-        self.device_cache = DeviceSlotCache(lm, e, self.num_slots, cfg.hidden_size, cfg.moe_intermediate_size,
+        self.device_cache = DeviceSlotCache(lm, e, self.slots, cfg.hidden_size, cfg.moe_intermediate_size,
                                             dtype, policy)
         self.routing_hooks: list[Callable[[StepRouting], None]] = []
         self.record_router_inputs = False
         self._timers = _Timers()
+
+    @property
+    def num_slots(self) -> int | list[int]:
+        """Slots per MoE layer: one number when every layer has the same."""
+        return self.slots[0] if len(set(self.slots)) == 1 else list(self.slots)
 
     # ---- construction -----------------------------------------------------
     @classmethod
@@ -114,7 +119,7 @@ class OffloadedEngine:
     # ---- residency ----------------------------------------------------------
     def preload(self, moe_layer: int, experts: Sequence[int]) -> None:
         """Make `experts` resident in `moe_layer` (restricted mode's resident set, warm starts)."""
-        experts = list(dict.fromkeys(int(x) for x in experts))[: self.num_slots]
+        experts = list(dict.fromkeys(int(x) for x in experts))[: self.slots[moe_layer]]
         self._make_resident(moe_layer, experts, count=False)
 
     def _make_resident(self, ml: int, experts: Sequence[int], count: bool = True) -> None:
@@ -163,15 +168,16 @@ class OffloadedEngine:
                               jnp.asarray(cache.slot_of_expert[ml]), method=self.method)
         # Padding tokens need no experts: their pairs fall on non-resident slots and add 0.
         needed = np.unique(ids[valid.reshape(-1)])
-        if needed.size <= self.num_slots:
+        slots = self.slots[ml]
+        if needed.size <= slots:
             self._make_resident(ml, needed.tolist())
             return stages.ffn(gdef, state, residual, normed, routing, cache.buffers[ml],
                               jnp.asarray(cache.slot_of_expert[ml]), method=self.method)
         # More distinct experts than slots: stream them through in waves, resident ones first.
         resident_first = sorted(needed.tolist(), key=lambda e: cache.slot_of_expert[ml, e] < 0)
         acc = jnp.zeros((normed.shape[0] * normed.shape[1], normed.shape[2]), jnp.float32)
-        for start in range(0, len(resident_first), self.num_slots):
-            wave = resident_first[start:start + self.num_slots]
+        for start in range(0, len(resident_first), slots):
+            wave = resident_first[start:start + slots]
             self._make_resident(ml, wave)
             wave_map = np.full(self.cfg.num_experts, -1, np.int32)
             wave_map[wave] = cache.slot_of_expert[ml, wave]
@@ -272,6 +278,7 @@ class OffloadedEngine:
             "decode_s": tm.decode_s,
             "decode_tokens_per_s": tm.decode_tokens / tm.decode_s if tm.decode_s else 0.0,
             "device_slots_per_layer": self.num_slots,
+            "device_slots": list(self.slots),
             "device_expert_bytes": cache.device_bytes,
             "all_expert_bytes": all_bytes,
             "device_hit_rate": cache.stats.hit_rate,

@@ -166,27 +166,29 @@ def _write_slot(slots: ExpertSlots, gate, up, down, slot):
 
 
 class DeviceSlotCache:
-    """S device slots per MoE layer, with an expert->slot table and per-layer eviction."""
+    """S_l device slots per MoE layer l, with an expert->slot table and per-layer eviction."""
 
-    def __init__(self, num_layers: int, num_experts: int, slots: int, hidden: int, inter: int, dtype,
-                 policy: str = "lru", device: jax.Device | None = None):
-        self.num_layers, self.num_experts, self.num_slots = num_layers, num_experts, slots
+    def __init__(self, num_layers: int, num_experts: int, slots: int | Sequence[int], hidden: int, inter: int,
+                 dtype, policy: str = "lru", device: jax.Device | None = None):
+        self.num_layers, self.num_experts = num_layers, num_experts
+        # Slots per layer: one S for all layers, or one per layer (each distinct S compiles once).
+        self.slots = [slots] * num_layers if isinstance(slots, int) else list(slots)
         self.device = device or jax.devices()[0]
         sharding = SingleDeviceSharding(self.device)
         # Allocated once with jnp.zeros on the device (not from NumPy), then only updated in place.
-        self.buffers = [ExpertSlots(jnp.zeros((slots, hidden, inter), dtype, device=sharding),
-                                    jnp.zeros((slots, hidden, inter), dtype, device=sharding),
-                                    jnp.zeros((slots, inter, hidden), dtype, device=sharding))
-                        for _ in range(num_layers)]
+        self.buffers = [ExpertSlots(jnp.zeros((s, hidden, inter), dtype, device=sharding),
+                                    jnp.zeros((s, hidden, inter), dtype, device=sharding),
+                                    jnp.zeros((s, inter, hidden), dtype, device=sharding))
+                        for s in self.slots]
         self.slot_of_expert = np.full((num_layers, num_experts), -1, np.int32)  # [Lm, E]
-        self.expert_in_slot = np.full((num_layers, slots), -1, np.int32)  # [Lm, S]
+        self.expert_in_slot = [np.full(s, -1, np.int32) for s in self.slots]  # per layer [S_l]
         self.policies = [make_policy(policy) for _ in range(num_layers)]
         self.stats = TierStats()
-        self.slot_bytes = sum(int(np.prod(b.shape)) * b.dtype.itemsize for b in self.buffers[0]) // slots
+        self.slot_bytes = 3 * hidden * inter * jnp.dtype(dtype).itemsize
 
     @property
     def device_bytes(self) -> int:
-        return self.slot_bytes * self.num_slots * self.num_layers
+        return self.slot_bytes * sum(self.slots)
 
     def resident(self, layer: int) -> np.ndarray:
         """[E] bool: which experts of `layer` are in a slot."""
@@ -213,7 +215,7 @@ class DeviceSlotCache:
         slot = int(self.slot_of_expert[layer, victim])
         self.policies[layer].remove(victim)
         self.slot_of_expert[layer, victim] = -1
-        self.expert_in_slot[layer, slot] = -1
+        self.expert_in_slot[layer][slot] = -1
         self.stats.evictions += 1
         return slot
 
@@ -227,7 +229,7 @@ class DeviceSlotCache:
         self.buffers[layer] = _write_slot(self.buffers[layer], g, u, d, jnp.int32(slot))
         self.stats.bytes_in += self.slot_bytes
         self.slot_of_expert[layer, expert] = slot
-        self.expert_in_slot[layer, slot] = expert
+        self.expert_in_slot[layer][slot] = expert
         self.policies[layer].insert(expert)
         return slot
 
@@ -235,4 +237,4 @@ class DeviceSlotCache:
         for e in np.flatnonzero(self.slot_of_expert[layer] >= 0):
             self.policies[layer].remove(int(e))
         self.slot_of_expert[layer] = -1
-        self.expert_in_slot[layer] = -1
+        self.expert_in_slot[layer][:] = -1
