@@ -23,7 +23,8 @@ class Checkpoint:
     """A converted checkpoint: `.config`, `.dense`, `.experts`, `.tokenizer`, `.manifest`."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        # Absolute: Orbax refuses relative checkpoint paths.
+        self.path = Path(path).expanduser().resolve()
         self.manifest: dict[str, Any] = read_manifest(self.path)
         self.config: MoEConfig = MoEConfig.from_dict(self.manifest["config"])
         self.experts = ExpertStore(self.path / "experts", self.manifest["expert_crc32"])
