@@ -69,7 +69,7 @@ def test_load_balance_loss_matches_formula():
     assert float(uniform) == pytest.approx(1.0, rel=1e-6)
 
 
-@pytest.mark.parametrize("n", [1, 7, 50])
+@pytest.mark.parametrize("n", [1, 50])
 def test_mix_blocked_matches_reference_values_and_gradients(n):
     e, h, i, k = 8, 12, 6, 3
     cfg = tiny_config("qwen3_moe", num_experts=e, top_k=k, hidden_size=h, moe_intermediate_size=i)
@@ -89,9 +89,10 @@ def test_mix_blocked_matches_reference_values_and_gradients(n):
     blocked = lambda x, r, ex: mix_blocked(x, r, ex, block=4)  # noqa: E731
     reference = lambda x, r, ex: mix_reference(x, r, ex, identity)  # noqa: E731
     r = route(x @ wr, cfg)
-    np.testing.assert_allclose(blocked(x, r, experts), reference(x, r, experts), rtol=1e-5, atol=1e-5)
-    g_b = jax.grad(lambda *a: loss(blocked, *a), argnums=(0, 1, 2))(x, wr, experts)
-    g_r = jax.grad(lambda *a: loss(reference, *a), argnums=(0, 1, 2))(x, wr, experts)
+    np.testing.assert_allclose(jax.jit(blocked)(x, r, experts), jax.jit(reference)(x, r, experts),
+                               rtol=1e-5, atol=1e-5)
+    g_b = jax.jit(jax.grad(lambda *a: loss(blocked, *a), argnums=(0, 1, 2)))(x, wr, experts)
+    g_r = jax.jit(jax.grad(lambda *a: loss(reference, *a), argnums=(0, 1, 2)))(x, wr, experts)
     for a, b in zip(jax.tree.leaves(g_b), jax.tree.leaves(g_r)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -99,11 +100,16 @@ def test_mix_blocked_matches_reference_values_and_gradients(n):
 def test_train_forward_equals_model_forward():
     graphdef, params, experts = init_model(CFG, 1)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, CFG.vocab_size, (2, SEQ)), jnp.int32)
-    logits, stats = train_forward(graphdef, params, experts, tokens)
-    model = nnx.merge(graphdef, params)
+    logits, stats = jax.jit(train_forward, static_argnums=0)(graphdef, params, experts, tokens)
     maps = jnp.tile(jnp.arange(CFG.num_experts, dtype=jnp.int32), (CFG.num_moe_layers, 1))
-    ref, _, routings = model.forward(tokens, None, jnp.int32(0), jnp.zeros(2, jnp.int32), experts, maps,
-                                     method="reference")
+
+    @jax.jit
+    def reference(params, experts, tokens):
+        model = nnx.merge(graphdef, params)
+        return model.forward(tokens, None, jnp.int32(0), jnp.zeros(2, jnp.int32), experts, maps,
+                             method="reference")
+
+    ref, _, routings = reference(params, experts, tokens)
     np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(stats.ids[0].reshape(2, SEQ, -1), routings[0].ids)
 

@@ -130,6 +130,7 @@ def _add_analyze(sub) -> None:
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument("--markdown", action="store_true", help="print the tables as Markdown (model card)")
 
 
 def _run_analyze(args) -> int:
@@ -144,6 +145,11 @@ def _run_analyze(args) -> int:
         write_json_atomic(args.out, result)
     if args.json:
         print(json.dumps(result, indent=2))
+        return 0
+    if args.markdown:
+        from emoe_jax.train.analyze import markdown_tables
+
+        print(markdown_tables(result))
         return 0
     print("task        loss    ppl")
     for t, v in result["perplexity"].items():

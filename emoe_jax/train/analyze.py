@@ -123,3 +123,19 @@ def analyze_checkpoint(path: str | Path, corpus: str | Path, split: str = "valid
                              "tokens": int(predicted.sum())}
     return {"checkpoint": str(path), "split": split, "seq_len": seq_len, "tasks": list(tasks),
             "perplexity": perplexity, "layers": routing_tables(counts, tasks), "counts": counts.tolist()}
+
+
+def markdown_tables(result: dict[str, Any]) -> str:
+    """The perplexity and routing-specialisation tables of an analysis, as Markdown (for the model card)."""
+    tasks = result["tasks"]
+    lines = ["| task | loss (nats/token) | perplexity | tokens |", "|---|---:|---:|---:|"]
+    for t, v in result["perplexity"].items():
+        lines.append(f"| {t} | {v['loss']:.3f} | {v['ppl']:.2f} | {v['tokens']} |")
+    lines += ["", "| MoE layer | I(task; expert) bits | I / H(task) | "
+              + " | ".join(f"{t} 80%" for t in tasks) + " |",
+              "|---:|---:|---:|" + "---:|" * len(tasks)]
+    for i, layer in enumerate(result["layers"]):
+        shares = layer["experts_for_80pct"]
+        lines.append(f"| {i} | {layer['mi_bits']:.3f} | {layer['mi_over_h']:.3f} | "
+                     + " | ".join(f"{shares.get(t, float('nan')):.2f}" for t in tasks) + " |")
+    return "\n".join(lines)
