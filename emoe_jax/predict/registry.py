@@ -78,3 +78,29 @@ def get_predictor(name: str, ignore_unknown: bool = False, **kwargs: Any) -> Bas
             f"it takes: {', '.join(params) or 'no options'}"
         )
     return factory(**{k: v for k, v in kwargs.items() if k not in unknown})
+
+
+# -- learned and eMoE predictors (emoe_jax/predict/learned, emoe_jax/predict/emoe.py) --
+# Factories import lazily so listing predictors does not load JAX or a checkpoint.
+def _learned(lookahead: int = 1, checkpoint: str | None = None, eviction: str = "lru") -> BasePredictor:
+    from emoe_jax.predict.learned.predictor import LearnedPredictor
+
+    return LearnedPredictor(lookahead=lookahead, checkpoint=checkpoint, eviction=eviction)
+
+
+def _emoe(sequence_model: bool) -> Callable[..., BasePredictor]:
+    def build(lookahead: int = 1, period: int = 40, history: int = 2, task_source: str = "keywords",
+              classifier: str | None = None, sensitivity: str | None = None, budget: int | None = None,
+              eviction: str = "lru") -> BasePredictor:  # fmt: skip
+        from emoe_jax.predict.emoe import EMoEPredictor
+
+        return EMoEPredictor(lookahead=lookahead, period=period, history=history, task_source=task_source,
+                             classifier=classifier, sensitivity=sensitivity, budget=budget,
+                             sequence_model=sequence_model, eviction=eviction)  # fmt: skip
+
+    return build
+
+
+register_predictor("learned", _learned, "causal transformer trained on traces (checkpoints/predictors/learned-dsv2lite)")
+register_predictor("emoe", _emoe(True), "eMoE: task profiles + eMoE-A forecast every p prompts, Eq. 2 selection")
+register_predictor("emoe-profiles", _emoe(False), "eMoE without eMoE-A: per-task expert frequency profiles, Eq. 2")
