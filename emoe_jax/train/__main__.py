@@ -86,6 +86,8 @@ def _add_export(sub) -> None:
     p.add_argument("out", help="checkpoint directory to write, e.g. checkpoints/embedded")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--eval-windows", type=int, default=0,
+                   help="validation on each task's first N windows only (0: all, the default)")
     p.add_argument("--samples", action="store_true",
                    help="also generate from a few prompts with the offloaded engine and store them in training.json")
     p.add_argument("--no-progress", action="store_true")
@@ -97,7 +99,7 @@ def _run_export(args) -> int:
     from emoe_jax.train.export import export_run
 
     info = export_run(args.run_dir, args.out, dtype=args.dtype, overwrite=args.overwrite,
-                      progress=not args.no_progress)
+                      eval_windows=args.eval_windows or None, progress=not args.no_progress)
     if args.samples:
         from pathlib import Path
 

@@ -76,8 +76,35 @@ def _start_hardware(run_dir: Path) -> list[dict[str, Any]]:
     return seen
 
 
+def compact_expert_layout(experts_dir: Path) -> None:
+    """Rewrite each expert array with chunk keys 'c.L.E.0.0' (one folder) instead of 'c/L/E/0/0'.
+
+    Same zarr3 format, chunks and bytes (readers take the key encoding from
+    zarr.json), but no folder per expert: the default nested keys cost two
+    folders per chunk, which `du` counts as 4 KiB each (6.3 MB for the embedded
+    model's 768 chunks), enough to push a 27.5 MB checkpoint past 32 MB.
+    """
+    import tensorstore as ts
+
+    for weight in ("gate", "up", "down"):
+        old = experts_dir / weight
+        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(old)}}
+        source = ts.open(spec, open=True, read=True).result()
+        metadata = source.spec().to_json()["metadata"]
+        metadata["chunk_key_encoding"] = {"name": "default", "configuration": {"separator": "."}}
+        staged = experts_dir / f".{weight}.compact"
+        target = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(staged)},
+                          "metadata": metadata}, create=True, delete_existing=True).result()
+        target.write(source.read().result()).result()
+        replaced = experts_dir / f".{weight}.old"
+        old.rename(replaced)
+        staged.rename(old)
+        shutil.rmtree(replaced)
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bfloat16", overwrite: bool = False,
-               eval_batch: int = 32, progress: bool = True) -> dict[str, Any]:
+               eval_batch: int = 32, eval_windows: int | None = None,
+               progress: bool = True) -> dict[str, Any]:
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} is not empty; pass --overwrite to replace it")
@@ -85,13 +112,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bfloat
     cfg = run.model
     t0 = time.time()
     val = cached_streams(run.corpus, run.tokenizer, "validation", run_dir / "tokens", progress)
-    validation = evaluate(trainable, graphdef, val, eval_batch, run.seq_len, run.method, progress=progress)
+    validation = evaluate(trainable, graphdef, val, eval_batch, run.seq_len, run.method, progress=progress,
+                          max_windows_per_task=eval_windows)
     dense = nest_for_checkpoint(params_to_hf(cfg, trainable["params"]))
     experts = {k: np.asarray(v) for k, v in checkpointing.stack_experts(trainable["experts"]).items()}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
     try:
         write_checkpoint(staging / "ckpt", cfg, dense, experts, dtype=dtype, tokenizer_dir=run.tokenizer)
+        compact_expert_layout(staging / "ckpt" / "experts")
         info = {
             "commands": _commands(run_dir),
             "run_config": run.to_dict(),
@@ -101,6 +130,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bfloat
             "wall_time_s": round(float(meta["elapsed_s"]), 1),
             "hardware": _start_hardware(run_dir) or [hardware()],
             "validation_float32": validation,
+            "validation_windows_per_task": eval_windows or "all",
             "export_dtype": dtype,
             "export_eval_s": round(time.time() - t0, 1),
             "params": {"dense": int(sum(np.asarray(x).size for x in jax.tree.leaves(trainable["params"]))),
