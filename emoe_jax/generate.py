@@ -169,7 +169,9 @@ def format_stats(s: dict) -> str:
     if mem:
         lines.append(f"memory ({mem['platform']}): slot buffers {mem['slot_buffer_bytes'] * mib:.1f} MiB, "
                      f"dense params {mem['dense_param_bytes'] * mib:.1f} MiB"
-                     + (f", in use {mem['bytes_in_use'] * mib:.1f} MiB" if mem.get("bytes_in_use") else ""))
+                     + (f", in use {mem['bytes_in_use'] * mib:.1f} MiB" if mem.get("bytes_in_use") else "")
+                     + (f", compiled decode scratch per layer {mem['decode_layer_temp_bytes'] * mib:.2f} MiB"
+                        if mem.get("decode_layer_temp_bytes") else ""))
     return "\n".join(lines)
 
 

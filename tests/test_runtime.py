@@ -122,3 +122,11 @@ def test_per_layer_slot_counts():
     assert out.stats["device_expert_bytes"] == 5 * engine.device_cache.slot_bytes
     with pytest.raises(BudgetError, match="MoE layers"):
         OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts="1,2,3")
+
+
+def test_memory_report_on_cpu():
+    cfg, g, p, ex, _ = model("deepseek_v2")
+    engine = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=2)
+    report = engine.memory_report()
+    assert report["slot_buffer_bytes"] == 2 * cfg.num_moe_layers * engine.device_cache.slot_bytes
+    assert report["dense_param_bytes"] > 0 and report["decode_layer_temp_bytes"] > 0

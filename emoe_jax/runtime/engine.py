@@ -266,6 +266,30 @@ class OffloadedEngine:
                                         top_p_enabled=top_p < 1.0))
 
     # ---- reporting ------------------------------------------------------------
+    def _decode_layer_temp_bytes(self, batch: int) -> int | None:
+        """Scratch memory XLA plans for one MoE layer's decode step (attend + ffn), from
+        `lower(...).compile().memory_analysis()` on abstract shapes (nothing is run)."""
+        if not self.cfg.moe_layers:
+            return None
+        li = self.cfg.moe_layers[0]
+        ml = self._moe_of_layer[li]
+        gdef, state = self._layers[li]
+        cfg, sds = self.cfg, jax.ShapeDtypeStruct
+        x = sds((batch, 1, cfg.hidden_size), self.dtype)
+        cache = jax.tree.map(lambda a: sds(a.shape, a.dtype), init_kv_caches(cfg, batch, 64, self.dtype)[li])
+        scalar, pad = sds((), jnp.int32), sds((batch,), jnp.int32)
+        try:
+            attend = stages.attend.lower(gdef, state, x, cache, scalar, pad, None, restricted=False).compile()
+            _, _, _, routing = jax.eval_shape(
+                lambda st, xx, c, w, p: stages.attend(gdef, st, xx, c, w, p, None, restricted=False),
+                state, x, cache, scalar, pad)
+            slots = self.device_cache.buffers[ml]
+            ffn = stages.ffn.lower(gdef, state, x, x, routing, slots, sds((cfg.num_experts,), jnp.int32),
+                                   method=self.method).compile()
+            return int(sum(c.memory_analysis().temp_size_in_bytes for c in (attend, ffn)))
+        except Exception:  # memory_analysis is optional per backend; never fail a report on it
+            return None
+
     def stats(self, compiles: int | None = None) -> dict:
         tm, cache, host = self._timers, self.device_cache, self.host
         expert_bytes = cache.slot_bytes
@@ -294,8 +318,9 @@ class OffloadedEngine:
             "mode": self.mode,
         }
 
-    def memory_report(self) -> dict:
-        """Device memory: allocator stats on GPU/TPU; slot buffers (+ params) on CPU."""
+    def memory_report(self, batch: int = 1) -> dict:
+        """Device memory: allocator stats on GPU/TPU; on CPU (no allocator stats) the slot
+        buffers, the dense parameters and XLA's compiled footprint of one MoE layer's decode stages."""
         dev = self.device_cache.device
         report = {"platform": dev.platform, "slot_buffer_bytes": self.device_cache.device_bytes}
         params_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize
@@ -306,6 +331,8 @@ class OffloadedEngine:
         if stats:
             report["bytes_in_use"] = stats.get("bytes_in_use")
             report["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
+        else:
+            report["decode_layer_temp_bytes"] = self._decode_layer_temp_bytes(batch)
         return report
 
 
