@@ -26,7 +26,7 @@ def model(family):
 prompt_lists = st.lists(st.lists(st.integers(3, 120), min_size=1, max_size=9), min_size=1, max_size=3)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(family=st.sampled_from(["mixtral", "deepseek_v2", "qwen3_moe"]), slots=st.integers(1, 8),
        host=st.one_of(st.none(), st.integers(1, 16)), policy=st.sampled_from(["lru", "lfu"]),
        prompts=prompt_lists)
