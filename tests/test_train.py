@@ -160,6 +160,14 @@ def test_checkpoint_round_trip_with_relative_run_dir(tmp_path, monkeypatch):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_time_limit_stops_and_saves(data, tmp_path):
+    from emoe_jax.train.checkpointing import list_checkpoints
+
+    summary = train_lm(_run(data), tmp_path / "run", time_limit_min=1e-9, progress=False, log=lambda s: None)
+    assert summary["reason"] == "time limit" and summary["step"] == 0
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000000"]
+
+
 def test_resume_refuses_other_settings(data, trained):
     from emoe_jax.train.checkpointing import TrainCheckpointError
 
