@@ -1,0 +1,157 @@
+"""The learned routing predictor network (Flax NNX), strictly causal.
+
+What it sees when it predicts at step s = (t, l) (token-major, before layer l
+of token t routes): token ids up to t, the full routing of tokens < t, and the
+routing of token t at layers < l. Never the router input or routing of layer l
+itself (MoE-Beyond's flaw: that input already decides the answer), never a
+future token.
+
+Steps:
+1. Token context (``context``): each token's input is a hashed-id embedding
+   plus the summed embeddings of the previous token's (layer, expert) routing
+   (multi-hot over L*E keys); a causal transformer with ALiBi position bias and
+   a sliding window of ``window`` tokens turns it into h_t [d]. h_t thus depends
+   on ids <= t and routing of tokens < t only.
+2. Step features (``step_features``): z(t, l) = h_t + layer_embed[l]
+   + sum over layers j < l of token t's routing embeddings (a prefix sum)
+   + a separate embedding of token t's routing at layer l-1 (the strongest cue).
+3. Step head (``step_head``): residual MLP blocks, then one linear map to
+   logits [horizon+1, E]: row d scores the experts of step s+d, i.e. layer
+   (l+d) mod L of token t + (l+d) // L (the next token's early layers).
+
+Training uses masked multi-label BCE over real (non-padding) steps only
+(``train.py``); the predictor uses sigmoid(logits) as scores.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from emoe_jax.predict.learned.config import LearnedConfig
+
+NEG_INF = -1e9
+
+
+def token_buckets(token_ids: np.ndarray, buckets: int) -> np.ndarray:
+    """Token ids -> embedding rows: id mod buckets; unknown ids (< 0) get row ``buckets``."""
+    ids = np.asarray(token_ids, np.int64)
+    return np.where(ids < 0, buckets, ids % buckets).astype(np.int32)
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """ALiBi's geometric per-head slopes (Press et al.): 2^(-8 (i+1) / heads)."""
+    return (2.0 ** (-8.0 * (np.arange(num_heads) + 1) / num_heads)).astype(np.float32)
+
+
+def attention_mask(seg: jax.Array, pos: jax.Array, window: int) -> jax.Array:
+    """[B, T, T] bool: query i may read key j (same segment, j not after i, within the window).
+
+    seg [B, T] int32 (0 = padding), pos [B, T] int32 position inside its prompt.
+    A padding query may read itself only, so softmax never sees an empty row.
+    """
+    dist = pos[:, :, None] - pos[:, None, :]  # [B, T, T] query pos - key pos
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)
+    allowed = same & (dist >= 0) & (dist < window)
+    eye = jnp.eye(seg.shape[1], dtype=bool)[None]
+    return allowed | eye
+
+
+class ContextBlock(nnx.Module):
+    """Pre-norm causal self-attention (ALiBi) + GELU MLP."""
+
+    def __init__(self, cfg: LearnedConfig, *, rngs: nnx.Rngs) -> None:
+        d = cfg.d_model
+        self.num_heads = cfg.num_heads
+        self.attn_norm = nnx.LayerNorm(d, rngs=rngs)
+        self.qkv = nnx.Linear(d, 3 * d, rngs=rngs)
+        self.proj = nnx.Linear(d, d, rngs=rngs)
+        self.mlp_norm = nnx.LayerNorm(d, rngs=rngs)
+        self.up = nnx.Linear(d, cfg.mlp_hidden, rngs=rngs)
+        self.down = nnx.Linear(cfg.mlp_hidden, d, rngs=rngs)
+        self.slopes = nnx.Variable(jnp.asarray(alibi_slopes(cfg.num_heads)))  # [N] not trained
+
+    def __call__(self, x: jax.Array, mask: jax.Array, dist: jax.Array) -> jax.Array:
+        b, t, d = x.shape
+        n = self.num_heads
+        q, k, v = jnp.split(self.qkv(self.attn_norm(x)).reshape(b, t, 3 * n, d // n), 3, axis=2)  # [B,T,N,H]
+        logits = jnp.einsum("BTNH,BSNH->BNTS", q, k) / np.sqrt(d // n)
+        logits = logits - self.slopes[...][None, :, None, None] * dist[:, None].astype(jnp.float32)
+        logits = jnp.where(mask[:, None], logits, NEG_INF)
+        probs = jax.nn.softmax(logits, axis=-1)
+        x = x + self.proj(jnp.einsum("BNTS,BSNH->BTNH", probs, v).reshape(b, t, d))
+        return x + self.down(jax.nn.gelu(self.up(self.mlp_norm(x))))
+
+
+class StepBlock(nnx.Module):
+    """Pre-norm residual GELU MLP applied to every (token, layer) step."""
+
+    def __init__(self, cfg: LearnedConfig, *, rngs: nnx.Rngs) -> None:
+        self.norm = nnx.LayerNorm(cfg.d_model, rngs=rngs)
+        self.up = nnx.Linear(cfg.d_model, cfg.mlp_hidden, rngs=rngs)
+        self.down = nnx.Linear(cfg.mlp_hidden, cfg.d_model, rngs=rngs)
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        return z + self.down(jax.nn.gelu(self.up(self.norm(z))))
+
+
+class RoutingPredictorNet(nnx.Module):
+    def __init__(self, cfg: LearnedConfig, *, rngs: nnx.Rngs) -> None:
+        self.cfg = cfg
+        d, keys = cfg.d_model, cfg.num_layers * cfg.num_experts
+        small = nnx.initializers.normal(0.02)
+        self.token_embed = nnx.Embed(cfg.token_buckets + 1, d, embedding_init=small, rngs=rngs)
+        self.route_embed = nnx.Embed(keys, d, embedding_init=small, rngs=rngs)  # previous token's routing
+        self.in_norm = nnx.LayerNorm(d, rngs=rngs)
+        self.blocks = nnx.List([ContextBlock(cfg, rngs=rngs) for _ in range(cfg.context_layers)])
+        self.ctx_norm = nnx.LayerNorm(d, rngs=rngs)
+        self.layer_embed = nnx.Embed(cfg.num_layers, d, embedding_init=small, rngs=rngs)
+        self.prefix_embed = nnx.Embed(keys, d, embedding_init=small, rngs=rngs)  # token t, layers < l
+        self.last_embed = nnx.Embed(keys, d, embedding_init=small, rngs=rngs)  # token t, layer l-1
+        self.step_blocks = nnx.List([StepBlock(cfg, rngs=rngs) for _ in range(cfg.step_blocks)])
+        self.out_norm = nnx.LayerNorm(d, rngs=rngs)
+        self.out = nnx.Linear(d, (cfg.horizon + 1) * cfg.num_experts, rngs=rngs)
+
+    def _keys(self, experts: jax.Array) -> jax.Array:
+        """[..., L, k] expert ids -> (layer, expert) keys l*E + e."""
+        layer = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)[:, None] * self.cfg.num_experts
+        return experts.astype(jnp.int32) + layer
+
+    def context(self, tok: jax.Array, prev_experts: jax.Array, has_prev: jax.Array,
+                seg: jax.Array, pos: jax.Array) -> jax.Array:  # fmt: skip
+        """h [B, T, d] from tok [B, T], prev_experts [B, T, L, k] (token t-1's routing), has_prev [B, T]."""
+        route = self.route_embed(self._keys(prev_experts)).sum((-3, -2))  # [B, T, d]
+        x = self.in_norm(self.token_embed(tok) + jnp.where(has_prev[..., None], route, 0.0))
+        mask = attention_mask(seg, pos, self.cfg.window)
+        dist = jnp.maximum(pos[:, :, None] - pos[:, None, :], 0)  # [B, T, T]
+        for block in self.blocks:
+            x = block(x, mask, dist)
+        return self.ctx_norm(x)
+
+    def step_features(self, h: jax.Array, experts: jax.Array) -> jax.Array:
+        """z [B, T, L, d] from h [B, T, d] and token t's own routing experts [B, T, L, k]."""
+        keys = self._keys(experts)  # [B, T, L, k]
+        per_layer = self.prefix_embed(keys).sum(-2)  # [B, T, L, d]
+        prefix = jnp.cumsum(per_layer, axis=2) - per_layer  # layers < l only
+        last = self.last_embed(keys).sum(-2)  # [B, T, L, d]
+        last = jnp.pad(last[:, :, :-1], ((0, 0), (0, 0), (1, 0), (0, 0)))  # layer l sees l-1
+        layers = self.layer_embed(jnp.arange(self.cfg.num_layers))  # [L, d]
+        return h[:, :, None, :] + layers + prefix + last
+
+    def step_head(self, z: jax.Array) -> jax.Array:
+        """logits [..., horizon+1, E] from z [..., d]."""
+        for block in self.step_blocks:
+            z = block(z)
+        logits = self.out(self.out_norm(z))
+        return logits.reshape(*z.shape[:-1], self.cfg.horizon + 1, self.cfg.num_experts)
+
+    def __call__(self, tok, prev_experts, has_prev, seg, pos, experts) -> jax.Array:
+        """All-step logits [B, T, L, horizon+1, E] of a packed batch."""
+        h = self.context(tok, prev_experts, has_prev, seg, pos)
+        return self.step_head(self.step_features(h, experts))
+
+
+def count_params(model: nnx.Module) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))

@@ -1,0 +1,156 @@
+"""The learned predictor as a ``Predictor`` (simulator and runtime prefetcher).
+
+Steps (step path, the reference):
+1. ``begin_token(t, id)``: run the causal context transformer over the last
+   context_layers * (window - 1) + 1 tokens (its receptive field) (ids up to t, routing of tokens < t) -> h_t.
+2. ``predict(t, l)``: z = h_t + layer_embed[l] + prefix sum of token t's
+   routing embeddings over layers < l + token t's layer l-1 embedding; the step
+   head gives sigmoid scores for steps s .. s+lookahead (lookahead <= horizon).
+3. ``observe(t, l, experts)``: add layer l's routing to the prefix sums.
+
+Fast path (``predict_prompt``): the same network over the whole prompt at once
+(sliding-window causal mask, prompt padded to a power-of-two length so a few
+shapes compile), giving the same rows in the same order; tested against the
+step path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from emoe_jax.predict.base import BasePredictor, Prediction, PromptInfo, PromptPredictions, horizon_rows
+from emoe_jax.predict.learned.checkpoint import DEFAULT_CHECKPOINT, load
+from emoe_jax.predict.learned.config import LearnedPredictorError
+from emoe_jax.predict.learned.model import RoutingPredictorNet, token_buckets
+
+
+def _bucket_len(n: int) -> int:
+    return max(16, 1 << int(np.ceil(np.log2(max(n, 1)))))
+
+
+class LearnedPredictor(BasePredictor):
+    name = "learned"
+
+    def __init__(self, lookahead: int = 1, checkpoint: str | os.PathLike | None = None,
+                 eviction: str = "lru", model: RoutingPredictorNet | None = None) -> None:  # fmt: skip
+        super().__init__(lookahead=lookahead)
+        self.eviction = eviction
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
+        self.training_info: dict[str, Any] = {}
+        if model is None:
+            model, self.training_info = load(self.checkpoint)
+        self.cfg = model.cfg
+        if self.lookahead > self.cfg.horizon:
+            raise LearnedPredictorError(
+                f"lookahead {self.lookahead} exceeds the checkpoint's horizon {self.cfg.horizon}; "
+                f"use --lookahead-layers <= {self.cfg.horizon} or train with a larger --horizon"
+            )
+        graphdef, state = nnx.split(model)
+        self._state = state
+        # Pure functions of (state, arrays): jit traces them once per shape and the
+        # predictor never closes over mutable module objects.
+        self._context = jax.jit(lambda st, *a: nnx.merge(graphdef, st).context(*a))
+        self._all_logits = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a))
+        self._head = jax.jit(lambda st, z: nnx.merge(graphdef, st).step_head(z))
+        # Embedding tables used by the step path's incremental sums.
+        self._prefix_table = np.asarray(model.prefix_embed.embedding[...])  # [L*E, d]
+        self._last_table = np.asarray(model.last_embed.embedding[...])  # [L*E, d]
+        self._layer_table = np.asarray(model.layer_embed.embedding[...])  # [L, d]
+
+    # -- shape checks ---------------------------------------------------------
+    def _check_meta(self, num_layers: int, num_experts: int, top_k: int) -> None:
+        c = self.cfg
+        if (num_layers, num_experts, top_k) != (c.num_layers, c.num_experts, c.top_k):
+            raise LearnedPredictorError(
+                f"the learned predictor was trained for L={c.num_layers}, E={c.num_experts}, k={c.top_k}; "
+                f"these traces have L={num_layers}, E={num_experts}, k={top_k}"
+            )
+
+    def fit(self, train: Any) -> None:
+        """Training is offline (``python -m emoe_jax.predict.learned train``); this only checks shapes."""
+        m = train.meta
+        self._check_meta(int(m.num_layers), int(m.num_experts), int(m.top_k))
+
+    # -- fast path ------------------------------------------------------------
+    def all_scores(self, trace: Any) -> np.ndarray:
+        """Sigmoid scores [T, L, horizon+1, E] for every step of ``trace`` and every distance."""
+        experts = np.asarray(trace.experts).astype(np.int32)  # [T, L, k]
+        num_tokens = experts.shape[0]
+        n = _bucket_len(num_tokens)
+        pad = n - num_tokens
+        tok = np.pad(token_buckets(np.asarray(trace.token_ids), self.cfg.token_buckets), (0, pad))[None]
+        ex = np.pad(experts, ((0, pad), (0, 0), (0, 0)))[None]  # [1, n, L, k]
+        prev = np.concatenate([np.zeros_like(ex[:, :1]), ex[:, :-1]], axis=1)
+        has_prev = (np.arange(n) >= 1)[None]
+        seg = (np.arange(n) < num_tokens).astype(np.int32)[None]
+        pos = np.arange(n, dtype=np.int32)[None]
+        logits = self._all_logits(self._state, tok, prev, has_prev, seg, pos, ex)  # [1, n, L, h, E]
+        return np.asarray(jax.nn.sigmoid(logits[0, :num_tokens]), np.float32)
+
+    def predict_prompt(self, trace: Any, meta: Any) -> PromptPredictions:
+        num_layers, num_experts = int(meta.num_layers), int(meta.num_experts)
+        self._check_meta(num_layers, num_experts, int(meta.top_k))
+        scores = self.all_scores(trace)  # [T, L, H+1, E]
+        num_steps = scores.shape[0] * num_layers
+        issue, target = horizon_rows(num_steps, self.lookahead)
+        h = self.lookahead + 1
+        rows = scores[:, :, :h].reshape(num_steps * h, num_experts)  # issue-major, then distance
+        return PromptPredictions(issue, target, np.ascontiguousarray(rows))
+
+    # -- step path ------------------------------------------------------------
+    def begin_prompt(self, info: PromptInfo) -> None:
+        super().begin_prompt(info)
+        self._check_meta(info.num_layers, info.num_experts, info.top_k)
+        c = self.cfg
+        self._ids: list[int] = []
+        self._routing = np.zeros((0, c.num_layers, c.top_k), np.int32)  # tokens fully routed
+        self._current = np.zeros((c.num_layers, c.top_k), np.int32)
+        self._h: np.ndarray | None = None
+
+    def begin_token(self, t: int, token_id: int) -> None:
+        c = self.cfg
+        if t > 0:
+            self._routing = np.concatenate([self._routing, self._current[None]])
+        self._ids.append(int(token_id))
+        self._current = np.zeros((c.num_layers, c.top_k), np.int32)
+        self._prefix = np.zeros(c.d_model, np.float32)
+        self._last = np.zeros(c.d_model, np.float32)
+        # Stacked windowed layers see further than one window: token t's top layer
+        # reads token t-W+1, whose lower layer read t-2W+2, and so on.
+        w = c.context_layers * (c.window - 1) + 1
+        start = max(0, t + 1 - w)
+        m = t + 1 - start  # tokens in the window
+        tok = np.zeros(w, np.int32)
+        tok[w - m :] = token_buckets(np.asarray(self._ids[start:]), c.token_buckets)
+        prev = np.zeros((w, c.num_layers, c.top_k), np.int32)
+        has_prev = np.zeros(w, bool)
+        if t >= 1:
+            first = max(start, 1)  # tokens in the window that have a previous token
+            prev[w - (t + 1 - first) :] = self._routing[first - 1 : t]
+            has_prev[w - (t + 1 - first) :] = True
+        seg = np.zeros(w, np.int32)
+        seg[w - m :] = 1
+        pos = np.zeros(w, np.int32)
+        pos[w - m :] = np.arange(start, t + 1)
+        h = self._context(self._state, tok[None], prev[None], has_prev[None], seg[None], pos[None])
+        self._h = np.asarray(h[0, -1])
+
+    def predict(self, t: int, l: int) -> Prediction:
+        z = self._h + self._layer_table[l] + self._prefix + self._last
+        probs = np.asarray(jax.nn.sigmoid(self._head(self._state, jnp.asarray(z)[None])))[0]  # [H+1, E]
+        targets = self.target_list(t, l, self.cfg.num_layers)
+        return Prediction(targets, probs[: self.lookahead + 1])
+
+    def observe(self, t: int, l: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
+        experts = np.asarray(experts, np.int64)
+        keys = l * self.cfg.num_experts + experts
+        self._current[l] = experts
+        self._prefix = self._prefix + self._prefix_table[keys].sum(0)
+        self._last = self._last_table[keys].sum(0)
