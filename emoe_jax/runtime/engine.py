@@ -165,14 +165,14 @@ class OffloadedEngine:
         cache = self.device_cache
         if self.mode == "restricted":
             return stages.ffn(gdef, state, residual, normed, routing, cache.buffers[ml],
-                              jnp.asarray(cache.slot_of_expert[ml]), method=self.method)
+                              cache.device_slot_map(ml), method=self.method)
         # Padding tokens need no experts: their pairs fall on non-resident slots and add 0.
         needed = np.unique(ids[valid.reshape(-1)])
         slots = self.slots[ml]
         if needed.size <= slots:
             self._make_resident(ml, needed.tolist())
             return stages.ffn(gdef, state, residual, normed, routing, cache.buffers[ml],
-                              jnp.asarray(cache.slot_of_expert[ml]), method=self.method)
+                              cache.device_slot_map(ml), method=self.method)
         # More distinct experts than slots: stream them through in waves, resident ones first.
         resident_first = sorted(needed.tolist(), key=lambda e: cache.slot_of_expert[ml, e] < 0)
         acc = jnp.zeros((normed.shape[0] * normed.shape[1], normed.shape[2]), jnp.float32)

@@ -184,11 +184,18 @@ class DeviceSlotCache:
         self.expert_in_slot = [np.full(s, -1, np.int32) for s in self.slots]  # per layer [S_l]
         self.policies = [make_policy(policy) for _ in range(num_layers)]
         self.stats = TierStats()
+        self._device_maps: list[jax.Array | None] = [None] * num_layers  # cached device copies of the table
         self.slot_bytes = 3 * hidden * inter * jnp.dtype(dtype).itemsize
 
     @property
     def device_bytes(self) -> int:
         return self.slot_bytes * sum(self.slots)
+
+    def device_slot_map(self, layer: int) -> jax.Array:
+        """[E] int32 expert->slot table of `layer` on the device, re-uploaded only after it changed."""
+        if self._device_maps[layer] is None:
+            self._device_maps[layer] = jnp.asarray(self.slot_of_expert[layer])
+        return self._device_maps[layer]
 
     def resident(self, layer: int) -> np.ndarray:
         """[E] bool: which experts of `layer` are in a slot."""
@@ -215,6 +222,7 @@ class DeviceSlotCache:
         slot = int(self.slot_of_expert[layer, victim])
         self.policies[layer].remove(victim)
         self.slot_of_expert[layer, victim] = -1
+        self._device_maps[layer] = None
         self.expert_in_slot[layer][slot] = -1
         self.stats.evictions += 1
         return slot
@@ -229,6 +237,7 @@ class DeviceSlotCache:
         self.buffers[layer] = _write_slot(self.buffers[layer], g, u, d, jnp.int32(slot))
         self.stats.bytes_in += self.slot_bytes
         self.slot_of_expert[layer, expert] = slot
+        self._device_maps[layer] = None
         self.expert_in_slot[layer][slot] = expert
         self.policies[layer].insert(expert)
         return slot
@@ -237,4 +246,5 @@ class DeviceSlotCache:
         for e in np.flatnonzero(self.slot_of_expert[layer] >= 0):
             self.policies[layer].remove(int(e))
         self.slot_of_expert[layer] = -1
+        self._device_maps[layer] = None
         self.expert_in_slot[layer][:] = -1
