@@ -32,6 +32,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from emoe_jax.data.atomic import replace_dir
 from emoe_jax.data.documents import (
     DEFAULT_SPLIT_FRACTIONS,
     SPLITS,
@@ -197,15 +198,9 @@ def _write_atomically(out_dir: Path, results: list[_TaskResult], manifest: dict,
             for split in SPLITS
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            if not overwrite:
-                raise DataError(f"output folder {out_dir} appeared during the build; pass --overwrite")
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-            os.rename(out_dir, old / "corpus")
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        if out_dir.exists() and not overwrite:
+            raise DataError(f"output folder {out_dir} appeared during the build; pass --overwrite")
+        replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -33,6 +33,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from tqdm.auto import tqdm
 
 from emoe_jax.data.corpus import Corpus
+from emoe_jax.data.atomic import replace_dir
 from emoe_jax.data.errors import DataError
 
 BOS, EOS, PAD = "<bos>", "<eos>", "<pad>"
@@ -106,13 +107,7 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, *, info: di
         info = {"vocab_size": tokenizer.get_vocab_size(), "bos_id": BOS_ID, "eos_id": EOS_ID,
                 "pad_id": PAD_ID, **(info or {})}
         (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-            os.rename(out_dir, old / "tokenizer")
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
