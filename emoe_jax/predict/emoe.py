@@ -9,8 +9,9 @@ Steps:
    and train eMoE-A (below) on the training prompts in prompt-id order.
 2. eMoE-A (``SequenceModel``): a per-layer MLP, trained with optax, that maps
    the per-layer expert frequencies of the ``history`` most recent prompts plus
-   the task's profile row and a layer one-hot to a distribution over the E
-   experts of a coming prompt of that task. Trained with soft-label cross
+   the task's profile row and a layer one-hot to a correction of the log task
+   profile; softmax gives the distribution over the E experts of a coming
+   prompt of that task. Trained with soft-label cross
    entropy on (history ending g prompts before the target, target) pairs with
    g drawn from 1..period, because at run time one forecast serves ``period``
    prompts.
@@ -152,14 +153,22 @@ class SequenceModel:
         return np.concatenate([past.transpose(1, 0, 2).reshape(self.num_layers, -1), profile, layer_onehot], axis=1)
 
     @staticmethod
-    def _logits(params: dict, x):
+    def base_logits(profile: np.ndarray, top_k: int) -> np.ndarray:
+        """log of the task profile as a distribution: the forecast before any correction [L, E]."""
+        return np.log(np.asarray(profile, np.float64) / top_k + 1e-4).astype(np.float32)
+
+    @staticmethod
+    def _logits(params: dict, x, base):
         import jax.numpy as jnp
 
+        # Residual on the task profile: with w2 ~ 0 the forecast starts as the profile
+        # and training learns history-dependent corrections.
         h = jnp.tanh(x @ params["w1"] + params["b1"])
-        return h @ params["w2"] + params["b2"]
+        return base + h @ params["w2"] + params["b2"]
 
-    def fit(self, x: np.ndarray, y: np.ndarray, steps: int = 300, lr: float = 3e-3, batch: int = 1024) -> list[float]:
-        """Adam on soft-label cross entropy over random minibatches; x [N, in], y [N, E] rows summing to 1."""
+    def fit(self, x: np.ndarray, base: np.ndarray, y: np.ndarray, steps: int = 300, lr: float = 3e-3,
+            batch: int = 1024) -> list[float]:  # fmt: skip
+        """Adam on soft-label cross entropy over minibatches; x [N, in], base [N, E] log-profile, y [N, E] (sum 1)."""
         import jax
         import optax
 
@@ -168,8 +177,10 @@ class SequenceModel:
         state = tx.init(params)
 
         @jax.jit
-        def step(params, state, xb, yb):
-            loss, grads = jax.value_and_grad(lambda p: optax.softmax_cross_entropy(self._logits(p, xb), yb).mean())(params)
+        def step(params, state, xb, bb, yb):
+            loss, grads = jax.value_and_grad(
+                lambda p: optax.softmax_cross_entropy(self._logits(p, xb, bb), yb).mean()
+            )(params)
             updates, state = tx.update(grads, state, params)
             return optax.apply_updates(params, updates), state, loss
 
@@ -178,14 +189,16 @@ class SequenceModel:
         losses = []
         for _ in range(steps):
             idx = rng.choice(x.shape[0], size, replace=False)
-            params, state, loss = step(params, state, x[idx], y[idx])
+            params, state, loss = step(params, state, x[idx], base[idx], y[idx])
             losses.append(float(loss))
         self.params = {k: np.asarray(v) for k, v in params.items()}
         return losses
 
     def forecast(self, past: np.ndarray, profile: np.ndarray, top_k: int) -> np.ndarray:
         """Expected expert frequencies [L, E] (rows sum to top_k) of a coming prompt."""
-        logits = np.asarray(self._logits(self.params, self.features(past, profile)), np.float64)
+        logits = np.asarray(
+            self._logits(self.params, self.features(past, profile), self.base_logits(profile, top_k)), np.float64
+        )
         p = np.exp(logits - logits.max(1, keepdims=True))
         return (top_k * p / p.sum(1, keepdims=True)).astype(np.float32)
 
@@ -260,21 +273,22 @@ class EMoEPredictor(BasePredictor):
         self._seed_history = deque(freqs[-self.history :], maxlen=self.history)
         if self.sequence_model and len(prompts) > self.history:
             self.model = SequenceModel(L, E, self.history, seed=self.seed)
-            x, y = self._training_pairs(freqs, tasks)
-            self.train_loss = self.model.fit(x, y, steps=self.train_steps)
+            x, base, y = self._training_pairs(freqs, tasks)
+            self.train_loss = self.model.fit(x, base, y, steps=self.train_steps)
         self.reset_replay()
 
-    def _training_pairs(self, freqs: np.ndarray, tasks: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def _training_pairs(self, freqs: np.ndarray, tasks: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rng = np.random.default_rng(self.seed)
-        xs, ys = [], []
+        xs, bases, ys = [], [], []
         for _ in range(1):  # one draw of the gap per target
             for i in range(self.history, len(freqs)):
                 gap = int(rng.integers(1, min(self.period, i - self.history + 1) + 1))
                 end = i - gap + 1  # history = prompts end-history .. end-1
                 past = freqs[end - self.history : end]  # [m, L, E]
                 xs.append(self.model.features(past, self.profiles[tasks[i]]))
+                bases.append(self.model.base_logits(self.profiles[tasks[i]], self.top_k))
                 ys.append(freqs[i] / self.top_k)
-        return np.concatenate(xs), np.concatenate(ys)
+        return np.concatenate(xs), np.concatenate(bases), np.concatenate(ys)
 
     # -- per prompt ---------------------------------------------------------------
     def _require_fit(self) -> None:
