@@ -105,7 +105,8 @@ def compact_expert_layout(experts_dir: Path) -> None:
 def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bfloat16", overwrite: bool = False,
                eval_batch: int = 32, eval_windows: int | None = None,
                progress: bool = True) -> dict[str, Any]:
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    # Absolute: Orbax (dense groups) refuses relative paths.
+    run_dir, out_dir = Path(run_dir), Path(out_dir).resolve()
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} is not empty; pass --overwrite to replace it")
     run, graphdef, trainable, meta = load_run(run_dir)
