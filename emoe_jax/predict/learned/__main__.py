@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--time-limit", type=float, default=None, help="stop training after this many seconds")
     t.add_argument("--max-val-prompts", type=int, default=None, help="evaluate on the first N validation prompts")
+    t.add_argument("--init-from", type=Path, default=None,
+                   help="continue training this checkpoint (its architecture replaces the shape options)")
     e = sub.add_parser("evaluate", help="validation recall@k of a checkpoint",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     e.add_argument("--traces", type=Path, required=True)
@@ -91,11 +93,17 @@ def main(argv: list[str] | None = None) -> int:
                                 window=args.window)  # fmt: skip
             settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, row_len=args.row_len,
                                      lr=args.lr, seed=args.seed, time_limit_s=args.time_limit)  # fmt: skip
-            result = train_model(train, cfg, settings, progress=progress)
+            init, init_info = (None, {}) if args.init_from is None else ckpt.load(args.init_from)
+            if init is not None:
+                cfg = init.cfg
+            result = train_model(train, cfg, settings, progress=progress, init=init)
             info = {"traces": str(args.traces), "model": m.model, "split": split, "train_seconds": result.seconds,
                     "steps": result.steps_done, "stopped_early": result.stopped_early,
                     "train_rows": result.train_rows, "train_tokens": result.train_tokens,
                     "params": result.params, "settings": asdict(settings),
+                    "continued_from": None if init is None else {"checkpoint": str(args.init_from),
+                                                                 "steps": init_info.get("steps"),
+                                                                 "train_seconds": init_info.get("train_seconds")},
                     "history": result.history}  # fmt: skip
             path = ckpt.save(args.out, result.model, info)
             predictor = LearnedPredictor(lookahead=0, checkpoint=path)  # evaluate the saved (fp16) weights

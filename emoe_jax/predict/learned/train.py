@@ -65,10 +65,13 @@ def bce_loss(model: RoutingPredictorNet, batch: tuple[jax.Array, ...]) -> jax.Ar
     return jnp.sum(per * mask) / jnp.maximum(mask.sum(), 1)
 
 
-def train_model(train_prompts: Any, cfg: LearnedConfig, settings: TrainSettings, progress: bool = True) -> TrainResult:
-    """Train a fresh network on ``train_prompts`` (a TraceSet or list of PromptTrace)."""
+def train_model(train_prompts: Any, cfg: LearnedConfig, settings: TrainSettings, progress: bool = True,
+                init: RoutingPredictorNet | None = None) -> TrainResult:  # fmt: skip
+    """Train on ``train_prompts`` (a TraceSet or list of PromptTrace): a fresh network, or continue ``init``."""
+    if init is not None and init.cfg != cfg:
+        raise ValueError(f"cannot continue a network of config {init.cfg} as {cfg}")
     rows: PackedRows = pack_prompts(train_prompts, cfg.num_layers, cfg.top_k, settings.row_len, cfg.token_buckets)
-    model = RoutingPredictorNet(cfg, rngs=nnx.Rngs(settings.seed))
+    model = init if init is not None else RoutingPredictorNet(cfg, rngs=nnx.Rngs(settings.seed))
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, settings.lr, min(settings.warmup, max(settings.steps // 10, 1)), max(settings.steps, 2), settings.lr * 0.05
     )
