@@ -199,3 +199,20 @@ def test_repeated_pattern_reaches_full_hit_rate(sequence_model):
     assert np.allclose(prompt_frequencies(ts[0].experts, 8).sum(1), 2)
     r = simulate(ts.select(range(4, 6)), p, SimConfig.moe_beyond(capacity=6, warmup_tokens=0))
     assert r.hit_rate > 0.999 and r.prediction["recall@2"] > 0.999
+
+
+def test_task_classifier_cli_trains_saves_and_reports(tmp_path, capsys):
+    from emoe_jax.predict.emoe import main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    docs = [("german", "der hund und die katze sind nicht da " * 3), ("spanish", "el perro y la casa de los gatos " * 3)]
+    for split in ("train", "validation"):
+        (corpus / f"{split}.jsonl").write_text("".join(json.dumps({"task": t, "doc_id": t, "text": x}) + "\n" for t, x in docs))
+    assert main(["train-task-classifier", "--corpus", str(corpus), "--out", str(tmp_path / "nb.npz"),
+                 "--chars", "40", "--buckets", "512", "--json"]) == 0  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert out["naive_bayes_accuracy"] == 1.0 and out["tasks"] == ["german", "spanish"]
+    assert NaiveBayesTaskClassifier.load(tmp_path / "nb.npz").classify("die katze") == "german"
+    assert main(["train-task-classifier", "--corpus", str(tmp_path / "none"), "--out", str(tmp_path / "x.npz")]) == 2
+    assert "python -m emoe_jax.data build" in capsys.readouterr().err

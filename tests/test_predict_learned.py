@@ -158,3 +158,18 @@ def test_learns_a_repeated_pattern_to_full_recall():
     assert metrics["recall@2"] > 0.99
     sim = simulate(ts.select([3]), p, SimConfig.moe_beyond(capacity=6, warmup_tokens=0))
     assert sim.hit_rate > 0.99
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    from emoe_jax.predict.learned.__main__ import main
+
+    assert main(["evaluate", "--traces", str(tmp_path / "none")]) == 2
+    assert "error:" in capsys.readouterr().err
+    rng = np.random.default_rng(7)
+    from emoe_jax.traces import TraceWriter
+
+    with TraceWriter(tmp_path / "ts", make_set([random_experts(rng, 3)]).meta) as w:
+        for trace in make_set([random_experts(rng, n) for n in (3, 4)]):
+            w.add(trace)
+    assert main(["evaluate", "--traces", str(tmp_path / "ts"), "--checkpoint", str(tmp_path / "nockpt")]) == 2
+    assert "python -m emoe_jax.predict.learned train" in capsys.readouterr().err
