@@ -165,6 +165,9 @@ def format_stats(s: dict) -> str:
         f"moved: host->device {s['h2d_bytes'] * mib:.1f} MiB, disk->host {s['disk_to_host_bytes'] * mib:.1f} MiB",
         f"stalled on misses: {s['stall_s']:.3f} s; compilations: {s['compiles']}; mode: {s['mode']}",
     ]
+    if s["compiles"]:
+        lines.append("note: times include XLA compilation of this first run; "
+                     "python -m emoe_jax.bench runtime reports warm figures")
     mem = s.get("memory")
     if mem:
         lines.append(f"memory ({mem['platform']}): slot buffers {mem['slot_buffer_bytes'] * mib:.1f} MiB, "
