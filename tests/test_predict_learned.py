@@ -173,3 +173,28 @@ def test_cli_errors_are_clear(tmp_path, capsys):
             w.add(trace)
     assert main(["evaluate", "--traces", str(tmp_path / "ts"), "--checkpoint", str(tmp_path / "nockpt")]) == 2
     assert "python -m emoe_jax.predict.learned train" in capsys.readouterr().err
+
+
+def test_router_inputs_are_used_from_the_previous_layer_only():
+    """With router inputs: fast path == step path, and layer l's own input never affects step (t, l)."""
+    rng = np.random.default_rng(8)
+    meta = TraceMeta(model="t", num_layers=L, num_experts=E, top_k=K, moe_layer_ids=(0, 1, 2),
+                     hidden_size=5, source="test")  # fmt: skip
+    prompts = [PromptTrace(prompt_id=i, task="", text="", token_ids=np.arange(n, dtype=np.int32),
+                           experts=random_experts(rng, n).astype(np.int16), weights=None, n_prefill=n,
+                           hidden=rng.normal(size=(n, L, 5)).astype(np.float16))
+               for i, n in enumerate((6, 4))]  # fmt: skip
+    ts = TraceSet.from_prompts(meta, prompts)
+    cfg = TINY.with_(hidden_size=5)
+    model = train_model(ts, cfg, TrainSettings(steps=2, batch_size=1, row_len=8), progress=False).model
+    p = LearnedPredictor(lookahead=2, model=model)
+    a, b = step_predictions(p, ts[0], meta), prompt_predictions(p, ts[0], meta)
+    np.testing.assert_allclose(a.scores, b.scores, atol=2e-6)
+    base = p.all_scores(ts[0]).reshape(6 * L, -1, E)
+    changed = ts[0].hidden.copy()
+    changed[2, 1] += 3.0  # router input of (t=2, l=1)
+    other = p.all_scores(PromptTrace(prompt_id=0, task="", text="", token_ids=ts[0].token_ids, experts=ts[0].experts,
+                                     weights=None, n_prefill=6, hidden=changed)).reshape(6 * L, -1, E)  # fmt: skip
+    s = 2 * L + 1
+    np.testing.assert_allclose(base[: s + 1], other[: s + 1], atol=1e-6)  # up to and including (2, 1)
+    assert not np.allclose(base[s + 1], other[s + 1], atol=1e-6)  # (2, 2) reads layer 1's input

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                                 horizon=args.horizon, d_model=args.d_model, num_heads=args.heads,
                                 context_layers=args.context_layers, step_blocks=args.step_blocks,
                                 mlp_hidden=args.mlp_hidden, token_buckets=args.token_buckets,
-                                window=args.window)  # fmt: skip
+                                window=args.window, hidden_size=m.hidden_size)  # fmt: skip
             settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, row_len=args.row_len,
                                      lr=args.lr, seed=args.seed, time_limit_s=args.time_limit)  # fmt: skip
             init, init_info = (None, {}) if args.init_from is None else ckpt.load(args.init_from)

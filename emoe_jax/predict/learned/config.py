@@ -24,6 +24,7 @@ class LearnedConfig:
     mlp_hidden: int = 256
     token_buckets: int = 4096  # token ids are hashed (id mod buckets); -1 (unknown) gets its own row
     window: int = 256  # causal attention sees at most this many tokens (itself included)
+    hidden_size: int | None = None  # router-input width when the traces store router inputs, else None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_experts", "top_k", "d_model", "num_heads", "mlp_hidden",
@@ -36,6 +37,8 @@ class LearnedConfig:
             raise LearnedPredictorError(
                 f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}"
             )
+        if self.hidden_size is not None and self.hidden_size < 1:
+            raise LearnedPredictorError(f"LearnedConfig.hidden_size must be None or >= 1, got {self.hidden_size}")
         if self.top_k > self.num_experts:
             raise LearnedPredictorError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
 

@@ -33,6 +33,7 @@ class PackedRows:
     has_prev: np.ndarray  # [N, S] bool
     seg: np.ndarray  # [N, S] int32 piece id inside the row, 0 = padding
     pos: np.ndarray  # [N, S] int32 position inside the piece
+    hidden: np.ndarray | None = None  # [N, S, L, H] float16 router inputs, when the traces store them
 
     def __len__(self) -> int:
         return int(self.tok.shape[0])
@@ -42,28 +43,35 @@ class PackedRows:
         return int((self.seg > 0).sum())
 
     def batch(self, idx: np.ndarray) -> tuple[np.ndarray, ...]:
-        return (self.tok[idx], self.prev_experts[idx].astype(np.int32), self.has_prev[idx],
-                self.seg[idx], self.pos[idx], self.experts[idx].astype(np.int32))  # fmt: skip
+        out = (self.tok[idx], self.prev_experts[idx].astype(np.int32), self.has_prev[idx],
+               self.seg[idx], self.pos[idx], self.experts[idx].astype(np.int32))  # fmt: skip
+        return out if self.hidden is None else (*out, self.hidden[idx])
 
 
-def _pieces(prompts: Iterable[Any], row_len: int) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+def _pieces(prompts: Iterable[Any], row_len: int, use_hidden: bool) -> Iterable[tuple[np.ndarray, ...]]:
     for trace in prompts:
         experts = np.asarray(trace.experts)  # [T, L, k]
         ids = np.asarray(trace.token_ids)  # [T]
+        hidden = np.asarray(trace.hidden) if use_hidden else None  # [T, L, H]
         for start in range(0, experts.shape[0], row_len):
-            yield ids[start : start + row_len], experts[start : start + row_len]
+            sl = slice(start, start + row_len)
+            yield ids[sl], experts[sl], None if hidden is None else hidden[sl]
 
 
-def pack_prompts(prompts: Iterable[Any], num_layers: int, top_k: int, row_len: int, buckets: int) -> PackedRows:
-    """Pack the prompts (PromptTrace iterable) into rows of ``row_len`` tokens."""
-    rows: list[list[tuple[np.ndarray, np.ndarray]]] = [[]]
+def pack_prompts(prompts: Iterable[Any], num_layers: int, top_k: int, row_len: int, buckets: int,
+                 hidden_size: int | None = None) -> PackedRows:  # fmt: skip
+    """Pack the prompts (PromptTrace iterable) into rows of ``row_len`` tokens (router inputs too if hidden_size)."""
+    rows: list[list[tuple[np.ndarray, ...]]] = [[]]
     used = 0
-    for ids, experts in _pieces(prompts, row_len):
-        if used + len(ids) > row_len:
+    for piece in _pieces(prompts, row_len, hidden_size is not None):
+        if hidden_size is not None and (piece[2] is None or piece[2].shape[-1] != hidden_size):
+            raise ValueError(f"the network expects router inputs of width {hidden_size}; these traces have "
+                             f"{None if piece[2] is None else piece[2].shape[-1]}")  # fmt: skip
+        if used + len(piece[0]) > row_len:
             rows.append([])
             used = 0
-        rows[-1].append((ids, experts))
-        used += len(ids)
+        rows[-1].append(piece)
+        used += len(piece[0])
     rows = [r for r in rows if r]
     n = len(rows)
     if n == 0:
@@ -74,9 +82,10 @@ def pack_prompts(prompts: Iterable[Any], num_layers: int, top_k: int, row_len: i
     has_prev = np.zeros((n, row_len), bool)
     seg = np.zeros((n, row_len), np.int32)
     pos = np.zeros((n, row_len), np.int32)
+    hidden_out = None if hidden_size is None else np.zeros((n, row_len, num_layers, hidden_size), np.float16)
     for r, pieces in enumerate(rows):
         at = 0
-        for j, (ids, experts) in enumerate(pieces):
+        for j, (ids, experts, hidden) in enumerate(pieces):
             m = len(ids)
             sl = slice(at, at + m)
             tok[r, sl] = token_buckets(ids, buckets)
@@ -85,8 +94,10 @@ def pack_prompts(prompts: Iterable[Any], num_layers: int, top_k: int, row_len: i
             has_prev[r, at + 1 : at + m] = True
             seg[r, sl] = j + 1
             pos[r, sl] = np.arange(m)
+            if hidden_out is not None:
+                hidden_out[r, sl] = hidden
             at += m
-    return PackedRows(tok, experts_out, prev, has_prev, seg, pos)
+    return PackedRows(tok, experts_out, prev, has_prev, seg, pos, hidden_out)
 
 
 def horizon_labels(experts: jax.Array, seg: jax.Array, horizon: int, num_experts: int) -> tuple[jax.Array, jax.Array]:

@@ -14,7 +14,10 @@ Steps:
    on ids <= t and routing of tokens < t only.
 2. Step features (``step_features``): z(t, l) = h_t + layer_embed[l]
    + sum over layers j < l of token t's routing embeddings (a prefix sum)
-   + a separate embedding of token t's routing at layer l-1 (the strongest cue).
+   + a separate embedding of token t's routing at layer l-1 (the strongest cue)
+   + when traces store router inputs, a projection of token t's router input
+   at layer l-1 (never layer l's: that input alone decides layer l's routing,
+   which would turn the distance-0 target into MoE-Beyond's no-lookahead flaw).
 3. Step head (``step_head``): residual MLP blocks, then one linear map to
    logits [horizon+1, E]: row d scores the experts of step s+d, i.e. layer
    (l+d) mod L of token t + (l+d) // L (the next token's early layers).
@@ -110,6 +113,9 @@ class RoutingPredictorNet(nnx.Module):
         self.layer_embed = nnx.Embed(cfg.num_layers, d, embedding_init=small, rngs=rngs)
         self.prefix_embed = nnx.Embed(keys, d, embedding_init=small, rngs=rngs)  # token t, layers < l
         self.last_embed = nnx.Embed(keys, d, embedding_init=small, rngs=rngs)  # token t, layer l-1
+        if cfg.hidden_size is not None:
+            self.hidden_norm = nnx.LayerNorm(cfg.hidden_size, rngs=rngs)
+            self.hidden_proj = nnx.Linear(cfg.hidden_size, d, rngs=rngs)
         self.step_blocks = nnx.List([StepBlock(cfg, rngs=rngs) for _ in range(cfg.step_blocks)])
         self.out_norm = nnx.LayerNorm(d, rngs=rngs)
         self.out = nnx.Linear(d, (cfg.horizon + 1) * cfg.num_experts, rngs=rngs)
@@ -130,15 +136,25 @@ class RoutingPredictorNet(nnx.Module):
             x = block(x, mask, dist)
         return self.ctx_norm(x)
 
-    def step_features(self, h: jax.Array, experts: jax.Array) -> jax.Array:
-        """z [B, T, L, d] from h [B, T, d] and token t's own routing experts [B, T, L, k]."""
+    def hidden_features(self, hidden: jax.Array) -> jax.Array:
+        """[..., d] projection of router inputs [..., H] (needs cfg.hidden_size)."""
+        return self.hidden_proj(self.hidden_norm(hidden.astype(jnp.float32)))
+
+    def step_features(self, h: jax.Array, experts: jax.Array, hidden: jax.Array | None = None) -> jax.Array:
+        """z [B, T, L, d] from h [B, T, d], token t's routing experts [B, T, L, k] and router inputs [B, T, L, H]."""
         keys = self._keys(experts)  # [B, T, L, k]
         per_layer = self.prefix_embed(keys).sum(-2)  # [B, T, L, d]
         prefix = jnp.cumsum(per_layer, axis=2) - per_layer  # layers < l only
         last = self.last_embed(keys).sum(-2)  # [B, T, L, d]
         last = jnp.pad(last[:, :, :-1], ((0, 0), (0, 0), (1, 0), (0, 0)))  # layer l sees l-1
         layers = self.layer_embed(jnp.arange(self.cfg.num_layers))  # [L, d]
-        return h[:, :, None, :] + layers + prefix + last
+        z = h[:, :, None, :] + layers + prefix + last
+        if self.cfg.hidden_size is not None:
+            if hidden is None:
+                raise ValueError("this network was trained with router inputs; the traces must store them")
+            hz = self.hidden_features(hidden)  # [B, T, L, d]
+            z = z + jnp.pad(hz[:, :, :-1], ((0, 0), (0, 0), (1, 0), (0, 0)))  # layer l sees l-1
+        return z
 
     def step_head(self, z: jax.Array) -> jax.Array:
         """logits [..., horizon+1, E] from z [..., d]."""
@@ -147,10 +163,10 @@ class RoutingPredictorNet(nnx.Module):
         logits = self.out(self.out_norm(z))
         return logits.reshape(*z.shape[:-1], self.cfg.horizon + 1, self.cfg.num_experts)
 
-    def __call__(self, tok, prev_experts, has_prev, seg, pos, experts) -> jax.Array:
+    def __call__(self, tok, prev_experts, has_prev, seg, pos, experts, hidden=None) -> jax.Array:
         """All-step logits [B, T, L, horizon+1, E] of a packed batch."""
         h = self.context(tok, prev_experts, has_prev, seg, pos)
-        return self.step_head(self.step_features(h, experts))
+        return self.step_head(self.step_features(h, experts, hidden))
 
 
 def count_params(model: nnx.Module) -> int:

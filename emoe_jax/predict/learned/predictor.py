@@ -7,6 +7,8 @@ Steps (step path, the reference):
    routing embeddings over layers < l + token t's layer l-1 embedding; the step
    head gives sigmoid scores for steps s .. s+lookahead (lookahead <= horizon).
 3. ``observe(t, l, experts)``: add layer l's routing to the prefix sums.
+   With router inputs (``observe_router_input``), layer l-1's input is
+   projected into z at (t, l); layer l's own input is kept for step (t, l+1).
 
 Fast path (``predict_prompt``): the same network over the whole prompt at once
 (sliding-window causal mask, prompt padded to a power-of-two length so a few
@@ -59,6 +61,7 @@ class LearnedPredictor(BasePredictor):
         self._context = jax.jit(lambda st, *a: nnx.merge(graphdef, st).context(*a))
         self._all_logits = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a))
         self._head = jax.jit(lambda st, z: nnx.merge(graphdef, st).step_head(z))
+        self._hidden_features = jax.jit(lambda st, x: nnx.merge(graphdef, st).hidden_features(x))
         # Embedding tables used by the step path's incremental sums.
         self._prefix_table = np.asarray(model.prefix_embed.embedding[...])  # [L*E, d]
         self._last_table = np.asarray(model.last_embed.embedding[...])  # [L*E, d]
@@ -91,7 +94,12 @@ class LearnedPredictor(BasePredictor):
         has_prev = (np.arange(n) >= 1)[None]
         seg = (np.arange(n) < num_tokens).astype(np.int32)[None]
         pos = np.arange(n, dtype=np.int32)[None]
-        logits = self._all_logits(self._state, tok, prev, has_prev, seg, pos, ex)  # [1, n, L, h, E]
+        extra = ()
+        if self.cfg.hidden_size is not None:
+            if trace.hidden is None:
+                raise LearnedPredictorError("this checkpoint was trained with router inputs; the traces have none")
+            extra = (np.pad(np.asarray(trace.hidden), ((0, pad), (0, 0), (0, 0)))[None],)  # [1, n, L, H]
+        logits = self._all_logits(self._state, tok, prev, has_prev, seg, pos, ex, *extra)  # [1, n, L, h, E]
         return np.asarray(jax.nn.sigmoid(logits[0, :num_tokens]), np.float32)
 
     def predict_prompt(self, trace: Any, meta: Any) -> PromptPredictions:
@@ -113,6 +121,7 @@ class LearnedPredictor(BasePredictor):
         self._routing = np.zeros((0, c.num_layers, c.top_k), np.int32)  # tokens fully routed
         self._current = np.zeros((c.num_layers, c.top_k), np.int32)
         self._h: np.ndarray | None = None
+        self._router_inputs: dict[int, np.ndarray] = {}
 
     def begin_token(self, t: int, token_id: int) -> None:
         c = self.cfg
@@ -120,6 +129,7 @@ class LearnedPredictor(BasePredictor):
             self._routing = np.concatenate([self._routing, self._current[None]])
         self._ids.append(int(token_id))
         self._current = np.zeros((c.num_layers, c.top_k), np.int32)
+        self._router_inputs = {}
         self._prefix = np.zeros(c.d_model, np.float32)
         self._last = np.zeros(c.d_model, np.float32)
         # Stacked windowed layers see further than one window: token t's top layer
@@ -142,8 +152,15 @@ class LearnedPredictor(BasePredictor):
         h = self._context(self._state, tok[None], prev[None], has_prev[None], seg[None], pos[None])
         self._h = np.asarray(h[0, -1])
 
+    def observe_router_input(self, t: int, l: int, hidden: np.ndarray) -> None:
+        self._router_inputs[l] = np.asarray(hidden)
+
     def predict(self, t: int, l: int) -> Prediction:
         z = self._h + self._layer_table[l] + self._prefix + self._last
+        if self.cfg.hidden_size is not None and l > 0:
+            if l - 1 not in self._router_inputs:
+                raise LearnedPredictorError("this checkpoint was trained with router inputs; the traces have none")
+            z = z + np.asarray(self._hidden_features(self._state, jnp.asarray(self._router_inputs[l - 1])))
         probs = np.asarray(jax.nn.sigmoid(self._head(self._state, jnp.asarray(z)[None])))[0]  # [H+1, E]
         targets = self.target_list(t, l, self.cfg.num_layers)
         return Prediction(targets, probs[: self.lookahead + 1])

@@ -58,8 +58,8 @@ class TrainResult:
 
 
 def bce_loss(model: RoutingPredictorNet, batch: tuple[jax.Array, ...]) -> jax.Array:
-    tok, prev, has_prev, seg, pos, experts = batch
-    logits = model(tok, prev, has_prev, seg, pos, experts)  # [B, S, L, h, E]
+    tok, prev, has_prev, seg, pos, experts, *hidden = batch
+    logits = model(tok, prev, has_prev, seg, pos, experts, *hidden)  # [B, S, L, h, E]
     labels, mask = horizon_labels(experts, seg, model.cfg.horizon, model.cfg.num_experts)
     per = optax.sigmoid_binary_cross_entropy(logits, labels).mean(-1)  # [B, S, L, h]
     return jnp.sum(per * mask) / jnp.maximum(mask.sum(), 1)
@@ -70,7 +70,8 @@ def train_model(train_prompts: Any, cfg: LearnedConfig, settings: TrainSettings,
     """Train on ``train_prompts`` (a TraceSet or list of PromptTrace): a fresh network, or continue ``init``."""
     if init is not None and init.cfg != cfg:
         raise ValueError(f"cannot continue a network of config {init.cfg} as {cfg}")
-    rows: PackedRows = pack_prompts(train_prompts, cfg.num_layers, cfg.top_k, settings.row_len, cfg.token_buckets)
+    rows: PackedRows = pack_prompts(train_prompts, cfg.num_layers, cfg.top_k, settings.row_len, cfg.token_buckets,
+                                    cfg.hidden_size)  # fmt: skip
     model = init if init is not None else RoutingPredictorNet(cfg, rngs=nnx.Rngs(settings.seed))
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, settings.lr, min(settings.warmup, max(settings.steps // 10, 1)), max(settings.steps, 2), settings.lr * 0.05
