@@ -104,3 +104,13 @@ def _emoe(sequence_model: bool) -> Callable[..., BasePredictor]:
 register_predictor("learned", _learned, "causal transformer trained on traces (checkpoints/predictors/learned-dsv2lite)")
 register_predictor("emoe", _emoe(True), "eMoE: task profiles + eMoE-A forecast every p prompts, Eq. 2 selection")
 register_predictor("emoe-profiles", _emoe(False), "eMoE without eMoE-A: per-task expert frequency profiles, Eq. 2")
+
+
+# -- speculative next-layer gating (emoe_jax/predict/spec_gating.py) --
+def _spec_gating(lookahead: int = 1, model_checkpoint: str | None = None, eviction: str = "lru") -> BasePredictor:
+    from emoe_jax.predict.spec_gating import SpeculativeGating
+
+    return SpeculativeGating(lookahead=lookahead, model_checkpoint=model_checkpoint, eviction=eviction)
+
+
+register_predictor("spec-gating", _spec_gating, "next layers' routers applied to the current router input (needs --model-checkpoint and traces with router inputs)")
