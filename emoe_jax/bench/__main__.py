@@ -8,6 +8,7 @@ import sys
 
 SUITES = {
     "runtime": ("emoe_jax.bench.runtime", "decode tokens/s and memory vs device-expert fraction"),
+    "predictors": ("emoe_jax.bench.predictors", "predictor ablation: hit rate and stall over capacity x bandwidth"),
 }
 
 

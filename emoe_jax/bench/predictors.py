@@ -1,0 +1,451 @@
+"""Predictor ablation: every predictor x cache capacity x link bandwidth, plus MoE-Beyond's zero-latency protocol.
+
+    python -m emoe_jax.bench predictors --traces out/puffin_traces --out out/ablation_puffin
+    python -m emoe_jax.bench predictors --traces DIR --predictors prev-token,static-freq \
+        --capacities 0.05,0.1,0.2 --bandwidths-gbps 25 --max-prompts 50 --json
+
+Steps:
+  1. Split the trace set by prompt id (``split_by_prompt_id``: lowest ids train,
+     the last ``--train-split`` complement validates); optionally keep only the
+     first N validation prompts.
+  2. Predictors: the requested ones plus LRU, Belady/MIN and the oracle
+     prefetcher, always. With the default ``all``, a registered predictor that
+     cannot run on these traces (no router inputs, no checkpoint, wrong shape)
+     is left out and the reason is recorded; a predictor named explicitly that
+     cannot run is an error.
+  3. Per predictor and protocol (timed: lookahead 1 layer; zero-latency:
+     lookahead 0): build it, ``fit`` it on the training prompts once, and
+     memoise its per-prompt predictions. Predictions never depend on the cache
+     (a predictor sees routing, not residency) and every cell replays the same
+     prompts in the same order, so the first cell's predictions serve all.
+  4. Replay each cell with ``simulate``: timed cells (capacity x bandwidth,
+     transfer = expert_bytes / bandwidth, ``--layer-compute-ms`` per layer), and
+     zero-latency cells (``SimConfig.moe_beyond``) at every capacity.
+  5. Write ``results.json``, ``table.md`` (one table per bandwidth and one for
+     zero latency; a predictor whose hit rate is below LRU's is marked, and in
+     timed tables also one whose stall is above LRU's) and two plots, each
+     file written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from emoe_jax.predict import available_predictors, get_predictor
+from emoe_jax.predict.drive import prompt_predictions
+from emoe_jax.predict.registry import UnknownPredictorError
+from emoe_jax.sim.config import SimConfig
+from emoe_jax.sim.simulate import simulate
+from emoe_jax.sim.split import split_by_prompt_id
+
+BASELINES = ("lru", "belady", "oracle-prefetch")  # always in the grid: the floor and two ceilings
+ZERO_LATENCY = "zero-latency"
+TIMED = "timed"
+LOSES_HIT = "▼"  # hit rate below LRU's at the same cell
+LOSES_STALL = "▲"  # stall per token above LRU's at the same cell
+
+
+class AblationError(ValueError):
+    """The ablation cannot run as asked (bad grid, unusable predictor, empty traces)."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    predictor: str
+    protocol: str  # TIMED or ZERO_LATENCY
+    capacity: float
+    bandwidth_gbps: float | None  # None for zero latency
+
+
+class MemoisedPredictor:
+    """A fitted predictor whose per-prompt predictions are computed once and replayed.
+
+    The simulator asks for ``predict_prompt`` first, so every cell after the
+    first reuses the predictions; hooks never run twice over the same prompts.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.oracle = bool(getattr(inner, "oracle", False))
+        self.eviction = getattr(inner, "eviction", "lru")
+        self.lookahead = getattr(inner, "lookahead", 1)
+        self._cache: dict[int, Any] = {}
+
+    def predict_prompt(self, trace: Any, meta: Any) -> Any:
+        key = int(trace.prompt_id)
+        if key not in self._cache:
+            self._cache[key] = prompt_predictions(self.inner, trace, meta)
+        return self._cache[key]
+
+
+# ---------------------------------------------------------------- grid
+
+
+def _protocol_config(protocol: str, capacity: float, bandwidth: float | None, expert_bytes: float,
+                     layer_compute_ms: float) -> SimConfig:  # fmt: skip
+    if protocol == ZERO_LATENCY:
+        return SimConfig.moe_beyond(capacity=capacity, expert_bytes=expert_bytes)
+    return SimConfig(capacity=capacity, bandwidth_gbps=bandwidth, expert_bytes=expert_bytes,
+                     layer_compute_ms=layer_compute_ms)  # fmt: skip
+
+
+def resolve_predictors(requested: list[str] | None, exclude: list[str]) -> tuple[list[str], bool]:
+    """(names in grid order, explicit?): baselines first, then the rest; unknown names raise."""
+    known = available_predictors()
+    explicit = requested is not None
+    names = list(known) if requested is None else list(requested)
+    for n in [*names, *exclude]:
+        if n not in known:
+            raise UnknownPredictorError(f"unknown predictor {n!r}; available: {', '.join(known)}")
+    rest = [n for n in names if n not in BASELINES and n not in exclude]
+    return [*BASELINES, *dict.fromkeys(rest)], explicit
+
+
+def run_grid(
+    traces: Any,
+    *,
+    predictors: list[str] | None = None,
+    exclude: tuple[str, ...] = (),
+    capacities: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5),
+    bandwidths_gbps: tuple[float, ...] = (12.0, 25.0, 64.0),
+    expert_bytes: float = 17.3e6,
+    layer_compute_ms: float = 0.5,
+    val_fraction: float = 0.2,
+    max_prompts: int | None = None,
+    predictor_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the whole grid on ``traces`` (a TraceSet); returns the results dict written to results.json."""
+    if not capacities:
+        raise AblationError("no capacities given")
+    if any(c <= 0 for c in capacities) or any(b <= 0 for b in bandwidths_gbps):
+        raise AblationError(f"capacities and bandwidths must be > 0, got {capacities} and {bandwidths_gbps}")
+    if max_prompts is not None and max_prompts < 1:
+        raise AblationError(f"--max-prompts must be >= 1, got {max_prompts}")
+    names, explicit = resolve_predictors(predictors, list(exclude))
+    train, val = split_by_prompt_id(traces, val_fraction)
+    if max_prompts is not None:
+        val = val.select(slice(0, max_prompts))
+    protocols = [(ZERO_LATENCY, None)] + [(TIMED, b) for b in bandwidths_gbps]
+    kwargs = dict(predictor_kwargs or {})
+    cells_per_predictor = len(capacities) * len(protocols)
+    bar = tqdm(total=len(names) * cells_per_predictor, desc="ablation cells", unit="cell", disable=not progress)
+    rows: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    fit_seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    for name in names:
+        built: dict[int, MemoisedPredictor] = {}
+        try:
+            for protocol, bandwidth in protocols:
+                for capacity in capacities:
+                    config = _protocol_config(protocol, capacity, bandwidth, expert_bytes, layer_compute_ms)
+                    la = config.lookahead_layers
+                    if la not in built:
+                        t0 = time.perf_counter()
+                        inner = get_predictor(name, ignore_unknown=True, lookahead=la, **kwargs)
+                        inner.fit(train)
+                        fit_seconds[f"{name}@lookahead{la}"] = time.perf_counter() - t0
+                        built[la] = MemoisedPredictor(inner)
+                    result = simulate(val, built[la], config).to_dict()
+                    result.pop("config")
+                    # The registry name (result["predictor"] is the class's name; aliases differ).
+                    result.update(predictor=name, protocol=protocol, capacity=capacity, bandwidth_gbps=bandwidth)
+                    rows.append(result)
+                    bar.update(1)
+        except (ValueError, RuntimeError, FileNotFoundError, OSError) as exc:
+            if explicit or name in BASELINES:
+                bar.close()
+                raise AblationError(f"predictor {name!r} cannot run on these traces: {exc}") from exc
+            skipped[name] = f"{type(exc).__name__}: {exc}"
+            done = sum(1 for r in rows if r["predictor"] == name)
+            rows = [r for r in rows if r["predictor"] != name]
+            bar.update(cells_per_predictor - done)  # its remaining cells will not run
+        finally:
+            built.clear()  # free the memoised predictions before the next predictor
+    bar.close()
+    _mark_losses(rows)
+    return dict(
+        traces=str(getattr(traces, "path", "") or ""),
+        meta=dict(model=traces.meta.model, num_layers=traces.meta.num_layers, num_experts=traces.meta.num_experts,
+                  top_k=traces.meta.top_k, has_router_inputs=traces.meta.hidden_size is not None),  # fmt: skip
+        split=_split_info(train, val, val_fraction, max_prompts),
+        grid=dict(predictors=[n for n in names if n not in skipped], capacities=list(capacities),
+                  bandwidths_gbps=list(bandwidths_gbps), expert_bytes=expert_bytes,
+                  layer_compute_ms=layer_compute_ms, timed_lookahead_layers=SimConfig().lookahead_layers,
+                  zero_latency=asdict_config(SimConfig.moe_beyond())),  # fmt: skip
+        skipped=skipped,
+        fit_seconds=fit_seconds,
+        wall_seconds=time.perf_counter() - start,
+        host=platform.node(),
+        rows=rows,
+    )
+
+
+def asdict_config(config: SimConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(config)
+
+
+def _split_info(train: Any, val: Any, val_fraction: float, max_prompts: int | None) -> dict[str, Any]:
+    def ids(ts: Any) -> list[int]:
+        p = np.asarray(ts.prompt_ids)
+        return [int(p.min()), int(p.max())] if len(p) else []
+
+    return dict(rule=f"by prompt id: lowest {1 - val_fraction:.0%} train, highest {val_fraction:.0%} validate",
+                val_fraction=val_fraction, train_prompts=len(train), train_prompt_ids=ids(train),
+                val_prompts=len(val), val_prompt_ids=ids(val), val_tokens=int(val.n_tokens),
+                max_prompts=max_prompts)  # fmt: skip
+
+
+def _mark_losses(rows: list[dict[str, Any]]) -> None:
+    """Flag each row whose hit rate is below (or stall above) LRU's at the same protocol/bandwidth/capacity."""
+    lru = {(r["protocol"], r["bandwidth_gbps"], r["capacity"]): r for r in rows if r["predictor"] == "lru"}
+    for r in rows:
+        base = lru.get((r["protocol"], r["bandwidth_gbps"], r["capacity"]))
+        r["loses_to_lru_hit_rate"] = bool(base is not None and r["hit_rate"] < base["hit_rate"])
+        r["loses_to_lru_stall"] = bool(
+            base is not None and r["protocol"] == TIMED and r["stall_ms_per_token"] > base["stall_ms_per_token"]
+        )
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _label(row: dict[str, Any]) -> str:
+    return f"{row['predictor']} (ORACLE)" if row["oracle"] else row["predictor"]
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+    """One table per bandwidth and one for zero latency; rows predictors, columns capacities."""
+    rows, grid, s = results["rows"], results["grid"], results["split"]
+    caps = grid["capacities"]
+    limit = "" if s["max_prompts"] is None else f", first {s['max_prompts']} validation prompts only"
+    L, E = results["meta"]["num_layers"], results["meta"]["num_experts"]
+    out = [
+        f"# Predictor ablation: {results['meta']['model']}",
+        "",
+        f"Traces `{results['traces']}`; split {s['rule']}: train {s['train_prompts']} prompts "
+        f"(ids {s['train_prompt_ids']}), validation {s['val_prompts']} prompts (ids {s['val_prompt_ids']}, "
+        f"{s['val_tokens']} tokens){limit}.",
+        f"Capacity is a fraction of all {L}x{E} = {L * E} layer-experts (one global pool). Expert "
+        f"{grid['expert_bytes'] / 1e6:.1f} MB, {grid['layer_compute_ms']} ms compute per layer, "
+        f"prefetch lookahead {grid['timed_lookahead_layers']} layer in timed tables.",
+        f"{LOSES_HIT} = hit rate below LRU's in the same cell; {LOSES_STALL} = stall per token above LRU's. "
+        "ORACLE rows read the future (upper bounds).",
+    ]
+    if results["skipped"]:
+        out.append("")
+        out.append("Left out: " + "; ".join(f"`{k}` ({v})" for k, v in results["skipped"].items()) + ".")
+    predictors = list(dict.fromkeys(r["predictor"] for r in rows))
+    tables = [(ZERO_LATENCY, None)] + [(TIMED, b) for b in grid["bandwidths_gbps"]]
+    for protocol, bw in tables:
+        cell = {(r["predictor"], r["capacity"]): r for r in rows if r["protocol"] == protocol and r["bandwidth_gbps"] == bw}
+        out.append("")
+        if protocol == ZERO_LATENCY:
+            out.append("## Zero latency (MoE-Beyond protocol: free transfers, fresh random cache per prompt, "
+                       "10 warm-up tokens, lookahead 0): hit rate %")  # fmt: skip
+            out.append("")
+            out.append("| predictor | " + " | ".join(f"{c:g}" for c in caps) + " |")
+            out.append("|---|" + "---:|" * len(caps))
+        else:
+            out.append(f"## {bw:g} GB/s: hit rate % / stall ms per token")
+            out.append("")
+            out.append("| predictor | " + " | ".join(f"{c:g}" for c in caps) + " |")
+            out.append("|---|" + "---:|" * len(caps))
+        for name in predictors:
+            cells = []
+            label = name
+            for c in caps:
+                r = cell.get((name, c))
+                if r is None:
+                    cells.append("-")
+                    continue
+                label = _label(r)
+                text = f"{100 * r['hit_rate']:.1f}{' ' + LOSES_HIT if r['loses_to_lru_hit_rate'] else ''}"
+                if protocol == TIMED:
+                    text += f" / {r['stall_ms_per_token']:.2f}{' ' + LOSES_STALL if r['loses_to_lru_stall'] else ''}"
+                cells.append(text)
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+    out.append("")
+    out.append(f"Grid run time {results['wall_seconds']:.0f} s on {results['host']}.")
+    return "\n".join(out) + "\n"
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write via ``write(tmp)`` to a temporary file beside ``path``, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _plot_capacity_sweep(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, grid = results["rows"], results["grid"]
+    panels = [(ZERO_LATENCY, None, "zero latency")] + [(TIMED, b, f"{b:g} GB/s") for b in grid["bandwidths_gbps"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), sharey=True, squeeze=False)
+    for ax, (protocol, bw, title) in zip(axes[0], panels):
+        for name in dict.fromkeys(r["predictor"] for r in rows):
+            pts = sorted((r["capacity"], r["hit_rate"], r["oracle"]) for r in rows
+                         if r["predictor"] == name and r["protocol"] == protocol and r["bandwidth_gbps"] == bw)  # fmt: skip
+            if pts:
+                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", ms=3,
+                        ls="--" if pts[0][2] else "-", label=name)  # fmt: skip
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("capacity (fraction of experts)", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("hit rate %", fontsize=8)
+    axes[0][-1].legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    _atomic_write(path, lambda p: fig.savefig(p, dpi=90, format="png"))
+    plt.close(fig)
+
+
+def _plot_bandwidth_sweep(results: dict[str, Any], path: Path, capacity: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if r["protocol"] == TIMED and r["capacity"] == capacity]
+    fig, ax = plt.subplots(figsize=(4.8, 3.4))
+    for name in dict.fromkeys(r["predictor"] for r in rows):
+        pts = sorted((r["bandwidth_gbps"], r["stall_ms_per_token"], r["oracle"]) for r in rows if r["predictor"] == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, ls="--" if pts[0][2] else "-", label=name)
+    ax.set_xlabel("link bandwidth GB/s", fontsize=8)
+    ax.set_ylabel("stall ms per token", fontsize=8)
+    ax.set_title(f"stall vs bandwidth at capacity {capacity:g}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    _atomic_write(path, lambda p: fig.savefig(p, dpi=90, format="png"))
+    plt.close(fig)
+
+
+def write_outputs(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """results.json, table.md, hit_rate_vs_capacity.png, stall_vs_bandwidth.png in ``out_dir``."""
+    out_dir = Path(out_dir)
+    paths = {
+        "results": out_dir / "results.json",
+        "table": out_dir / "table.md",
+        "hit_rate_plot": out_dir / "hit_rate_vs_capacity.png",
+        "stall_plot": out_dir / "stall_vs_bandwidth.png",
+    }
+    _atomic_write(paths["results"], lambda p: p.write_text(json.dumps(results, indent=1)))
+    _atomic_write(paths["table"], lambda p: p.write_text(to_markdown(results)))
+    _plot_capacity_sweep(results, paths["hit_rate_plot"])
+    caps = results["grid"]["capacities"]
+    if results["grid"]["bandwidths_gbps"]:
+        # The capacity closest to 10% (MoE-Beyond's headline setting).
+        _plot_bandwidth_sweep(results, paths["stall_plot"], min(caps, key=lambda c: abs(c - 0.1)))
+    else:
+        paths.pop("stall_plot")
+    return {k: str(v) for k, v in paths.items()}
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m emoe_jax.bench predictors",
+        description=(
+            "Ablation of expert-activation predictors: replay the validation prompts of a trace set for every "
+            "predictor x cache capacity x link bandwidth (timed: transfers cost expert_bytes / bandwidth, "
+            "prefetch 1 layer ahead) and at every capacity under MoE-Beyond's zero-latency protocol. LRU, "
+            "Belady/MIN and the oracle prefetcher are always included. Writes OUT/results.json, OUT/table.md "
+            "and two plots. See docs/ablations.md."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--traces", type=Path, required=True, help="trace-set directory (python -m emoe_jax.traces)")
+    p.add_argument("--train-split", type=float, default=0.8,
+                   help="fraction of prompts (lowest prompt ids) to fit predictors on; the rest is replayed")  # fmt: skip
+    p.add_argument("--predictors", type=_names, default=None,
+                   help="comma-separated names (python -m emoe_jax.sim --list); default: every registered "
+                   "predictor that can run on these traces")  # fmt: skip
+    p.add_argument("--exclude", type=_names, default=[], help="comma-separated names to leave out")
+    p.add_argument("--capacities", type=_floats, default=(0.05, 0.1, 0.2, 0.3, 0.5),
+                   help="cache sizes: fractions of all layer-experts (<= 1) or counts")  # fmt: skip
+    p.add_argument("--bandwidths-gbps", type=_floats, default=(12.0, 25.0, 64.0),
+                   help="link bandwidths for the timed cells, GB/s (1 GB = 1e9 bytes)")  # fmt: skip
+    p.add_argument("--expert-bytes", type=float, default=17.3e6, help="bytes per expert (DeepSeek-V2-Lite bf16)")
+    p.add_argument("--layer-compute-ms", type=float, default=0.5,
+                   help="compute time per MoE layer with experts resident (an assumption; see docs/ablations.md)")  # fmt: skip
+    p.add_argument("--model-checkpoint", type=Path, default=None,
+                   help="converted model checkpoint whose routers spec-gating applies (traces need router inputs)")  # fmt: skip
+    p.add_argument("--max-prompts", type=int, default=None, help="replay only the first N validation prompts")
+    p.add_argument("--out", type=Path, default=None, help="output directory (results.json, table.md, plots)")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from emoe_jax.traces import TraceSet
+
+    try:
+        if not 0.0 < args.train_split < 1.0:
+            raise AblationError(f"--train-split must be in (0, 1), got {args.train_split}")
+        traces = TraceSet.load(args.traces)
+        kwargs = {} if args.model_checkpoint is None else {"model_checkpoint": str(args.model_checkpoint)}
+        results = run_grid(
+            traces, predictors=args.predictors, exclude=tuple(args.exclude), capacities=args.capacities,
+            bandwidths_gbps=args.bandwidths_gbps, expert_bytes=args.expert_bytes,
+            layer_compute_ms=args.layer_compute_ms, val_fraction=round(1.0 - args.train_split, 10),
+            max_prompts=args.max_prompts, predictor_kwargs=kwargs, progress=not args.no_progress,
+        )  # fmt: skip
+        results["traces"] = str(args.traces)
+        paths = write_outputs(results, args.out) if args.out is not None else {}
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    results["outputs"] = paths
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print(to_markdown(results), end="")
+        for path in paths.values():
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
