@@ -299,6 +299,15 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def _styles(names: list[str]) -> dict[str, dict[str, Any]]:
+    """One colour and marker per predictor, the same in every panel (tab20 has room for 20 lines)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    markers = "os^vDP*Xh<>"
+    return {n: dict(color=cmap(i % 20), marker=markers[i % len(markers)]) for i, n in enumerate(names)}
+
+
 def _plot_capacity_sweep(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -307,19 +316,21 @@ def _plot_capacity_sweep(results: dict[str, Any], path: Path) -> None:
 
     rows, grid = results["rows"], results["grid"]
     panels = [(ZERO_LATENCY, None, "zero latency")] + [(TIMED, b, f"{b:g} GB/s") for b in grid["bandwidths_gbps"]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), sharey=True, squeeze=False)
+    names = list(dict.fromkeys(r["predictor"] for r in rows))
+    style = _styles(names)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1.6, 3.2), sharey=True, squeeze=False)
     for ax, (protocol, bw, title) in zip(axes[0], panels):
-        for name in dict.fromkeys(r["predictor"] for r in rows):
+        for name in names:
             pts = sorted((r["capacity"], r["hit_rate"], r["oracle"]) for r in rows
                          if r["predictor"] == name and r["protocol"] == protocol and r["bandwidth_gbps"] == bw)  # fmt: skip
             if pts:
-                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", ms=3,
-                        ls="--" if pts[0][2] else "-", label=name)  # fmt: skip
+                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], ms=3, lw=1.2,
+                        ls="--" if pts[0][2] else "-", label=name, **style[name])  # fmt: skip
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("capacity (fraction of experts)", fontsize=8)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("hit rate %", fontsize=8)
-    axes[0][-1].legend(fontsize=6, loc="lower right")
+    axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     _atomic_write(path, lambda p: fig.savefig(p, dpi=90, format="png"))
     plt.close(fig)
@@ -332,15 +343,19 @@ def _plot_bandwidth_sweep(results: dict[str, Any], path: Path, capacity: float) 
     import matplotlib.pyplot as plt
 
     rows = [r for r in results["rows"] if r["protocol"] == TIMED and r["capacity"] == capacity]
-    fig, ax = plt.subplots(figsize=(4.8, 3.4))
-    for name in dict.fromkeys(r["predictor"] for r in rows):
+    names = list(dict.fromkeys(r["predictor"] for r in results["rows"]))
+    style = _styles(names)
+    fig, ax = plt.subplots(figsize=(5.6, 3.4))
+    for name in names:
         pts = sorted((r["bandwidth_gbps"], r["stall_ms_per_token"], r["oracle"]) for r in rows if r["predictor"] == name)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, ls="--" if pts[0][2] else "-", label=name)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ms=3, lw=1.2, ls="--" if pts[0][2] else "-",
+                    label=name, **style[name])  # fmt: skip
     ax.set_xlabel("link bandwidth GB/s", fontsize=8)
     ax.set_ylabel("stall ms per token", fontsize=8)
     ax.set_title(f"stall vs bandwidth at capacity {capacity:g}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     _atomic_write(path, lambda p: fig.savefig(p, dpi=90, format="png"))
     plt.close(fig)
