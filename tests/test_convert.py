@@ -240,7 +240,7 @@ def test_refuses_foreign_out_dir_and_detects_corruption(tmp_path):
     out = tmp_path / "out"
     convert_hf_checkpoint(hf, out, progress=False)
     # Flip bytes of one expert chunk: verify names the layer and expert.
-    chunk = out / "experts" / "up" / "c" / "1" / "2" / "0" / "0"
+    chunk = out / "experts" / "up" / "c.1.2.0.0"  # flat chunk keys: one file per expert weight
     raw = bytearray(chunk.read_bytes())
     raw[0] ^= 0xFF
     chunk.write_bytes(bytes(raw))

@@ -64,7 +64,9 @@ def create_arrays(path: Path, num_layers: int, num_experts: int, hidden: int, in
             "shape": [num_layers, num_experts, a, b],
             "data_type": np.dtype(dtype).name,
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1, 1, a, b]}},
-            "chunk_key_encoding": {"name": "default"},
+            # Flat chunk keys (c.L.E.0.0 in one folder per weight): nested keys cost two
+            # folders per expert, which doubled the embedded checkpoint's size on disk.
+            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
             "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
             "fill_value": 0,
         }

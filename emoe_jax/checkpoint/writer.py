@@ -87,7 +87,7 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
 class CheckpointWriter:
     def __init__(self, out_dir: str | Path, config: MoEConfig, dtype: np.dtype, fingerprint: dict[str, Any],
                  dense_groups: Mapping[str, list[str]]):
-        self.out_dir = Path(out_dir)
+        self.out_dir = Path(out_dir).expanduser().resolve()  # Orbax refuses relative paths
         self.config = config
         self.dtype = np.dtype(dtype)
         self.dense_groups = dict(dense_groups)
@@ -204,7 +204,7 @@ def write_checkpoint(out_dir: str | Path, config: MoEConfig, dense: Mapping[str,
     [Lm, E, I, H] (numpy or JAX arrays). dtype: 'bfloat16', 'float32' or 'float16';
     None keeps the experts' dtype. Returns the manifest.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).expanduser().resolve()  # Orbax refuses relative paths
     prepare_out_dir(out_dir, overwrite)
     if (out_dir / MANIFEST).exists():
         raise CheckpointError(f"{out_dir} already holds a checkpoint; pass overwrite=True to replace it")
