@@ -36,7 +36,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,14 +59,6 @@ LOSES_STALL = "▲"  # stall per token above LRU's at the same cell
 
 class AblationError(ValueError):
     """The ablation cannot run as asked (bad grid, unusable predictor, empty traces)."""
-
-
-@dataclass(frozen=True)
-class Cell:
-    predictor: str
-    protocol: str  # TIMED or ZERO_LATENCY
-    capacity: float
-    bandwidth_gbps: float | None  # None for zero latency
 
 
 class MemoisedPredictor:
@@ -186,19 +178,13 @@ def run_grid(
         grid=dict(predictors=[n for n in names if n not in skipped], capacities=list(capacities),
                   bandwidths_gbps=list(bandwidths_gbps), expert_bytes=expert_bytes,
                   layer_compute_ms=layer_compute_ms, timed_lookahead_layers=SimConfig().lookahead_layers,
-                  zero_latency=asdict_config(SimConfig.moe_beyond())),  # fmt: skip
+                  zero_latency=asdict(SimConfig.moe_beyond())),  # fmt: skip
         skipped=skipped,
         fit_seconds=fit_seconds,
         wall_seconds=time.perf_counter() - start,
         host=platform.node(),
         rows=rows,
     )
-
-
-def asdict_config(config: SimConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(config)
 
 
 def _split_info(train: Any, val: Any, val_fraction: float, max_prompts: int | None) -> dict[str, Any]:

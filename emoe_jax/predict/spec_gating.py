@@ -87,7 +87,7 @@ class SpeculativeGating(BasePredictor):
         if (model_checkpoint is None) == (routers is None):
             raise SpecGatingError(
                 "spec-gating needs the model's router weights: pass model_checkpoint=PATH "
-                "(a converted checkpoint, CLI --model-checkpoint) or routers=[L, E, H] array, not both"
+                "(a converted checkpoint, CLI --model-checkpoint) or routers=[L, E, H] array (exactly one of them)"
             )
         if model_checkpoint is not None:
             routers, moe_layer_ids = load_router_kernels(model_checkpoint)
