@@ -29,7 +29,7 @@ def _setup(seed, n_tokens, num_slots, num_experts=8, k=2, h=16, i=8):
 def test_fast_paths_match_reference(seed, n_tokens, num_slots):
     x, routing, experts, slot_of_expert = _setup(seed, n_tokens, num_slots)
     ref = mix_experts(x, routing, experts, slot_of_expert, "reference")
-    for method in ("gather", "sorted", "auto"):
+    for method in ("gather", "sorted", "blocked", "auto"):
         out = mix_experts(x, routing, experts, slot_of_expert, method)
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5, err_msg=method)
 
@@ -42,7 +42,7 @@ def test_non_resident_pairs_contribute_nothing():
     keep = routing.ids != victim
     ref = mix_experts(x, Routing(routing.ids, jnp.where(keep, routing.weights, 0.0)), experts,
                       slot_of_expert, "reference")
-    for method in ("reference", "gather", "sorted"):
+    for method in ("reference", "gather", "sorted", "blocked"):
         out = mix_experts(x, routing, experts, masked, method)
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
 

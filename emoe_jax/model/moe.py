@@ -105,13 +105,67 @@ def mix_sorted(x, routing: Routing, experts: ExpertSlots, slot_of_expert) -> jax
     return jnp.zeros((n, x.shape[1]), jnp.float32).at[token_of_pair].add(ys).astype(x.dtype)
 
 
+def _mix_blocked_core(x: jax.Array, routing: Routing, experts: ExpertSlots, block: int = 64) -> jax.Array:
+    """Expert-grouped fixed-size blocks; routing.ids are slot indices here.
+
+    Steps: sort the N*k pairs by slot; pad each slot's run to a multiple of `block` inside a
+    buffer of static worst-case size (so shapes never depend on the routing); batched SwiGLU
+    matmuls per block [nb, block, H] x [nb, H, I]; scale and scatter-add back to the tokens.
+    No pair is dropped, so this is the same sum as the other kernels."""
+    n, k = routing.ids.shape
+    num_experts = experts.gate.shape[0]  # slots
+    flat = routing.ids.reshape(-1)  # [N*k] expert of each pair
+    order = jnp.argsort(flat, stable=True)  # [N*k] pairs sorted by expert
+    sorted_expert = flat[order]
+    counts = jnp.bincount(flat, length=num_experts)  # [E]
+    padded = (counts + block - 1) // block * block  # [E] rows reserved per expert
+    padded_end = jnp.cumsum(padded)
+    padded_start = padded_end - padded
+    start = jnp.cumsum(counts) - counts
+    dest = padded_start[sorted_expert] + (jnp.arange(n * k) - start[sorted_expert])  # [N*k] row of each pair
+    capacity = (n * k + num_experts * (block - 1) + block - 1) // block * block
+    num_blocks = capacity // block
+    token_of_row = jnp.full((capacity,), n, jnp.int32).at[dest].set((order // k).astype(jnp.int32))  # [C]
+    weight_of_row = jnp.zeros((capacity,), jnp.float32).at[dest].set(routing.weights.reshape(-1)[order])
+    # Expert of each block; blocks past the last expert's rows are all padding (any expert will do).
+    block_expert = jnp.searchsorted(padded_end, jnp.arange(num_blocks) * block, side="right")
+    block_expert = jnp.minimum(block_expert, num_experts - 1)  # [nb]
+    x_pad = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])  # [N+1, H], row N = dummy
+    xb = x_pad[token_of_row].reshape(num_blocks, block, -1)  # [nb, block, H]
+    gate, up, down = experts.gate[block_expert], experts.up[block_expert], experts.down[block_expert]
+    h = jax.nn.silu(jnp.einsum("BTH,BHI->BTI", xb, gate)) * jnp.einsum("BTH,BHI->BTI", xb, up)
+    y = jnp.einsum("BTI,BIH->BTH", h, down).reshape(capacity, -1).astype(jnp.float32)  # [C, H]
+    y = y * weight_of_row[:, None]
+    out = jnp.zeros((n + 1, x.shape[1]), jnp.float32).at[token_of_row].add(y)
+    return out[:n].astype(x.dtype)
+
+
+def mix_blocked(x, routing: Routing, experts: ExpertSlots, slot_of_expert, block: int | None = None):
+    """Prefill path on CPU, where `ragged_dot` is lowered densely: expert-grouped blocks.
+
+    The block size adapts to the pairs per slot (8..64 rows), so short prompts do
+    not pay for 64 rows of padding per slot."""
+    slots, weights = _slots_and_weights(routing, slot_of_expert)
+    if block is None:
+        per_slot = -(-slots.size // experts.gate.shape[0])
+        block = min(64, max(8, 1 << (per_slot - 1).bit_length()))
+    return _mix_blocked_core(x, Routing(slots, weights), experts, block)
+
+
 def mix_experts(x, routing: Routing, experts: ExpertSlots, slot_of_expert, method: str = "auto"):
-    """Combine routed experts for tokens x [N, H]. 'auto' gathers for small N and sorts otherwise."""
+    """Combine routed experts for tokens x [N, H].
+
+    'auto' gathers for few token-expert pairs (decode); for many (prefill) it uses
+    `ragged_dot` on GPU/TPU and the blocked kernel on CPU, where XLA lowers
+    `ragged_dot` densely (measured 18x slower for the embedded model's shapes)."""
     if method == "auto":
-        method = "gather" if x.shape[0] * routing.ids.shape[1] <= experts.gate.shape[0] else "sorted"
-    fn = {"reference": mix_reference, "gather": mix_gather, "sorted": mix_sorted}.get(method)
+        if x.shape[0] * routing.ids.shape[1] <= experts.gate.shape[0]:
+            method = "gather"
+        else:
+            method = "blocked" if jax.default_backend() == "cpu" else "sorted"
+    fn = {"reference": mix_reference, "gather": mix_gather, "sorted": mix_sorted, "blocked": mix_blocked}.get(method)
     if fn is None:
-        raise ValueError(f"unknown expert mixing method {method!r}; use auto, reference, gather or sorted")
+        raise ValueError(f"unknown expert mixing method {method!r}; use auto, reference, gather, sorted or blocked")
     return fn(x, routing, experts, slot_of_expert)
 
 

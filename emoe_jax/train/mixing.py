@@ -21,36 +21,10 @@ inference kernels compute):
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
-from emoe_jax.model.moe import ExpertSlots, Routing
+from emoe_jax.model.moe import ExpertSlots, Routing, _mix_blocked_core
 
 
 def mix_blocked(x: jax.Array, routing: Routing, experts: ExpertSlots, block: int = 64) -> jax.Array:
     """Routed-expert output for tokens x [N, H] with all E experts resident (slot e = expert e)."""
-    n, k = routing.ids.shape
-    num_experts = experts.gate.shape[0]
-    flat = routing.ids.reshape(-1)  # [N*k] expert of each pair
-    order = jnp.argsort(flat, stable=True)  # [N*k] pairs sorted by expert
-    sorted_expert = flat[order]
-    counts = jnp.bincount(flat, length=num_experts)  # [E]
-    padded = (counts + block - 1) // block * block  # [E] rows reserved per expert
-    padded_end = jnp.cumsum(padded)
-    padded_start = padded_end - padded
-    start = jnp.cumsum(counts) - counts
-    dest = padded_start[sorted_expert] + (jnp.arange(n * k) - start[sorted_expert])  # [N*k] row of each pair
-    capacity = (n * k + num_experts * (block - 1) + block - 1) // block * block
-    num_blocks = capacity // block
-    token_of_row = jnp.full((capacity,), n, jnp.int32).at[dest].set((order // k).astype(jnp.int32))  # [C]
-    weight_of_row = jnp.zeros((capacity,), jnp.float32).at[dest].set(routing.weights.reshape(-1)[order])
-    # Expert of each block; blocks past the last expert's rows are all padding (any expert will do).
-    block_expert = jnp.searchsorted(padded_end, jnp.arange(num_blocks) * block, side="right")
-    block_expert = jnp.minimum(block_expert, num_experts - 1)  # [nb]
-    x_pad = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])  # [N+1, H], row N = dummy
-    xb = x_pad[token_of_row].reshape(num_blocks, block, -1)  # [nb, block, H]
-    gate, up, down = experts.gate[block_expert], experts.up[block_expert], experts.down[block_expert]
-    h = jax.nn.silu(jnp.einsum("BTH,BHI->BTI", xb, gate)) * jnp.einsum("BTH,BHI->BTI", xb, up)
-    y = jnp.einsum("BTI,BIH->BTH", h, down).reshape(capacity, -1).astype(jnp.float32)  # [C, H]
-    y = y * weight_of_row[:, None]
-    out = jnp.zeros((n + 1, x.shape[1]), jnp.float32).at[token_of_row].add(y)
-    return out[:n].astype(x.dtype)
+    return _mix_blocked_core(x, routing, experts, block)
