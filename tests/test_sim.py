@@ -13,23 +13,11 @@ from emoe_jax.sim import SimConfig, SimConfigError, simulate, split_by_prompt_id
 from emoe_jax.sim.__main__ import main as sim_main
 from emoe_jax.sim.reference import simulate_reference
 from emoe_jax.sim.requests import next_use_table, ranked_experts, ranked_experts_reference
-from emoe_jax.traces import PromptTrace, TraceMeta, TraceSet, TraceWriter
+from trace_fixtures import make_traces  # noqa: E402
+
+from emoe_jax.traces import TraceWriter
 
 MS = 1e-3
-
-
-def make_traces(experts_per_prompt, num_experts, ids=None) -> TraceSet:
-    first = np.asarray(experts_per_prompt[0])
-    L, k = first.shape[1], first.shape[2]
-    meta = TraceMeta(model="test", num_layers=L, num_experts=num_experts, top_k=k,
-                     moe_layer_ids=tuple(range(L)), hidden_size=None, source="test")  # fmt: skip
-    ids = ids or list(range(len(experts_per_prompt)))
-    prompts = [
-        PromptTrace(prompt_id=pid, task="", text="", token_ids=np.arange(len(x), dtype=np.int32),
-                    experts=np.asarray(x, np.int16), weights=None, n_prefill=len(x))  # fmt: skip
-        for pid, x in zip(ids, experts_per_prompt)
-    ]
-    return TraceSet.from_prompts(meta, prompts)
 
 
 def sequence(*experts):

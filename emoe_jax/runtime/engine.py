@@ -25,7 +25,6 @@ from flax import nnx
 
 from ..config import MoEConfig
 from ..model.decoder import MoETransformer, init_kv_caches
-from ..model.moe import ExpertSlots
 from ..model.resident import left_pad
 from . import stages
 from .budget import parse_expert_count, parse_per_layer_counts
@@ -334,16 +333,6 @@ class OffloadedEngine:
         else:
             report["decode_layer_temp_bytes"] = self._decode_layer_temp_bytes(batch)
         return report
-
-
-def reference_experts(engine: OffloadedEngine) -> list[ExpertSlots]:
-    """All experts of every layer from the engine's source (for the all-resident baseline)."""
-    cfg = engine.cfg
-    out = []
-    for ml in range(cfg.num_moe_layers):
-        per = [engine.source.read(ml, e) for e in range(cfg.num_experts)]
-        out.append(ExpertSlots(*(jnp.stack([jnp.asarray(p[w]) for p in per]) for w in ("gate", "up", "down"))))
-    return out
 
 
 __all__ = ["OffloadedEngine", "GenerationResult", "GenerationError", "StepRouting", "MODES"]
