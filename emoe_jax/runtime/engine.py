@@ -47,6 +47,12 @@ class StepRouting:
     weights: np.ndarray  # [B, T, k] float32
     valid: np.ndarray  # [B, T] bool: real tokens (not padding)
     router_input: jax.Array | None  # [B, T, H] normed hidden state the router saw (device)
+    positions: np.ndarray | None = None  # [B, T] int: index of each token in its prompt (-1: padding)
+
+
+# A routing override sees a step's routing and returns replacement (ids, weights), both [B, T, k],
+# or None to keep it: forced-routing replay of traces and sensitivity profiling use it.
+RoutingOverride = Callable[[StepRouting], "tuple[np.ndarray, np.ndarray] | None"]
 
 
 @dataclasses.dataclass
@@ -94,6 +100,7 @@ class OffloadedEngine:
         self.device_cache = DeviceSlotCache(lm, e, self.slots, cfg.hidden_size, cfg.moe_intermediate_size,
                                             dtype, policy)
         self.routing_hooks: list[Callable[[StepRouting], None]] = []
+        self.routing_override: RoutingOverride | None = None
         self.record_router_inputs = False
         self._timers = _Timers()
 
@@ -135,8 +142,9 @@ class OffloadedEngine:
 
     # ---- one forward over new tokens -----------------------------------------
     def _forward(self, tokens: np.ndarray, caches: list, write_index: int, pad_len: np.ndarray,
-                 valid: np.ndarray) -> tuple[jax.Array, list]:
-        """tokens [B, T]; valid [B, T] bool. Returns last-position logits [B, V] and caches."""
+                 valid: np.ndarray, positions: np.ndarray | None = None) -> tuple[jax.Array, list]:
+        """tokens [B, T]; valid [B, T] bool; positions [B, T] (index in prompt, -1 padding).
+        Returns last-position logits [B, V] and caches."""
         x = stages.embed(self._embed[0], self._embed[1], jnp.asarray(tokens))
         wi, pad = jnp.int32(write_index), jnp.asarray(pad_len)
         restricted = self.mode == "restricted"
@@ -149,16 +157,35 @@ class OffloadedEngine:
                 x = stages.ffn(gdef, state, residual, normed, None, None, None, method=self.method)
                 continue
             ids = np.asarray(routing.ids)  # [B*T, k]: the one host sync of the layer
-            if self.routing_hooks:
+            if self.routing_override is not None or self.routing_hooks:
                 b, t = tokens.shape
                 step = StepRouting(ml, ids.reshape(b, t, -1), np.asarray(routing.weights).reshape(b, t, -1),
-                                   valid, normed if self.record_router_inputs else None)
+                                   valid, normed if self.record_router_inputs else None, positions)
+                if self.routing_override is not None:
+                    ids, routing, step = self._apply_override(step, routing)
                 for hook in self.routing_hooks:
                     hook(step)
             x = self._moe_ffn(gdef, state, ml, residual, normed, routing, ids, valid)
         logits = stages.head(self._norm[0], self._norm[1], self._proj[0], self._proj[1], x,
                              tied=self.cfg.tie_word_embeddings)
         return logits, caches
+
+    def _apply_override(self, step: StepRouting, routing):
+        """Replace the router's choice by the override's (same shapes: nothing recompiles)."""
+        forced = self.routing_override(step)
+        if forced is None:
+            return step.ids.reshape(-1, step.ids.shape[-1]), routing, step
+        ids, weights = (np.asarray(a) for a in forced)
+        if ids.shape != step.ids.shape or weights.shape != step.ids.shape:
+            raise ValueError(f"routing override returned ids {ids.shape} / weights {weights.shape}; "
+                             f"expected {step.ids.shape} (batch, tokens, top_k)")
+        ids = ids.astype(np.int32)
+        if ids.min() < 0 or ids.max() >= self.cfg.num_experts:
+            raise ValueError(f"routing override chose expert ids outside [0, {self.cfg.num_experts})")
+        k = ids.shape[-1]
+        routing = type(routing)(jnp.asarray(ids.reshape(-1, k)), jnp.asarray(weights.reshape(-1, k), jnp.float32))
+        step = dataclasses.replace(step, ids=ids, weights=weights.astype(np.float32))
+        return ids.reshape(-1, k), routing, step
 
     def _moe_ffn(self, gdef, state, ml, residual, normed, routing, ids, valid):
         cache = self.device_cache
@@ -227,7 +254,8 @@ class OffloadedEngine:
         key = jax.random.PRNGKey(seed)
 
         t0 = time.perf_counter()
-        logits, caches = self._forward(tokens, caches, 0, pad_len, valid)
+        positions = np.where(valid, np.arange(t)[None, :] - pad_len[:, None], -1)  # [B, t]
+        logits, caches = self._forward(tokens, caches, 0, pad_len, valid, positions)
         kept_logits = [np.asarray(logits)] if return_logits else None
         nxt = self._pick(logits, temperature, top_p, key, 0)
         self._timers.prefill_s = time.perf_counter() - t0
@@ -247,7 +275,8 @@ class OffloadedEngine:
                 done[i], lengths[i] = True, step
             if done.all() or step == max_new_tokens - 1:
                 break
-            logits, caches = self._forward(nxt[:, None], caches, t + step, pad_len, ones)
+            logits, caches = self._forward(nxt[:, None], caches, t + step, pad_len, ones,
+                                           (t - pad_len + step)[:, None])
             if return_logits:
                 kept_logits.append(np.asarray(logits))
             nxt = self._pick(logits, temperature, top_p, key, step + 1)
@@ -335,4 +364,4 @@ class OffloadedEngine:
         return report
 
 
-__all__ = ["OffloadedEngine", "GenerationResult", "GenerationError", "StepRouting", "MODES"]
+__all__ = ["OffloadedEngine", "GenerationResult", "GenerationError", "StepRouting", "RoutingOverride", "MODES"]
