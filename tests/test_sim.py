@@ -257,3 +257,83 @@ def test_cli_json_and_errors(tmp_path, capsys):
     assert sim_main(["--traces", str(tmp_path / "missing"), "--predictor", "lru"]) == 2
     assert sim_main(["--traces", str(path), "--predictor", "static-freq", "--capacity", "6", "--no-progress"]) == 2
     assert "fit" in capsys.readouterr().err
+
+
+# -- per-task breakdown and the CLI's router weights for spec-gating ----------------------
+
+
+def _with_tasks(traces, tasks):
+    from dataclasses import replace
+
+    from emoe_jax.traces import TraceSet
+
+    return TraceSet.from_prompts(traces.meta, [replace(p, task=t) for p, t in zip(traces, tasks)])
+
+
+@pytest.mark.parametrize("config_name", ["timed", "two-links-lookahead3"])
+def test_per_task_counters_sum_to_totals_and_equal_separate_replays(config_name):
+    traces = _with_tasks(random_traces(11, prompts=7), ["a", "b", "a", "c", "b", "a", "c"])
+    config = CONFIGS[config_name]
+    res = simulate(traces, get_predictor("prev-token", lookahead=config.lookahead_layers), config).to_dict()
+    per = res["per_task"]
+    assert sorted(per) == ["a", "b", "c"] and [per[t]["prompts"] for t in "abc"] == [3, 2, 2]
+    for key in ("tokens", "accesses", "hits", "timely_prefetches", "late_prefetches", "demand_misses"):
+        assert sum(c[key] for c in per.values()) == res[key], key
+    assert sum(c["stall_seconds"] for c in per.values()) == pytest.approx(res["stall_seconds"])
+    # With a fresh empty cache per prompt, prompts are independent: a task's share equals
+    # replaying that task's prompts alone.
+    fresh = config.with_(reset_per_prompt=True)
+    res = simulate(traces, get_predictor("prev-token", lookahead=config.lookahead_layers), fresh).to_dict()
+    for task in "abc":
+        alone = simulate(traces.select([i for i, p in enumerate(traces) if p.task == task]),
+                         get_predictor("prev-token", lookahead=config.lookahead_layers), fresh).to_dict()  # fmt: skip
+        for key in ("tokens", "accesses", "hits", "demand_misses"):
+            assert res["per_task"][task][key] == alone[key], (task, key)
+        assert res["per_task"][task]["hit_rate"] == pytest.approx(alone["hit_rate"])
+        assert res["per_task"][task]["stall_ms_per_token"] == pytest.approx(alone["stall_ms_per_token"])
+
+
+@pytest.fixture(scope="module")
+def tiny_model_checkpoint(tmp_path_factory):
+    """A converted tiny qwen3_moe checkpoint (3 MoE layers x 8 experts, top-2, hidden 32)."""
+    from emoe_jax.checkpoint import write_checkpoint
+    from emoe_jax.config import tiny_config
+    from emoe_jax.model.hf_params import nest_for_checkpoint, params_to_hf
+    from emoe_jax.model.random_init import random_model
+
+    cfg = tiny_config("qwen3_moe")
+    _, params, experts = random_model(cfg, seed=0)
+    stacked = {w: np.stack([np.asarray(layer[j]) for layer in experts]) for j, w in enumerate(("gate", "up", "down"))}
+    path = tmp_path_factory.mktemp("sim_ckpt") / "ckpt"
+    write_checkpoint(path, cfg, nest_for_checkpoint(params_to_hf(cfg, params)), stacked)
+    return path, cfg
+
+
+def test_cli_model_checkpoint_gives_spec_gating_its_routers(tiny_model_checkpoint, tmp_path, capsys):
+    """Traces routed by the checkpoint's own routers on depth-constant inputs: spec-gating is exact."""
+    from emoe_jax.predict.spec_gating import load_router_kernels
+    from emoe_jax.traces import PromptTrace, TraceMeta
+
+    ckpt, cfg = tiny_model_checkpoint
+    routers, layer_ids = load_router_kernels(ckpt)  # [L, E, H]
+    L, E, H = routers.shape
+    meta = TraceMeta(model=str(ckpt), num_layers=L, num_experts=E, top_k=cfg.top_k, moe_layer_ids=layer_ids,
+                     hidden_size=H, source="test")  # fmt: skip
+    rng = np.random.default_rng(0)
+    path = tmp_path / "traces"
+    with TraceWriter(path, meta) as w:
+        for pid in range(4):
+            hidden = np.repeat(rng.normal(size=(10, 1, H)), L, axis=1).astype(np.float16)  # [T, L, H]
+            logits = np.einsum("leh,tlh->tle", routers, hidden.astype(np.float32))
+            experts = np.argsort(-logits, axis=-1)[..., : cfg.top_k].astype(np.int16)  # [T, L, k]
+            w.add(PromptTrace(prompt_id=pid, task="t", text="", token_ids=np.arange(10, dtype=np.int32),
+                              experts=experts, weights=None, n_prefill=10, hidden=hidden))  # fmt: skip
+    args = ["--traces", str(path), "--predictor", "spec-gating", "--capacity", "0.5", "--json", "--no-progress"]
+    assert sim_main([*args, "--model-checkpoint", str(ckpt)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["predictor"] == "spec-gating" and out["prediction"]["rows"] > 0
+    assert out["prediction"][f"recall@{cfg.top_k}"] == pytest.approx(1.0)
+    assert sim_main(args) == 2
+    assert "--model-checkpoint" in capsys.readouterr().err
+    assert sim_main([*args, "--model-checkpoint", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

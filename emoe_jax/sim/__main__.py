@@ -4,6 +4,8 @@ Examples:
   python -m emoe_jax.sim --traces out/puffin_traces --predictor lru --capacity 0.1
   python -m emoe_jax.sim --traces out/puffin_traces --predictor static-freq --split --json
   python -m emoe_jax.sim --traces out/puffin_traces --predictor moe-infinity-beyond --split --zero-latency
+  python -m emoe_jax.sim --traces out/embedded_traces --predictor spec-gating --split \
+      --model-checkpoint checkpoints/embedded
   python -m emoe_jax.sim --list
 """
 
@@ -70,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit on the prompts with the lowest ids, replay the last VAL_FRACTION (by prompt id)",
     )  # fmt: skip
     d.add_argument("--max-prompts", type=int, default=None, help="replay only the first N prompts (quick runs)")
+    m = p.add_argument_group("predictor inputs")
+    m.add_argument(
+        "--model-checkpoint", type=Path, default=None,
+        help="converted model checkpoint (python -m emoe_jax.convert) whose router weights spec-gating applies; "
+        "the traces must be of that model and carry router inputs",
+    )  # fmt: skip
+    m.add_argument(
+        "--predictor-checkpoint", type=Path, default=None,
+        help="learned-predictor checkpoint (default: the one in checkpoints/predictors that matches the traces' "
+        "layers, experts and top-k)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -123,7 +136,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.metric_k:
             overrides["metric_k"] = tuple(args.metric_k)
         config = base.with_(**overrides)
-        predictor = get_predictor(args.predictor, ignore_unknown=True, lookahead=config.lookahead_layers)
+        inputs = {}
+        if args.model_checkpoint is not None:
+            if not args.model_checkpoint.exists():
+                raise FileNotFoundError(f"--model-checkpoint {args.model_checkpoint} does not exist")
+            inputs["model_checkpoint"] = str(args.model_checkpoint)
+        if args.predictor_checkpoint is not None:
+            inputs["checkpoint"] = str(args.predictor_checkpoint)
+        predictor = get_predictor(args.predictor, ignore_unknown=True, lookahead=config.lookahead_layers, **inputs)
         if train is not None:
             predictor.fit(train)
         result = simulate(traces, predictor, config, progress=not args.no_progress)
@@ -164,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     for key, v in out["prediction"].items():
         if not key.endswith(("per_layer", "per_distance")) and key != "rows":
             print(f"{key:42s} {100 * v:7.2f} %")
+    if len(out["per_task"]) > 1:
+        print("per task: hit rate / stall ms per token (prompts)")
+        for task, c in sorted(out["per_task"].items()):
+            print(f"  {task:40s} {100 * c['hit_rate']:7.2f} % / {c['stall_ms_per_token']:.2f} ms ({c['prompts']})")
     return 0
 
 

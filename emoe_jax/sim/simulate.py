@@ -59,6 +59,9 @@ class SimResult:
     bytes_moved: float
     wall_seconds: float
     prediction: dict = field(default_factory=dict)  # recall@k / precision@k summary
+    # task label -> counters of that task's prompts (their share of the one replay: the cache,
+    # link and clock carry over between prompts of different tasks exactly as in the totals)
+    per_task: dict = field(default_factory=dict)
 
     @property
     def hit_rate(self) -> float:
@@ -78,7 +81,27 @@ class SimResult:
             stall_ms_per_token=1e3 * self.stall_seconds / tokens,
             bytes_per_token=self.bytes_moved / tokens,
         )
+        for counters in d["per_task"].values():
+            counters.update(
+                hit_rate=counters["hits"] / max(counters["accesses"], 1),
+                stall_ms_per_token=1e3 * counters["stall_seconds"] / max(counters["tokens"], 1),
+            )
         return d
+
+
+# Counters split by task: (name in SimResult.per_task, index into CacheState.counts).
+_TASK_COUNTS = (("tokens", K.C_TOKENS), ("accesses", K.C_ACCESSES), ("hits", K.C_HITS),
+                ("timely_prefetches", K.C_TIMELY), ("late_prefetches", K.C_LATE), ("demand_misses", K.C_MISSES))  # fmt: skip
+
+
+def _add_task_share(per_task: dict, task: str, before_counts: np.ndarray, before_floats: np.ndarray,
+                    state: K.CacheState) -> None:  # fmt: skip
+    """Add what one prompt changed in the running counters to its task's entry."""
+    entry = per_task.setdefault(task, {"prompts": 0, **{name: 0 for name, _ in _TASK_COUNTS}, "stall_seconds": 0.0})
+    entry["prompts"] += 1
+    for name, idx in _TASK_COUNTS:
+        entry[name] += int(state.counts[idx] - before_counts[idx])
+    entry["stall_seconds"] += float(state.floats[K.F_STALL] - before_floats[K.F_STALL])
 
 
 def _random_fill(rng: np.random.Generator, pools: int, per_pool: int, num_layers: int, num_experts: int) -> np.ndarray:
@@ -121,6 +144,7 @@ def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progr
     rng = np.random.default_rng(config.seed)
     start_wall = time.perf_counter()
     step_offset = 0
+    per_task: dict[str, dict] = {}
     for i, trace in enumerate(tqdm(traces, desc=f"sim {predictor.name}", disable=not progress, unit="prompt")):
         experts = np.asarray(trace.experts)
         if experts.size and np.any(np.diff(np.sort(experts, axis=-1), axis=-1) == 0):
@@ -147,6 +171,7 @@ def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progr
             K.reset_cache(fill, E, pools > 1, state.status, state.ready, state.last_use, state.freq,
                           state.prefetched, state.pinned, state.slots, state.pool_size, state.slot_pos,
                           state.link_free, state.q_ptr, state.ints, state.floats)  # fmt: skip
+        before_counts, before_floats = state.counts.copy(), state.floats.copy()
         access_next = dummy_next if next_use is None else next_use[step_offset : step_offset + num_steps]
         if next_use is None:
             access_next = np.full((num_steps, k), K.NEVER, np.int64)
@@ -155,6 +180,7 @@ def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progr
             step_offset, config.warmup_tokens, L, E, pools > 1, per_pool, K.POLICY_IDS[policy],
             xfer, compute, config.expert_bytes, *arrays,
         )  # fmt: skip
+        _add_task_share(per_task, str(getattr(trace, "task", "") or ""), before_counts, before_floats, state)
         step_offset += num_steps
     wall = time.perf_counter() - start_wall
     c, f = state.counts, state.floats
@@ -182,4 +208,5 @@ def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progr
         bytes_moved=float(f[K.F_BYTES]),
         wall_seconds=wall,
         prediction=scorer.summary(),
+        per_task=per_task,
     )
