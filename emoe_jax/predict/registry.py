@@ -82,10 +82,14 @@ def get_predictor(name: str, ignore_unknown: bool = False, **kwargs: Any) -> Bas
 
 # -- learned and eMoE predictors (emoe_jax/predict/learned, emoe_jax/predict/emoe.py) --
 # Factories import lazily so listing predictors does not load JAX or a checkpoint.
-def _learned(lookahead: int = 1, checkpoint: str | None = None, eviction: str = "lru") -> BasePredictor:
+def _learned(lookahead: int = 1, checkpoint: str | None = None, eviction: str = "lru", num_layers: int | None = None,
+             num_experts: int | None = None, top_k: int | None = None, router_inputs: bool | None = None) -> BasePredictor:  # fmt: skip
     from emoe_jax.predict.learned.predictor import LearnedPredictor
 
-    return LearnedPredictor(lookahead=lookahead, checkpoint=checkpoint, eviction=eviction)
+    # Without a checkpoint, the one in checkpoints/predictors matching the model's shape
+    # (given here, or read from the traces/prompt on first use) is loaded.
+    return LearnedPredictor(lookahead=lookahead, checkpoint=checkpoint, eviction=eviction, num_layers=num_layers,
+                            num_experts=num_experts, top_k=top_k, router_inputs=router_inputs)  # fmt: skip
 
 
 def _emoe(sequence_model: bool) -> Callable[..., BasePredictor]:
@@ -101,7 +105,7 @@ def _emoe(sequence_model: bool) -> Callable[..., BasePredictor]:
     return build
 
 
-register_predictor("learned", _learned, "causal transformer trained on traces (checkpoints/predictors/learned-dsv2lite)")
+register_predictor("learned", _learned, "causal transformer trained on traces (checkpoints/predictors/learned-*, picked by model shape)")
 register_predictor("emoe", _emoe(True), "eMoE: task profiles + eMoE-A forecast every p prompts, Eq. 2 selection")
 register_predictor("emoe-profiles", _emoe(False), "eMoE without eMoE-A: per-task expert frequency profiles, Eq. 2")
 

@@ -3,6 +3,8 @@
 Examples:
   python -m emoe_jax.predict.learned train --traces out/puffin_traces \
       --out checkpoints/predictors/learned-dsv2lite --steps 2000 --time-limit 1100
+  python -m emoe_jax.predict.learned train --traces out/embedded_traces \
+      --out checkpoints/predictors/learned-embedded --steps 1200 --token-buckets 4096
   python -m emoe_jax.predict.learned evaluate --traces out/puffin_traces --json
 """
 
@@ -50,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="validation recall@k of a checkpoint",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     e.add_argument("--traces", type=Path, required=True)
-    e.add_argument("--checkpoint", type=Path, default=None, help="default: checkpoints/predictors/learned-dsv2lite")
+    e.add_argument("--checkpoint", type=Path, default=None,
+                   help="default: the checkpoint in checkpoints/predictors trained for the traces' L, E and top-k")
     e.add_argument("--val-fraction", type=float, default=0.2)
     e.add_argument("--k", type=int, default=None, help="recall@k cut-off (default: top-k)")
     e.add_argument("--max-val-prompts", type=int, default=None)

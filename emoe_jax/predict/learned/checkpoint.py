@@ -28,7 +28,11 @@ from flax import nnx
 from emoe_jax.predict.learned.config import LearnedConfig, LearnedPredictorError
 from emoe_jax.predict.learned.model import RoutingPredictorNet
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[3] / "checkpoints" / "predictors" / "learned-dsv2lite"
+PREDICTORS_DIR = Path(__file__).resolve().parents[3] / "checkpoints" / "predictors"
+# The DeepSeek-V2-Lite checkpoint (L=26, E=64, k=6). ``LearnedPredictor`` without a
+# checkpoint no longer loads it blindly: it picks the checkpoint in PREDICTORS_DIR
+# whose shape matches the model (``find_checkpoint``).
+DEFAULT_CHECKPOINT = PREDICTORS_DIR / "learned-dsv2lite"
 
 
 def _ocp():
@@ -120,3 +124,73 @@ def update_info(path: str | os.PathLike, info: dict[str, Any]) -> None:
     tmp = cfg_file.with_name(f".config.json.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
     os.replace(tmp, cfg_file)
+
+
+def read_config(path: str | os.PathLike) -> LearnedConfig:
+    """The ``LearnedConfig`` of a checkpoint directory, without loading its parameters."""
+    cfg_file = Path(path) / "config.json"
+    try:
+        return LearnedConfig.from_dict(json.loads(cfg_file.read_text())["config"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise LearnedPredictorError(f"{cfg_file} is missing or corrupt ({exc})") from exc
+
+
+def list_checkpoints(root: str | os.PathLike | None = None) -> dict[Path, LearnedConfig]:
+    """Learned-predictor checkpoints directly under ``root`` (default checkpoints/predictors), by name.
+
+    Directories that are not learned-predictor checkpoints (other predictors' files, temporaries
+    of an interrupted save, whose names start with a dot) are skipped.
+    """
+    root = PREDICTORS_DIR if root is None else Path(root)
+    found: dict[Path, LearnedConfig] = {}
+    if not root.is_dir():
+        return found
+    for d in sorted(root.iterdir()):
+        if d.name.startswith(".") or not (d / "config.json").is_file() or not (d / "params").is_dir():
+            continue
+        try:
+            found[d] = read_config(d)
+        except LearnedPredictorError:
+            continue
+    return found
+
+
+def find_checkpoint(num_layers: int, num_experts: int, top_k: int, *, router_inputs: bool | None = None,
+                    hidden_size: int | None = None, root: str | os.PathLike | None = None) -> Path:  # fmt: skip
+    """The checkpoint under ``root`` trained for a model with these MoE layers, experts and top-k.
+
+    router_inputs: whether the caller will feed router inputs (``observe_router_input`` or
+    traces with ``hidden``). True: prefer a checkpoint that uses them (of width ``hidden_size``
+    when given), else one without; False: only checkpoints without; None (unknown): prefer one
+    without (it runs anywhere), else one with. Ties go to the first name in sorted order.
+    Raises ``LearnedPredictorError`` naming every available checkpoint's shape when none matches.
+    """
+    root = PREDICTORS_DIR if root is None else Path(root)
+    if router_inputs is None and hidden_size is not None:
+        router_inputs = True
+    found = list_checkpoints(root)
+    shape = [d for d, c in found.items() if (c.num_layers, c.num_experts, c.top_k) == (num_layers, num_experts, top_k)]
+    uses_inputs = [d for d in shape if found[d].hidden_size is not None
+                   and (hidden_size is None or found[d].hidden_size == hidden_size)]  # fmt: skip
+    without = [d for d in shape if found[d].hidden_size is None]
+    if router_inputs is None:
+        order = without + uses_inputs
+    elif router_inputs:
+        order = uses_inputs + without
+    else:
+        order = without
+    if order:
+        return order[0]
+    have = "; ".join(
+        f"{d.name}: L={c.num_layers}, E={c.num_experts}, k={c.top_k}"
+        + (f", router inputs of width {c.hidden_size}" if c.hidden_size is not None else ", no router inputs")
+        for d, c in found.items()
+    ) or "none"
+    want = f"L={num_layers}, E={num_experts}, k={top_k}" + (
+        "" if router_inputs is None else (", with router inputs" if router_inputs else ", without router inputs")
+    )
+    raise LearnedPredictorError(
+        f"no learned-predictor checkpoint in {root} matches {want} (available: {have}); train one with: "
+        f"python -m emoe_jax.predict.learned train --traces TRACES --out {root}/learned-NAME, "
+        "or pass checkpoint=DIR"
+    )

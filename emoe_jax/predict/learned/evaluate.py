@@ -19,6 +19,8 @@ def recall_at_k(predictor: Any, traces: Any, k: int | None = None, progress: boo
     meta = traces.meta
     num_layers, top_k = int(meta.num_layers), int(meta.top_k)
     k = top_k if k is None else int(k)
+    if getattr(predictor, "cfg", None) is None:
+        predictor.fit(traces)  # only picks the checkpoint matching the traces' shape; nothing is trained
     horizon = predictor.cfg.horizon
     hits_layer = np.zeros((horizon + 1, num_layers), np.int64)  # [h, L] by distance and target layer
     rows_layer = np.zeros((horizon + 1, num_layers), np.int64)

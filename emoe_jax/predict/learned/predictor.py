@@ -10,6 +10,12 @@ Steps (step path, the reference):
    With router inputs (``observe_router_input``), layer l-1's input is
    projected into z at (t, l); layer l's own input is kept for step (t, l+1).
 
+Checkpoint choice: an explicit ``checkpoint`` or ``model``; otherwise the
+checkpoint in checkpoints/predictors whose (num_layers, num_experts, top_k)
+match the model (given to the constructor, or read from the traces / prompt on
+first use), e.g. learned-dsv2lite for DeepSeek-V2-Lite and learned-embedded for
+the embedded model (``checkpoint.find_checkpoint``).
+
 Fast path (``predict_prompt``): the same network over the whole prompt at once
 (sliding-window causal mask, prompt padded to a power-of-two length so a few
 shapes compile), giving the same rows in the same order; tested against the
@@ -28,8 +34,8 @@ import numpy as np
 from flax import nnx
 
 from emoe_jax.predict.base import BasePredictor, Prediction, PromptInfo, PromptPredictions, horizon_rows
-from emoe_jax.predict.learned.checkpoint import DEFAULT_CHECKPOINT, load
-from emoe_jax.predict.learned.config import LearnedPredictorError
+from emoe_jax.predict.learned.checkpoint import find_checkpoint, load
+from emoe_jax.predict.learned.config import LearnedConfig, LearnedPredictorError
 from emoe_jax.predict.learned.model import RoutingPredictorNet, token_buckets
 
 
@@ -41,13 +47,45 @@ class LearnedPredictor(BasePredictor):
     name = "learned"
 
     def __init__(self, lookahead: int = 1, checkpoint: str | os.PathLike | None = None,
-                 eviction: str = "lru", model: RoutingPredictorNet | None = None) -> None:  # fmt: skip
+                 eviction: str = "lru", model: RoutingPredictorNet | None = None, *,
+                 num_layers: int | None = None, num_experts: int | None = None, top_k: int | None = None,
+                 router_inputs: bool | None = None, search_dir: str | os.PathLike | None = None) -> None:  # fmt: skip
+        """``model`` or ``checkpoint`` (a directory) give the network. With neither, the checkpoint
+        under ``search_dir`` (default checkpoints/predictors) that matches the model's shape is
+        loaded: now if num_layers, num_experts and top_k are given, else on the first ``fit``,
+        ``begin_prompt`` or ``predict_prompt``, from the traces' or prompt's shape.
+        ``router_inputs`` says whether router inputs will be fed (see ``find_checkpoint``)."""
         super().__init__(lookahead=lookahead)
         self.eviction = eviction
-        self.checkpoint = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
+        self.checkpoint: Path | None = Path(checkpoint) if checkpoint is not None else None
         self.training_info: dict[str, Any] = {}
-        if model is None:
-            model, self.training_info = load(self.checkpoint)
+        self.router_inputs = router_inputs
+        self.search_dir = search_dir
+        self.cfg: LearnedConfig | None = None
+        shape = (num_layers, num_experts, top_k)
+        if any(x is not None for x in shape) and not all(x is not None for x in shape):
+            raise LearnedPredictorError(
+                "pass all of num_layers, num_experts and top_k (to pick a checkpoint by shape) or none of them"
+            )
+        if model is not None:
+            self._install(model)
+        elif self.checkpoint is not None:
+            self._install_checkpoint(self.checkpoint)
+        elif num_layers is not None:
+            self._select(int(num_layers), int(num_experts), int(top_k), router_inputs)
+
+    def _select(self, num_layers: int, num_experts: int, top_k: int, router_inputs: bool | None,
+                hidden_size: int | None = None) -> None:  # fmt: skip
+        path = find_checkpoint(num_layers, num_experts, top_k, router_inputs=router_inputs, hidden_size=hidden_size,
+                               root=self.search_dir)  # fmt: skip
+        self._install_checkpoint(path)
+
+    def _install_checkpoint(self, path: Path) -> None:
+        model, self.training_info = load(path)
+        self.checkpoint = Path(path)
+        self._install(model)
+
+    def _install(self, model: RoutingPredictorNet) -> None:
         self.cfg = model.cfg
         if self.lookahead > self.cfg.horizon:
             raise LearnedPredictorError(
@@ -67,6 +105,24 @@ class LearnedPredictor(BasePredictor):
         self._last_table = np.asarray(model.last_embed.embedding[...])  # [L*E, d]
         self._layer_table = np.asarray(model.layer_embed.embedding[...])  # [L, d]
 
+    def _ensure(self, num_layers: int, num_experts: int, top_k: int, hidden_size: int | None = None,
+                hidden_known: bool = False) -> None:  # fmt: skip
+        """Load the matching checkpoint on first use (no model yet), then check the shape."""
+        if self.cfg is None:
+            router_inputs = self.router_inputs
+            if router_inputs is None and hidden_known:
+                router_inputs = hidden_size is not None  # the traces say whether router inputs exist
+            self._select(num_layers, num_experts, top_k, router_inputs, hidden_size)
+        self._check_meta(num_layers, num_experts, top_k)
+
+    def _require_model(self) -> LearnedConfig:
+        if self.cfg is None:
+            raise LearnedPredictorError(
+                "no learned-predictor network loaded yet: pass checkpoint=DIR or num_layers/num_experts/top_k, "
+                "or call fit(traces) first so the matching checkpoint is picked"
+            )
+        return self.cfg
+
     # -- shape checks ---------------------------------------------------------
     def _check_meta(self, num_layers: int, num_experts: int, top_k: int) -> None:
         c = self.cfg
@@ -79,11 +135,12 @@ class LearnedPredictor(BasePredictor):
     def fit(self, train: Any) -> None:
         """Training is offline (``python -m emoe_jax.predict.learned train``); this only checks shapes."""
         m = train.meta
-        self._check_meta(int(m.num_layers), int(m.num_experts), int(m.top_k))
+        self._ensure(int(m.num_layers), int(m.num_experts), int(m.top_k), m.hidden_size, hidden_known=True)
 
     # -- fast path ------------------------------------------------------------
     def all_scores(self, trace: Any) -> np.ndarray:
         """Sigmoid scores [T, L, horizon+1, E] for every step of ``trace`` and every distance."""
+        self._require_model()
         experts = np.asarray(trace.experts).astype(np.int32)  # [T, L, k]
         num_tokens = experts.shape[0]
         n = _bucket_len(num_tokens)
@@ -104,7 +161,7 @@ class LearnedPredictor(BasePredictor):
 
     def predict_prompt(self, trace: Any, meta: Any) -> PromptPredictions:
         num_layers, num_experts = int(meta.num_layers), int(meta.num_experts)
-        self._check_meta(num_layers, num_experts, int(meta.top_k))
+        self._ensure(num_layers, num_experts, int(meta.top_k), getattr(meta, "hidden_size", None), hidden_known=True)
         scores = self.all_scores(trace)  # [T, L, H+1, E]
         num_steps = scores.shape[0] * num_layers
         issue, target = horizon_rows(num_steps, self.lookahead)
@@ -115,7 +172,7 @@ class LearnedPredictor(BasePredictor):
     # -- step path ------------------------------------------------------------
     def begin_prompt(self, info: PromptInfo) -> None:
         super().begin_prompt(info)
-        self._check_meta(info.num_layers, info.num_experts, info.top_k)
+        self._ensure(info.num_layers, info.num_experts, info.top_k)
         c = self.cfg
         self._ids: list[int] = []
         self._routing = np.zeros((0, c.num_layers, c.top_k), np.int32)  # tokens fully routed
