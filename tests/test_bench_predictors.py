@@ -109,3 +109,34 @@ def test_cli_errors_and_json(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["split"]["val_prompts"] == 2 and out["split"]["train_prompts"] == 3
     assert (tmp_path / "o" / "table.md").exists()
+
+
+def test_per_task_table_and_plot(tmp_path):
+    """With several task labels: hit rate per task at the capacity closest to 10%, shares summing to the totals."""
+    from dataclasses import replace
+
+    base = _traces(num_prompts=8)
+    tasks = ["code", "math"] * 4
+    traces = TraceSet.from_prompts(base.meta, [replace(p, task=t) for p, t in zip(base, tasks)])
+    grid = dict(GRID, capacities=(0.125, 0.5))
+    res = B.run_grid(traces, predictors=["prev-token"], **grid)
+    for row in res["rows"]:
+        per = row["per_task"]
+        assert sorted(per) == ["code", "math"] and sum(c["prompts"] for c in per.values()) == 4
+        assert sum(c["hits"] for c in per.values()) == row["hits"]
+        assert sum(c["accesses"] for c in per.values()) == row["accesses"]
+    lines = B.per_task_markdown(res)
+    text = "\n".join(lines)
+    assert text.count("## Per task, capacity 0.125") == 3  # zero latency + 2 bandwidths
+    zl = next(r for r in res["rows"] if r["predictor"] == "prev-token" and r["protocol"] == B.ZERO_LATENCY
+              and r["capacity"] == 0.125)  # fmt: skip
+    row = next(line for line in lines if line.startswith("| prev-token |"))
+    assert row == ("| prev-token | " + " | ".join(f"{100 * zl['per_task'][t]['hit_rate']:.1f}" for t in ("code", "math"))
+                   + f" | {100 * zl['hit_rate']:.1f} |")  # fmt: skip
+    assert "| predictor | code (2) | math (2) | all |" in lines
+    paths = B.write_outputs(res, tmp_path / "out")
+    data = open(paths["per_task_plot"], "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    # A single task: no per-task section, no plot.
+    res1 = B.run_grid(_traces(), predictors=["prev-token"], **GRID)
+    assert B.per_task_markdown(res1) == [] and "per_task_plot" not in B.write_outputs(res1, tmp_path / "one")

@@ -23,8 +23,9 @@ Steps:
      zero-latency cells (``SimConfig.moe_beyond``) at every capacity.
   5. Write ``results.json``, ``table.md`` (one table per bandwidth and one for
      zero latency; a predictor whose hit rate is below LRU's is marked, and in
-     timed tables also one whose stall is above LRU's) and two plots, each
-     file written under a temporary name and renamed when complete.
+     timed tables also one whose stall is above LRU's; with several tasks, hit
+     rate per task at the capacity closest to 10%) and plots, each file written
+     under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -267,9 +268,56 @@ def to_markdown(results: dict[str, Any]) -> str:
                     text += f" / {r['stall_ms_per_token']:.2f}{' ' + LOSES_STALL if r['loses_to_lru_stall'] else ''}"
                 cells.append(text)
             out.append(f"| {label} | " + " | ".join(cells) + " |")
+    out.extend(per_task_markdown(results))
     out.append("")
     out.append(f"Grid run time {results['wall_seconds']:.0f} s on {results['host']}.")
     return "\n".join(out) + "\n"
+
+
+def headline_capacity(capacities: list[float]) -> float:
+    """The capacity closest to 10% (MoE-Beyond's headline setting)."""
+    return min(capacities, key=lambda c: abs(c - 0.1))
+
+
+def per_task_markdown(results: dict[str, Any]) -> list[str]:
+    """Hit rate % per task at the capacity closest to 10%: one row per predictor, one column per task.
+
+    Each cell is the task's share of the one replay (``SimResult.per_task``): the cache carries
+    over between prompts of different tasks exactly as in the totals. Empty for a single task.
+    """
+    rows, grid = results["rows"], results["grid"]
+    tasks = sorted({t for r in rows for t in r.get("per_task", {})})
+    if len(tasks) < 2:
+        return []
+    cap = headline_capacity(grid["capacities"])
+    predictors = list(dict.fromkeys(r["predictor"] for r in rows))
+    out = []
+    for protocol, bw in [(ZERO_LATENCY, None)] + [(TIMED, b) for b in grid["bandwidths_gbps"]]:
+        cell = {r["predictor"]: r for r in rows
+                if r["protocol"] == protocol and r["bandwidth_gbps"] == bw and r["capacity"] == cap}  # fmt: skip
+        if not cell:
+            continue
+        lru = cell.get("lru")
+        title = "zero latency" if protocol == ZERO_LATENCY else f"{bw:g} GB/s"
+        out += ["", f"## Per task, capacity {cap:g}, {title}: hit rate %", ""]
+        prompts = next(iter(cell.values()))["per_task"]
+        out.append("| predictor | " + " | ".join(f"{t} ({prompts[t]['prompts']})" for t in tasks) + " | all |")
+        out.append("|---|" + "---:|" * (len(tasks) + 1))
+        for name in predictors:
+            r = cell.get(name)
+            if r is None:
+                continue
+            cells = []
+            for t in tasks:
+                c = r["per_task"].get(t)
+                if c is None:
+                    cells.append("-")
+                    continue
+                worse = lru is not None and c["hit_rate"] < lru["per_task"][t]["hit_rate"]
+                cells.append(f"{100 * c['hit_rate']:.1f}{' ' + LOSES_HIT if worse else ''}")
+            cells.append(f"{100 * r['hit_rate']:.1f}{' ' + LOSES_HIT if r['loses_to_lru_hit_rate'] else ''}")
+            out.append(f"| {_label(r)} | " + " | ".join(cells) + " |")
+    return out
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -350,6 +398,40 @@ def _plot_bandwidth_sweep(results: dict[str, Any], path: Path, capacity: float) 
     plt.close(fig)
 
 
+def _plot_per_task(results: dict[str, Any], path: Path, capacity: float) -> None:
+    """Grouped bars: hit rate per task and predictor at ``capacity``, zero latency and the first bandwidth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, grid = results["rows"], results["grid"]
+    tasks = sorted({t for r in rows for t in r.get("per_task", {})})
+    names = list(dict.fromkeys(r["predictor"] for r in rows))
+    style = _styles(names)
+    panels = [(ZERO_LATENCY, None, "zero latency")] + [(TIMED, b, f"{b:g} GB/s") for b in grid["bandwidths_gbps"][:1]]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(1.1 * len(tasks) * max(len(names), 4) / 4 + 2.6, 2.6 * len(panels)),
+                             sharex=True, squeeze=False)  # fmt: skip
+    width = 0.8 / max(len(names), 1)
+    for ax, (protocol, bw, title) in zip(axes[:, 0], panels):
+        cell = {r["predictor"]: r for r in rows
+                if r["protocol"] == protocol and r["bandwidth_gbps"] == bw and r["capacity"] == capacity}  # fmt: skip
+        for i, name in enumerate(names):
+            if name not in cell:
+                continue
+            heights = [100 * cell[name]["per_task"].get(t, {}).get("hit_rate", 0.0) for t in tasks]
+            ax.bar(np.arange(len(tasks)) + (i - (len(names) - 1) / 2) * width, heights, width,
+                   color=style[name]["color"], label=name, hatch="//" if cell[name]["oracle"] else None)  # fmt: skip
+        ax.set_title(f"{title}, capacity {capacity:g}", fontsize=9)
+        ax.set_ylabel("hit rate %", fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    axes[-1, 0].set_xticks(np.arange(len(tasks)), tasks, fontsize=8)
+    axes[0, 0].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    _atomic_write(path, lambda p: fig.savefig(p, dpi=90, format="png"))
+    plt.close(fig)
+
+
 def write_outputs(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
     """results.json, table.md, hit_rate_vs_capacity.png, stall_vs_bandwidth.png in ``out_dir``."""
     out_dir = Path(out_dir)
@@ -364,10 +446,12 @@ def write_outputs(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
     _plot_capacity_sweep(results, paths["hit_rate_plot"])
     caps = results["grid"]["capacities"]
     if results["grid"]["bandwidths_gbps"]:
-        # The capacity closest to 10% (MoE-Beyond's headline setting).
-        _plot_bandwidth_sweep(results, paths["stall_plot"], min(caps, key=lambda c: abs(c - 0.1)))
+        _plot_bandwidth_sweep(results, paths["stall_plot"], headline_capacity(caps))
     else:
         paths.pop("stall_plot")
+    if len({t for r in results["rows"] for t in r.get("per_task", {})}) > 1:
+        paths["per_task_plot"] = out_dir / "hit_rate_per_task.png"
+        _plot_per_task(results, paths["per_task_plot"], headline_capacity(caps))
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -394,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
             "predictor x cache capacity x link bandwidth (timed: transfers cost expert_bytes / bandwidth, "
             "prefetch 1 layer ahead) and at every capacity under MoE-Beyond's zero-latency protocol. LRU, "
             "Belady/MIN and the oracle prefetcher are always included. Writes OUT/results.json, OUT/table.md "
-            "and two plots. See docs/ablations.md."
+            "(with several task labels also hit rate per task at the capacity closest to 10%%) and plots. "
+            "See docs/ablations.md."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
