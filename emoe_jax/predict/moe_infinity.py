@@ -136,7 +136,24 @@ class MoEInfinity(BasePredictor):
         self.add_request(self.cur.copy())
 
     def predict_prompt(self, trace: Any, meta: Any) -> PromptPredictions:
-        """Same hooks in the same order, without building a Prediction per step."""
+        """Same hooks in the same order, the step loop compiled (``moe_infinity_kernel``)."""
+        from emoe_jax.predict.drive import prompt_info
+        from emoe_jax.predict.moe_infinity_kernel import replay_prompt
+
+        num_layers = int(meta.num_layers)
+        experts = np.ascontiguousarray(np.asarray(trace.experts), dtype=np.int64)  # [T, L, k]
+        self.begin_prompt(prompt_info(trace, meta))
+        num_steps = experts.shape[0] * num_layers
+        issue, target = horizon_rows(num_steps, self.lookahead)
+        scores = np.empty((issue.shape[0], int(meta.num_experts)), np.float32)
+        replay_prompt(experts, np.ascontiguousarray(target % num_layers, dtype=np.int64), self._decay(num_layers),
+                      self.store, self.store_norm, self.store_rows, self.size,
+                      np.ascontiguousarray(self.fallback, dtype=np.float32), self.access, self.cur, scores)  # fmt: skip
+        self.end_prompt()
+        return PromptPredictions(issue, target, scores)
+
+    def predict_prompt_python(self, trace: Any, meta: Any) -> PromptPredictions:
+        """The plain NumPy version of ``predict_prompt`` (the reference its test compares against)."""
         from emoe_jax.predict.drive import prompt_info
 
         num_layers = int(meta.num_layers)
