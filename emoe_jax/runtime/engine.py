@@ -15,6 +15,7 @@ Outputs in exact mode equal the all-resident model's for every S and policy.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -29,6 +30,8 @@ from ..model.resident import left_pad
 from . import stages
 from .budget import parse_expert_count, parse_per_layer_counts
 from .compile_count import compile_count
+from .predictor_driver import PredictorDriver
+from .prefetch import Prefetcher, wait_for
 from .tiers import DeviceSlotCache, ExpertSource, HostTier, TierStats
 
 MODES = ("exact", "restricted")
@@ -80,9 +83,17 @@ class OffloadedEngine:
     def __init__(self, cfg: MoEConfig, graphdef, params, source: ExpertSource, *,
                  device_experts: str | float | int | None = None, host_experts: str | float | int | None = None,
                  policy: str = "lru", host_policy: str = "lru", mode: str = "exact", dtype=jnp.float32,
-                 method: str = "auto", pad_id: int | None = None):
+                 method: str = "auto", pad_id: int | None = None, predictor=None, prefetch_k: int | None = None,
+                 min_score: float = 0.0, reuse: bool = True):
+        """`predictor`: a Predictor (emoe_jax.predict) whose scores drive background prefetching
+        (exact mode only); `prefetch_k` experts per predicted layer (default top-k) with score above
+        `min_score`. `reuse=False` keeps nothing resident from one step to the next: naive
+        on-demand offloading, the baseline every cache and predictor must beat."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose exact or restricted")
+        if predictor is not None and mode != "exact":
+            raise ValueError("a predictor drives prefetching, which only exact mode does; restricted mode "
+                             "moves nothing during generation (choose its resident set with preload)")
         self.cfg, self.mode, self.method, self.dtype = cfg, mode, method, dtype
         self.pad_id = pad_id if pad_id is not None else (cfg.pad_token_id or 0)
         model: MoETransformer = nnx.merge(graphdef, params)
@@ -102,7 +113,14 @@ class OffloadedEngine:
         self.routing_hooks: list[Callable[[StepRouting], None]] = []
         self.routing_override: RoutingOverride | None = None
         self.record_router_inputs = False
+        self.reuse = reuse
         self._timers = _Timers()
+        # Guards the tiers: the prefetch worker and this thread both write slots.
+        self._lock = threading.Lock()
+        self.driver = None if predictor is None else PredictorDriver(
+            predictor, lm, e, cfg.top_k, prefetch_k, min_score)
+        self.prefetcher = None if predictor is None else Prefetcher(self.device_cache, self.host, self._lock)
+        self._step_routing: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @property
     def num_slots(self) -> int | list[int]:
@@ -126,11 +144,28 @@ class OffloadedEngine:
     def preload(self, moe_layer: int, experts: Sequence[int]) -> None:
         """Make `experts` resident in `moe_layer` (restricted mode's resident set, warm starts)."""
         experts = list(dict.fromkeys(int(x) for x in experts))[: self.slots[moe_layer]]
-        self._make_resident(moe_layer, experts, count=False)
+        with self._lock:
+            self._make_resident(moe_layer, experts, count=False)
 
     def _make_resident(self, ml: int, experts: Sequence[int], count: bool = True) -> None:
+        """Caller holds `_lock`. With a prefetcher, needed experts still in flight are waited for
+        (lock released meanwhile): stall time, and a miss, not a hit."""
         cache = self.device_cache
-        missing = cache.lookup(ml, experts) if count else [e for e in experts if cache.slot_of_expert[ml, e] < 0]
+        late: set[int] = set()
+        if count and self.prefetcher is not None:
+            events = self.prefetcher.begin_layer(ml, list(experts))
+            if events:
+                late = {int(e) for e in experts if cache.slot_of_expert[ml, e] < 0}
+                self._lock.release()
+                try:
+                    waited = wait_for(events)
+                finally:
+                    self._lock.acquire()
+                self._timers.stall_s += waited
+                self.prefetcher.settle_late(ml, late)
+                self.prefetcher.stats.late += len(events)
+                self.prefetcher.stats.late_wait_s += waited
+        missing = cache.lookup(ml, experts, late) if count else [e for e in experts if cache.slot_of_expert[ml, e] < 0]
         if not missing:
             return
         t0 = time.perf_counter()
@@ -142,9 +177,14 @@ class OffloadedEngine:
 
     # ---- one forward over new tokens -----------------------------------------
     def _forward(self, tokens: np.ndarray, caches: list, write_index: int, pad_len: np.ndarray,
-                 valid: np.ndarray, positions: np.ndarray | None = None) -> tuple[jax.Array, list]:
-        """tokens [B, T]; valid [B, T] bool; positions [B, T] (index in prompt, -1 padding).
-        Returns last-position logits [B, V] and caches."""
+                 valid: np.ndarray, positions: np.ndarray | None = None, decode_step: int | None = None,
+                 done: np.ndarray | None = None) -> tuple[jax.Array, list]:
+        """tokens [B, T]; valid [B, T] bool; positions [B, T] (index in prompt, -1 padding);
+        decode_step: index of the decode step (None in prefill). Returns last-position logits [B, V]."""
+        if not self.reuse:
+            with self._lock:
+                for ml in range(self.cfg.num_moe_layers):
+                    self.device_cache.evict_all(ml)
         x = stages.embed(self._embed[0], self._embed[1], jnp.asarray(tokens))
         wi, pad = jnp.int32(write_index), jnp.asarray(pad_len)
         restricted = self.mode == "restricted"
@@ -165,7 +205,19 @@ class OffloadedEngine:
                     ids, routing, step = self._apply_override(step, routing)
                 for hook in self.routing_hooks:
                     hook(step)
-            x = self._moe_ffn(gdef, state, ml, residual, normed, routing, ids, valid)
+            with self._lock:
+                x = self._moe_ffn(gdef, state, ml, residual, normed, routing, ids, valid)
+                if self.prefetcher is not None:
+                    self.prefetcher.end_layer(ml)
+            if self.driver is not None:
+                b, t = tokens.shape
+                step_ids = ids.reshape(b, t, -1)
+                step_w = np.asarray(routing.weights).reshape(b, t, -1)
+                if decode_step is None:
+                    self._step_routing[ml] = (step_ids, step_w)
+                else:  # predict while the device computes this layer; prefetch for later ones
+                    requests = self.driver.layer(decode_step, ml, step_ids, step_w, normed, done)
+                    self.prefetcher.submit(requests)
         logits = stages.head(self._norm[0], self._norm[1], self._proj[0], self._proj[1], x,
                              tied=self.cfg.tie_word_embeddings)
         return logits, caches
@@ -233,14 +285,31 @@ class OffloadedEngine:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
                  on_token: Callable[[int, np.ndarray], None] | None = None,
-                 return_logits: bool = False) -> GenerationResult:
-        """Generate for a batch of token-id prompts. Greedy when temperature == 0."""
+                 return_logits: bool = False, tasks: Sequence[str] | None = None,
+                 texts: Sequence[str] | None = None) -> GenerationResult:
+        """Generate for a batch of token-id prompts. Greedy when temperature == 0.
+        `tasks`/`texts` (per prompt) are metadata for task-aware predictors (eMoE)."""
         self._validate(prompts, max_new_tokens)
+        try:
+            return self._generate(prompts, max_new_tokens, temperature, top_p, seed, stop_at_eos, on_token,
+                                  return_logits, tasks, texts)
+        finally:
+            if self.prefetcher is not None:
+                self.prefetcher.drain()
+            if self.driver is not None and self.driver.rows:
+                self.driver.end()
+
+    def _generate(self, prompts, max_new_tokens, temperature, top_p, seed, stop_at_eos, on_token,
+                  return_logits, tasks, texts) -> GenerationResult:
         compiles0 = compile_count()
         # Stats are per call: a warm cache from earlier calls shows up as hits, not as old misses.
         self._timers = _Timers()
         self.device_cache.stats = TierStats()
         self.host.stats = TierStats()
+        if self.prefetcher is not None:
+            self.prefetcher.reset_stats()
+        if self.driver is not None:
+            self.driver.begin(prompts, tasks, texts)
         ctx = self.cfg.max_position_embeddings
         longest = max(len(p) for p in prompts)
         t = _bucket(longest)
@@ -258,6 +327,11 @@ class OffloadedEngine:
         logits, caches = self._forward(tokens, caches, 0, pad_len, valid, positions)
         kept_logits = [np.asarray(logits)] if return_logits else None
         nxt = self._pick(logits, temperature, top_p, key, 0)
+        if self.driver is not None:
+            lm = self.cfg.num_moe_layers
+            self.driver.replay_prefill(prompts, [self._step_routing[ml][0] for ml in range(lm)],
+                                       [self._step_routing[ml][1] for ml in range(lm)], pad_len)
+            self._step_routing.clear()
         self._timers.prefill_s = time.perf_counter() - t0
         self._timers.prefill_tokens = int(valid.sum())
 
@@ -275,8 +349,10 @@ class OffloadedEngine:
                 done[i], lengths[i] = True, step
             if done.all() or step == max_new_tokens - 1:
                 break
+            if self.driver is not None:
+                self.driver.begin_token(step, nxt, done)
             logits, caches = self._forward(nxt[:, None], caches, t + step, pad_len, ones,
-                                           (t - pad_len + step)[:, None])
+                                           (t - pad_len + step)[:, None], decode_step=step, done=done)
             if return_logits:
                 kept_logits.append(np.asarray(logits))
             nxt = self._pick(logits, temperature, top_p, key, step + 1)
@@ -344,6 +420,9 @@ class OffloadedEngine:
             "waves": tm.waves,
             "compiles": compiles,
             "mode": self.mode,
+            "reuse": self.reuse,
+            "predictor": None if self.driver is None else self.driver.name,
+            "prefetch": None if self.prefetcher is None else self.prefetcher.stats.as_dict(),
         }
 
     def memory_report(self, batch: int = 1) -> dict:

@@ -139,6 +139,24 @@ class HostTier:
             out = [o if o is not None else self._place(self.source.read(*k)) for o, k in zip(out, keys)]
         return out
 
+    def peek(self, key: tuple[int, int]) -> dict | None:
+        """The host copy of `key` if held (counted as a hit), else None (not counted)."""
+        arrays = self._store.get(key)
+        if arrays is not None:
+            self.stats.hits += 1
+            self.policy.touch(key)
+        return arrays
+
+    def add(self, key: tuple[int, int], arrays: dict[str, np.ndarray]) -> dict:
+        """Cache a copy read from the source by someone else (the prefetcher); counted as a miss."""
+        if key in self._store:
+            return self._store[key]
+        self.stats.misses += 1
+        self.stats.bytes_in += sum(a.nbytes for a in arrays.values())
+        placed = self._place(arrays)
+        self._insert(key, placed, ())
+        return placed
+
     def _insert(self, key, arrays, protected):
         while len(self._store) >= self.capacity:
             try:
@@ -201,11 +219,18 @@ class DeviceSlotCache:
         """[E] bool: which experts of `layer` are in a slot."""
         return self.slot_of_expert[layer] >= 0
 
-    def lookup(self, layer: int, experts: Iterable[int]) -> list[int]:
-        """Count hits/misses for `experts` and return the missing ones."""
-        missing = []
+    def lookup(self, layer: int, experts: Iterable[int], late: Iterable[int] = ()) -> list[int]:
+        """Count hits/misses for `experts` and return the missing ones. Experts in `late` (a
+        prefetch the step had to wait for) count as misses even if they are resident now."""
+        missing, late = [], set(late)
         for e in experts:
-            if self.slot_of_expert[layer, e] >= 0:
+            if e in late:
+                self.stats.misses += 1
+                if self.slot_of_expert[layer, e] >= 0:
+                    self.policies[layer].touch(int(e))
+                else:
+                    missing.append(int(e))
+            elif self.slot_of_expert[layer, e] >= 0:
                 self.stats.hits += 1
                 self.policies[layer].touch(int(e))
             else:
@@ -227,13 +252,24 @@ class DeviceSlotCache:
         self.stats.evictions += 1
         return slot
 
+    def to_device(self, weights: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Host->device copies of one expert's (gate, up, down); asynchronous until waited on."""
+        dev = SingleDeviceSharding(self.device)
+        return tuple(jax.device_put(weights[w], dev) for w in WEIGHTS)
+
     def load(self, layer: int, expert: int, weights: dict, protected: Iterable[int] = ()) -> int:
         """Make `expert` resident from host `weights`; returns its slot."""
         if self.slot_of_expert[layer, expert] >= 0:
             return int(self.slot_of_expert[layer, expert])
+        return self.install(layer, expert, self.to_device(weights), protected)
+
+    def install(self, layer: int, expert: int, device_weights, protected: Iterable[int] = ()) -> int:
+        """Write an expert already on the device (`to_device`) into a slot; raises LookupError
+        when every slot holds a protected expert."""
+        if self.slot_of_expert[layer, expert] >= 0:
+            return int(self.slot_of_expert[layer, expert])
         slot = self.free_slot(layer, protected)
-        dev = SingleDeviceSharding(self.device)
-        g, u, d = (jax.device_put(weights[w], dev) for w in WEIGHTS)
+        g, u, d = device_weights
         self.buffers[layer] = _write_slot(self.buffers[layer], g, u, d, jnp.int32(slot))
         self.stats.bytes_in += self.slot_bytes
         self.slot_of_expert[layer, expert] = slot

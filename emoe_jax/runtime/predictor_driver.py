@@ -1,0 +1,109 @@
+"""Drive a Predictor from inside the engine, in decoder order, and turn its scores into prefetch requests.
+
+The engine calls, per generate call:
+  begin(prompts, tasks, texts)   -> begin_prompt for every batch row
+  replay_prefill(...)            -> the prefill's routing, token by token (begin_token + observe)
+  per decode step: begin_token(step, tokens, done)
+    per MoE layer, after the layer's FFN is dispatched:
+      layer(step, ml, ids, weights, router_input, done) -> prefetch requests
+  end()                          -> end_prompt
+
+A predictor sees exactly what it sees in the simulator: at (t, l) the routing
+of earlier tokens, token t's routing at layers < l, token ids up to t, the
+prompt's metadata, and router inputs of layers <= l. Rows of a batch each get
+their own shallow copy (fitted tables are shared; per-prompt state is reset by
+``begin_prompt``), and their requests are merged.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import numpy as np
+
+from ..predict.base import BasePredictor, PromptInfo
+
+
+class PredictorDriver:
+    def __init__(self, predictor, num_layers: int, num_experts: int, top_k: int,
+                 prefetch_k: int | None = None, min_score: float = 0.0):
+        if getattr(predictor, "oracle", False):
+            raise ValueError(f"predictor {predictor.name!r} is an oracle (it reads the future); it exists only "
+                             "in the simulator. Choose a causal predictor for the runtime.")
+        self.predictor = predictor
+        self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+        self.prefetch_k = top_k if prefetch_k is None else int(prefetch_k)
+        self.min_score = float(min_score)
+        hook = getattr(type(predictor), "observe_router_input", None)
+        self.wants_router_inputs = hook is not None and hook is not BasePredictor.observe_router_input
+        self.rows: list = []
+        self.lengths = np.zeros(0, np.int64)
+
+    @property
+    def name(self) -> str:
+        return str(getattr(self.predictor, "name", type(self.predictor).__name__))
+
+    def begin(self, prompts: Sequence[Sequence[int]], tasks: Sequence[str] | None,
+              texts: Sequence[str] | None) -> None:
+        b = len(prompts)
+        self.rows = [self.predictor] if b == 1 else [copy.copy(self.predictor) for _ in range(b)]
+        self.lengths = np.array([len(p) for p in prompts], np.int64)
+        for i, (row, prompt) in enumerate(zip(self.rows, prompts)):
+            row.begin_prompt(PromptInfo(
+                prompt_id=i, task=(tasks[i] if tasks else "") or "", text=(texts[i] if texts else "") or "",
+                n_prefill=len(prompt), num_layers=self.num_layers, num_experts=self.num_experts,
+                top_k=self.top_k))
+
+    def replay_prefill(self, prompts: Sequence[Sequence[int]], ids: list[np.ndarray],
+                       weights: list[np.ndarray], pad_len: np.ndarray) -> None:
+        """ids/weights: per MoE layer [B, T, k] of the (left-padded) prefill."""
+        for i, (row, prompt) in enumerate(zip(self.rows, prompts)):
+            off = int(pad_len[i])
+            for p, tok in enumerate(prompt):
+                row.begin_token(p, int(tok))
+                for ml in range(self.num_layers):
+                    row.observe(p, ml, ids[ml][i, off + p], weights[ml][i, off + p])
+
+    def begin_token(self, step: int, tokens: np.ndarray, done: np.ndarray) -> None:
+        for i, row in enumerate(self.rows):
+            if not done[i]:
+                row.begin_token(int(self.lengths[i] + step), int(tokens[i]))
+
+    def layer(self, step: int, ml: int, ids: np.ndarray, weights: np.ndarray, router_input,
+              done: np.ndarray) -> list[tuple[int, float, int, int]]:
+        """Predict at (token, ml), then observe its routing. ids/weights [B, 1, k]; router_input
+        [B, 1, H] (device) or None. Returns requests (target step, score, layer, expert), where a
+        step counts token-major from the first decode token: step * L + layer."""
+        current = step * self.num_layers + ml
+        hidden = np.asarray(router_input, np.float32) if (self.wants_router_inputs and router_input is not None) else None
+        best: dict[tuple[int, int], tuple[int, float]] = {}
+        for i, row in enumerate(self.rows):
+            if done[i]:
+                continue
+            t = int(self.lengths[i] + step)
+            if hidden is not None:
+                row.observe_router_input(t, ml, hidden[i, 0])
+            pred = row.predict(t, ml)
+            row.observe(t, ml, ids[i, 0], weights[i, 0])
+            if pred is None:
+                continue
+            for (offset, layer), scores in zip(pred.targets, pred.scores):
+                target = (step + int(offset)) * self.num_layers + int(layer)
+                if target <= current:
+                    continue  # that layer has routed already
+                top = np.argsort(-scores, kind="stable")[: self.prefetch_k]
+                for e in top[scores[top] > self.min_score]:
+                    key = (int(layer), int(e))
+                    old = best.get(key)
+                    if old is None or (target, -scores[e]) < (old[0], -old[1]):
+                        best[key] = (target, float(scores[e]))
+        return [(target, score, layer, e) for (layer, e), (target, score) in best.items()]
+
+    def end(self) -> None:
+        for row in self.rows:
+            row.end_prompt()
+        self.rows = []
+
+
+__all__ = ["PredictorDriver"]

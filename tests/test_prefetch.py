@@ -1,0 +1,209 @@
+"""Predictive prefetching: never changes exact-mode outputs, and a late prefetch is a stall, not a hit."""
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from emoe_jax.config import tiny_config
+from emoe_jax.model.random_init import random_model
+from emoe_jax.model.resident import ResidentModel
+from emoe_jax.predict import get_predictor
+from emoe_jax.predict.base import BasePredictor, Prediction
+from emoe_jax.runtime.engine import OffloadedEngine
+from emoe_jax.runtime.tiers import InMemoryExperts
+
+_MODELS = {}
+
+
+def model(family):
+    if family not in _MODELS:
+        cfg = tiny_config(family, num_layers=2 if family != "deepseek_v2" else 3)
+        g, p, ex = random_model(cfg, seed=0, router_scale=5.0)
+        _MODELS[family] = (cfg, g, p, ex, ResidentModel(cfg, g, p, ex))
+    return _MODELS[family]
+
+
+class RandomPredictor(BasePredictor):
+    """Random scores for random targets up to one token ahead; `adversarial` scores every expert
+    the step will NOT use highest (it reads the true routing only to be wrong on purpose)."""
+
+    name = "random-test"
+
+    def __init__(self, seed, lookahead, adversarial=None):
+        super().__init__(lookahead)
+        self.rng = np.random.default_rng(seed)
+        self.adversarial = adversarial  # {(t, l): experts} of a reference run, or None
+
+    def predict(self, t, l):
+        info = self.info
+        targets = self.target_list(t, l, info.num_layers)
+        scores = self.rng.random((len(targets), info.num_experts)).astype(np.float32)
+        if self.adversarial is not None:
+            for i, (dt, lt) in enumerate(targets):
+                used = self.adversarial.get((t + int(dt), int(lt)), [])
+                scores[i, list(used)] = 0.0
+                scores[i] += 1.0
+                scores[i, list(used)] = 0.0
+        return Prediction(targets, scores)
+
+
+def reference_routing(engine, prompts, new):
+    """{(row, position, moe layer): experts} of a plain run."""
+    seen = {}
+
+    def hook(step):
+        for b in range(step.ids.shape[0]):
+            for j in range(step.ids.shape[1]):
+                if step.positions[b, j] >= 0:
+                    seen[(b, int(step.positions[b, j]), step.moe_layer)] = set(step.ids[b, j].tolist())
+
+    engine.routing_hooks.append(hook)
+    out = engine.generate(prompts, new, stop_at_eos=False)
+    engine.routing_hooks.clear()
+    return seen, out
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(family=st.sampled_from(["mixtral", "deepseek_v2", "qwen3_moe"]), slots=st.integers(1, 8),
+       host=st.one_of(st.none(), st.integers(1, 12)), lookahead=st.integers(0, 6),
+       prefetch_k=st.integers(1, 8), adversarial=st.booleans(), seed=st.integers(0, 1000),
+       prompt=st.lists(st.integers(3, 120), min_size=1, max_size=7))
+def test_prefetching_never_changes_exact_outputs(family, slots, host, lookahead, prefetch_k, adversarial, seed,
+                                                 prompt):
+    cfg, g, p, ex, resident = model(family)
+    new = 6
+    ref_tokens = resident.generate([prompt], new)[0].tolist()
+    wrong = None
+    if adversarial:
+        plain = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=cfg.num_experts)
+        seen, _ = reference_routing(plain, [prompt], new)
+        wrong = {(t, l): e for (_, t, l), e in seen.items()}
+    predictor = RandomPredictor(seed, lookahead, wrong)
+    engine = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=slots, host_experts=host,
+                             predictor=predictor, prefetch_k=prefetch_k)
+    out = engine.generate([prompt], new, stop_at_eos=False, return_logits=True)
+    assert out.tokens[0] == ref_tokens
+    full = prompt + out.tokens[0][:-1]
+    logits, _, _ = resident.logits([full])
+    np.testing.assert_allclose(out.logits[0], np.asarray(logits[0, len(prompt) - 1:]), atol=2e-5, rtol=1e-5)
+    pf = out.stats["prefetch"]
+    assert pf["completed"] <= pf["started"] <= pf["issued"]
+    assert pf["timely"] + pf["wasted"] <= pf["completed"]
+
+
+def test_batched_prefetching_with_a_real_predictor_is_exact():
+    cfg, g, p, ex, resident = model("qwen3_moe")
+    prompts = [[5, 9, 13, 22, 7], [3, 17, 8], [40, 41]]
+    ref = resident.generate(prompts, 8)
+    engine = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=2, host_experts=4,
+                             predictor=get_predictor("prev-token"))
+    out = engine.generate(prompts, 8, stop_at_eos=False)
+    assert out.tokens == [r.tolist() for r in ref]
+    assert out.stats["predictor"] == "prev-token" and out.stats["prefetch"]["completed"] > 0
+
+
+class ExactNextLayer(BasePredictor):
+    """Test fixture: at (t, 0) it names exactly the experts layer 1 of token t will use."""
+
+    name = "exact-next-layer"
+
+    def __init__(self, routing):
+        super().__init__(lookahead=1)
+        self.routing = routing
+
+    def predict(self, t, l):
+        if l != 0 or (t, 1) not in self.routing:
+            return None
+        scores = np.zeros((1, self.info.num_experts), np.float32)
+        scores[0, list(self.routing[(t, 1)])] = 1.0
+        return Prediction(np.array([[0, 1]]), scores)
+
+
+def gate_transfers(cache):
+    """Host->device copies made by the prefetch thread wait for the returned event: the test
+    decides when a prefetch lands."""
+    gate = threading.Event()
+    gate.set()
+    to_device = cache.to_device
+
+    def gated(weights):
+        if threading.current_thread().name == "emoe-prefetch":
+            gate.wait()
+        return to_device(weights)
+
+    cache.to_device = gated
+    return gate
+
+
+def _run_gated(late: bool):
+    cfg, g, p, ex, _ = model("mixtral")
+    prompt, new = [5, 9, 13, 22, 7], 7
+    plain = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=cfg.num_experts)
+    seen, _ = reference_routing(plain, [prompt], new)
+    routing = {(t, l): e for (_, t, l), e in seen.items()}
+    k = cfg.top_k
+    # Layer 1 has exactly top-k slots, so every new expert of layer 1 must move; host holds all.
+    engine = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=f"{cfg.num_experts},{k}",
+                             host_experts=cfg.num_experts * 2, predictor=ExactNextLayer(routing))
+    pf = engine.prefetcher
+    gate = gate_transfers(engine.device_cache)
+
+    def hook(step):
+        if step.positions[0, -1] < len(prompt):
+            return  # prefill
+        if step.moe_layer == 0:
+            gate.clear()  # this step's prefetches for layer 1 will hang until released
+        elif late:
+            # Layer 1 has routed; release its prefetches only well after the layer asks for them
+            # (a timer left running into the next step would let that step's prefetches through).
+            if pf._inflight or pf._queue:
+                threading.Timer(0.2, gate.set).start()
+        else:
+            gate.set()
+            while pf._inflight or pf._queue:  # wait until the prefetch has landed
+                threading.Event().wait(0.005)
+
+    engine.routing_hooks.append(hook)
+    out = engine.generate([prompt], new, stop_at_eos=False)
+    gate.set()
+    return out.stats
+
+
+def test_timely_prefetch_is_a_hit_and_late_prefetch_is_a_stall():
+    timely, late = _run_gated(late=False), _run_gated(late=True)
+    assert timely["prefetch"]["timely"] > 0 and timely["prefetch"]["late"] == 0
+    assert late["prefetch"]["timely"] == 0 and late["prefetch"]["late"] > 0
+    # The same experts arrive in the same order; only their timing differs. Every timely arrival
+    # of the first run is a late one in the second: a miss, not a hit, and waited-for time.
+    assert late["prefetch"]["late"] == timely["prefetch"]["timely"]
+    # Same accesses; the late run's hits gain nothing from its prefetches (victims may differ by
+    # one or two as arrivals interleave differently with on-demand loads).
+    total = lambda s: s["device"]["hits"] + s["device"]["misses"]  # noqa: E731
+    assert total(late) == total(timely)
+    assert late["device"]["hits"] <= timely["device"]["hits"] - timely["prefetch"]["timely"] + 2
+    waits = late["prefetch"]["late_wait_s"]
+    steps_with_late = late["prefetch"]["late"] // 2 if late["prefetch"]["late"] > 1 else 1
+    assert waits >= 0.1 * steps_with_late
+    assert late["stall_s"] >= waits
+
+
+def test_oracles_and_restricted_mode_are_refused():
+    cfg, g, p, ex, _ = model("mixtral")
+    with pytest.raises(ValueError, match="oracle"):
+        OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=2, predictor=get_predictor("oracle"))
+    with pytest.raises(ValueError, match="restricted"):
+        OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=2, mode="restricted",
+                        predictor=get_predictor("prev-token"))
+
+
+def test_no_reuse_is_on_demand_offloading():
+    cfg, g, p, ex, resident = model("mixtral")
+    prompt = [5, 9, 13, 22, 7]
+    engine = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=cfg.num_experts, reuse=False)
+    out = engine.generate([prompt], 6, stop_at_eos=False)
+    assert out.tokens[0] == resident.generate([prompt], 6)[0].tolist()
+    # Nothing survives a step: every decode access is a miss (hits only within one prefill step).
+    assert out.stats["device"]["hits"] == 0
+    assert out.stats["reuse"] is False
