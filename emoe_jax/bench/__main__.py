@@ -9,6 +9,7 @@ import sys
 SUITES = {
     "runtime": ("emoe_jax.bench.runtime", "decode tokens/s and memory vs device-expert fraction"),
     "predictors": ("emoe_jax.bench.predictors", "predictor ablation: hit rate and stall over capacity x bandwidth"),
+    "replay": ("emoe_jax.bench.replay", "forced-routing replay of real traces: decode tokens/s and hit rate vs device fraction"),
 }
 
 
