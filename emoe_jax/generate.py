@@ -42,6 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exact: fetch every routed expert (output unchanged); restricted: eMoE's lossy mode, "
                         "tokens go to their best resident expert and nothing is fetched")
     p.add_argument("--policy", choices=["lru", "lfu"], default="lru", help="device slot eviction policy")
+    p.add_argument("--predictor", default="none",
+                   help="prefetch experts predicted by this predictor in a background thread (exact mode): "
+                        "none, prev-token, spec-gating, learned, static-freq, moe-infinity, emoe, ... "
+                        "(--predictor list shows all); outputs never change, only speed")
+    p.add_argument("--train-traces", default=None,
+                   help="trace set of this model for predictors fitted on traces (static-freq, moe-infinity, emoe)")
+    p.add_argument("--predictor-checkpoint", default=None, help="learned predictor checkpoint directory")
+    p.add_argument("--lookahead", type=int, default=None, help="predictor lookahead in layers (default: its own)")
+    p.add_argument("--prefetch-k", type=int, default=None,
+                   help="experts prefetched per predicted layer (default: the model's top-k)")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="keep nothing on the device between steps (naive on-demand offloading baseline)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="compute dtype (default: the checkpoint's)")
     p.add_argument("--no-stream", action="store_true", help="print text only at the end")
@@ -77,6 +89,12 @@ def _check_model(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.predictor == "list":
+        from .predict import available_predictors
+
+        for name, desc in available_predictors().items():
+            print(f"{name:22s} {desc}")
+        return 0
     prompts = _prompts(args)
     model_dir = Path(args.model)
     _check_model(model_dir)
@@ -85,13 +103,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from .checkpoint import CheckpointError
     from .runtime.budget import BudgetError
+    from .checkpoint import load_checkpoint
     from .runtime.engine import GenerationError, OffloadedEngine
+    from .runtime.predictors import runtime_predictor
 
     try:
         dtype = jnp.dtype(args.dtype) if args.dtype else None
+        predictor = None
+        if args.predictor not in ("none", "on-demand"):
+            predictor = runtime_predictor(args.predictor, load_checkpoint(model_dir).config, model_dir,
+                                          args.train_traces, args.lookahead, args.predictor_checkpoint)
         engine = OffloadedEngine.from_checkpoint(model_dir, dtype=dtype, device_experts=args.device_experts,
                                                  host_experts=args.host_experts, mode=args.mode,
-                                                 policy=args.policy)
+                                                 policy=args.policy, predictor=predictor,
+                                                 prefetch_k=args.prefetch_k, reuse=not args.no_reuse)
         tokenizer = engine.checkpoint.tokenizer
         ids = [tokenizer.encode(p) for p in prompts]
         if args.mode == "restricted":
@@ -165,6 +190,11 @@ def format_stats(s: dict) -> str:
         f"moved: host->device {s['h2d_bytes'] * mib:.1f} MiB, disk->host {s['disk_to_host_bytes'] * mib:.1f} MiB",
         f"stalled on misses: {s['stall_s']:.3f} s; compilations: {s['compiles']}; mode: {s['mode']}",
     ]
+    pf = s.get("prefetch")
+    if pf:
+        lines.append(f"prefetch ({s['predictor']}): {pf['completed']} arrived, {pf['timely']} timely hits, "
+                     f"{pf['late']} late (waited {pf['late_wait_s']:.3f} s), {pf['wasted']} unused, "
+                     f"{pf['dropped']} dropped")
     if s["compiles"]:
         lines.append("note: times include XLA compilation of this first run; "
                      "python -m emoe_jax.bench runtime reports warm figures")
