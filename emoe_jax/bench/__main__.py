@@ -10,6 +10,7 @@ SUITES = {
     "runtime": ("emoe_jax.bench.runtime", "decode tokens/s and memory vs device-expert fraction"),
     "predictors": ("emoe_jax.bench.predictors", "predictor ablation: hit rate and stall over capacity x bandwidth"),
     "serve": ("emoe_jax.bench.serve", "request streams: TTFT, latency, SLO attainment, throughput with/without eMoE"),
+    "e2e": ("emoe_jax.bench.e2e", "end to end: tokens/s, memory, stall vs fraction per predictor; eMoE's claims"),
     "replay": ("emoe_jax.bench.replay", "forced-routing replay of real traces: decode tokens/s and hit rate vs device fraction"),
 }
 

@@ -84,11 +84,15 @@ class OffloadedEngine:
                  device_experts: str | float | int | None = None, host_experts: str | float | int | None = None,
                  policy: str = "lru", host_policy: str = "lru", mode: str = "exact", dtype=jnp.float32,
                  method: str = "auto", pad_id: int | None = None, predictor=None, prefetch_k: int | None = None,
-                 min_score: float = 0.0, reuse: bool = True):
+                 min_score: float = 0.0, reuse: bool = True, link_gbps: float | None = None):
         """`predictor`: a Predictor (emoe_jax.predict) whose scores drive background prefetching
         (exact mode only); `prefetch_k` experts per predicted layer (default top-k) with score above
         `min_score`. `reuse=False` keeps nothing resident from one step to the next: naive
-        on-demand offloading, the baseline every cache and predictor must beat."""
+        on-demand offloading, the baseline every cache and predictor must beat. `link_gbps`
+        emulates a host->device link of that bandwidth (each expert copy also waits bytes/bandwidth
+        on one serial link), for CPU runs that model a PCIe-class transfer."""
+        if link_gbps is not None and link_gbps <= 0:
+            raise ValueError(f"link_gbps must be positive, got {link_gbps}")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose exact or restricted")
         if predictor is not None and mode != "exact":
@@ -110,6 +114,7 @@ class OffloadedEngine:
         self.host = HostTier(source, host_count, host_policy)
         self.device_cache = DeviceSlotCache(lm, e, self.slots, cfg.hidden_size, cfg.moe_intermediate_size,
                                             dtype, policy)
+        self.device_cache.link_gbps = link_gbps
         self.routing_hooks: list[Callable[[StepRouting], None]] = []
         self.routing_override: RoutingOverride | None = None
         self.record_router_inputs = False
@@ -286,13 +291,23 @@ class OffloadedEngine:
                  top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
                  on_token: Callable[[int, np.ndarray], None] | None = None,
                  return_logits: bool = False, tasks: Sequence[str] | None = None,
-                 texts: Sequence[str] | None = None) -> GenerationResult:
+                 texts: Sequence[str] | None = None,
+                 teacher_tokens: Sequence[Sequence[int]] | None = None) -> GenerationResult:
         """Generate for a batch of token-id prompts. Greedy when temperature == 0.
-        `tasks`/`texts` (per prompt) are metadata for task-aware predictors (eMoE)."""
+        `tasks`/`texts` (per prompt) are metadata for task-aware predictors (eMoE).
+        `teacher_tokens` (per prompt, >= max_new_tokens - 1 ids): teacher forcing. Decode step s is
+        fed teacher_tokens[i][s] instead of the model's own pick, so logits can be compared with
+        another model's position by position on the same prefix; `tokens` still holds the picks."""
         self._validate(prompts, max_new_tokens)
+        teacher = None
+        if teacher_tokens is not None:
+            if len(teacher_tokens) != len(prompts) or any(len(t) < max_new_tokens - 1 for t in teacher_tokens):
+                raise GenerationError("teacher_tokens needs one list of at least max_new_tokens - 1 ids per prompt")
+            teacher = np.array([list(t)[: max_new_tokens - 1] + [0] for t in teacher_tokens], np.int32)
+            stop_at_eos = False
         try:
             return self._generate(prompts, max_new_tokens, temperature, top_p, seed, stop_at_eos, on_token,
-                                  return_logits, tasks, texts)
+                                  return_logits, tasks, texts, teacher)
         finally:
             if self.prefetcher is not None:
                 self.prefetcher.drain()
@@ -300,7 +315,7 @@ class OffloadedEngine:
                 self.driver.end()
 
     def _generate(self, prompts, max_new_tokens, temperature, top_p, seed, stop_at_eos, on_token,
-                  return_logits, tasks, texts) -> GenerationResult:
+                  return_logits, tasks, texts, teacher) -> GenerationResult:
         compiles0 = compile_count()
         # Stats are per call: a warm cache from earlier calls shows up as hits, not as old misses.
         self._timers = _Timers()
@@ -349,6 +364,8 @@ class OffloadedEngine:
                 done[i], lengths[i] = True, step
             if done.all() or step == max_new_tokens - 1:
                 break
+            if teacher is not None:
+                nxt = teacher[:, step]
             if self.driver is not None:
                 self.driver.begin_token(step, nxt, done)
             logits, caches = self._forward(nxt[:, None], caches, t + step, pad_len, ones,

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
+import time
 from typing import Iterable, Protocol, Sequence
 
 import jax
@@ -204,6 +206,10 @@ class DeviceSlotCache:
         self.stats = TierStats()
         self._device_maps: list[jax.Array | None] = [None] * num_layers  # cached device copies of the table
         self.slot_bytes = 3 * hidden * inter * jnp.dtype(dtype).itemsize
+        # Optional emulated host->device link (GB/s): each copy also holds one serial link for
+        # bytes / bandwidth. For CPU runs that model a PCIe-class link; None = the real copy only.
+        self.link_gbps: float | None = None
+        self._link = threading.Lock()
 
     @property
     def device_bytes(self) -> int:
@@ -255,7 +261,11 @@ class DeviceSlotCache:
     def to_device(self, weights: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Host->device copies of one expert's (gate, up, down); asynchronous until waited on."""
         dev = SingleDeviceSharding(self.device)
-        return tuple(jax.device_put(weights[w], dev) for w in WEIGHTS)
+        arrays = tuple(jax.device_put(weights[w], dev) for w in WEIGHTS)
+        if self.link_gbps:
+            with self._link:  # one serial link: concurrent copies queue behind each other
+                time.sleep(self.slot_bytes / (self.link_gbps * 1e9))
+        return arrays
 
     def load(self, layer: int, expert: int, weights: dict, protected: Iterable[int] = ()) -> int:
         """Make `expert` resident from host `weights`; returns its slot."""
