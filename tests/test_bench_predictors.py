@@ -137,6 +137,11 @@ def test_per_task_table_and_plot(tmp_path):
     paths = B.write_outputs(res, tmp_path / "out")
     data = open(paths["per_task_plot"], "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    # Chosen capacities: one table per capacity and protocol; a capacity outside the grid is an error.
+    res2 = B.run_grid(traces, predictors=["prev-token"], per_task_capacities=(0.125, 0.5), **grid)
+    assert "\n".join(B.per_task_markdown(res2)).count("## Per task, capacity 0.5,") == 3
+    with pytest.raises(B.AblationError, match="per-task capacities"):
+        B.run_grid(traces, predictors=["prev-token"], per_task_capacities=(0.3,), **grid)
     # A single task: no per-task section, no plot.
     res1 = B.run_grid(_traces(), predictors=["prev-token"], **GRID)
     assert B.per_task_markdown(res1) == [] and "per_task_plot" not in B.write_outputs(res1, tmp_path / "one")

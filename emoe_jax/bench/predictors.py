@@ -119,6 +119,7 @@ def run_grid(
     val_fraction: float = 0.2,
     max_prompts: int | None = None,
     predictor_kwargs: dict[str, Any] | None = None,
+    per_task_capacities: tuple[float, ...] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the whole grid on ``traces`` (a TraceSet); returns the results dict written to results.json."""
@@ -128,6 +129,9 @@ def run_grid(
         raise AblationError(f"capacities and bandwidths must be > 0, got {capacities} and {bandwidths_gbps}")
     if max_prompts is not None and max_prompts < 1:
         raise AblationError(f"--max-prompts must be >= 1, got {max_prompts}")
+    missing = sorted(set(per_task_capacities or ()) - set(capacities))
+    if missing:
+        raise AblationError(f"per-task capacities {missing} are not in the grid's capacities {list(capacities)}")
     names, explicit = resolve_predictors(predictors, list(exclude))
     train, val = split_by_prompt_id(traces, val_fraction)
     if max_prompts is not None:
@@ -179,6 +183,7 @@ def run_grid(
         grid=dict(predictors=[n for n in names if n not in skipped], capacities=list(capacities),
                   bandwidths_gbps=list(bandwidths_gbps), expert_bytes=expert_bytes,
                   layer_compute_ms=layer_compute_ms, timed_lookahead_layers=SimConfig().lookahead_layers,
+                  per_task_capacities=list(per_task_capacities or [headline_capacity(list(capacities))]),
                   zero_latency=asdict(SimConfig.moe_beyond())),  # fmt: skip
         skipped=skipped,
         fit_seconds=fit_seconds,
@@ -280,7 +285,8 @@ def headline_capacity(capacities: list[float]) -> float:
 
 
 def per_task_markdown(results: dict[str, Any]) -> list[str]:
-    """Hit rate % per task at the capacity closest to 10%: one row per predictor, one column per task.
+    """Hit rate % per task at the grid's per-task capacities (default: the one closest to 10%):
+    one table per capacity and protocol, one row per predictor, one column per task.
 
     Each cell is the task's share of the one replay (``SimResult.per_task``): the cache carries
     over between prompts of different tasks exactly as in the totals. Empty for a single task.
@@ -289,10 +295,12 @@ def per_task_markdown(results: dict[str, Any]) -> list[str]:
     tasks = sorted({t for r in rows for t in r.get("per_task", {})})
     if len(tasks) < 2:
         return []
-    cap = headline_capacity(grid["capacities"])
+    caps = grid.get("per_task_capacities") or [headline_capacity(grid["capacities"])]
     predictors = list(dict.fromkeys(r["predictor"] for r in rows))
     out = []
-    for protocol, bw in [(ZERO_LATENCY, None)] + [(TIMED, b) for b in grid["bandwidths_gbps"]]:
+    tables = [(cap, protocol, bw) for cap in caps
+              for protocol, bw in [(ZERO_LATENCY, None)] + [(TIMED, b) for b in grid["bandwidths_gbps"]]]  # fmt: skip
+    for cap, protocol, bw in tables:
         cell = {r["predictor"]: r for r in rows
                 if r["protocol"] == protocol and r["bandwidth_gbps"] == bw and r["capacity"] == cap}  # fmt: skip
         if not cell:
@@ -398,8 +406,8 @@ def _plot_bandwidth_sweep(results: dict[str, Any], path: Path, capacity: float) 
     plt.close(fig)
 
 
-def _plot_per_task(results: dict[str, Any], path: Path, capacity: float) -> None:
-    """Grouped bars: hit rate per task and predictor at ``capacity``, zero latency and the first bandwidth."""
+def _plot_per_task(results: dict[str, Any], path: Path, capacities: list[float]) -> None:
+    """Grouped bars: hit rate per task and predictor at each capacity, zero latency and ~25 GB/s."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -409,11 +417,14 @@ def _plot_per_task(results: dict[str, Any], path: Path, capacity: float) -> None
     tasks = sorted({t for r in rows for t in r.get("per_task", {})})
     names = list(dict.fromkeys(r["predictor"] for r in rows))
     style = _styles(names)
-    panels = [(ZERO_LATENCY, None, "zero latency")] + [(TIMED, b, f"{b:g} GB/s") for b in grid["bandwidths_gbps"][:1]]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(1.1 * len(tasks) * max(len(names), 4) / 4 + 2.6, 2.6 * len(panels)),
+    # Zero latency and the bandwidth closest to PCIe 4.0's 25 GB/s.
+    bws = sorted(grid["bandwidths_gbps"], key=lambda b: abs(b - 25.0))[:1]
+    protocols = [(ZERO_LATENCY, None, "zero latency")] + [(TIMED, b, f"{b:g} GB/s") for b in bws]
+    panels = [(protocol, bw, title, cap) for cap in capacities for protocol, bw, title in protocols]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(min(14.0, 3.0 + 1.3 * len(tasks)), 2.3 * len(panels)),
                              sharex=True, squeeze=False)  # fmt: skip
     width = 0.8 / max(len(names), 1)
-    for ax, (protocol, bw, title) in zip(axes[:, 0], panels):
+    for ax, (protocol, bw, title, capacity) in zip(axes[:, 0], panels):
         cell = {r["predictor"]: r for r in rows
                 if r["protocol"] == protocol and r["bandwidth_gbps"] == bw and r["capacity"] == capacity}  # fmt: skip
         for i, name in enumerate(names):
@@ -451,7 +462,8 @@ def write_outputs(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
         paths.pop("stall_plot")
     if len({t for r in results["rows"] for t in r.get("per_task", {})}) > 1:
         paths["per_task_plot"] = out_dir / "hit_rate_per_task.png"
-        _plot_per_task(results, paths["per_task_plot"], headline_capacity(caps))
+        per_task_caps = results["grid"].get("per_task_capacities") or [headline_capacity(caps)]
+        _plot_per_task(results, paths["per_task_plot"], per_task_caps)
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -499,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute time per MoE layer with experts resident (an assumption; see docs/ablations.md)")  # fmt: skip
     p.add_argument("--model-checkpoint", type=Path, default=None,
                    help="converted model checkpoint whose routers spec-gating applies (traces need router inputs)")  # fmt: skip
+    p.add_argument("--per-task-capacities", type=_floats, default=None,
+                   help="capacities (from --capacities) of the per-task tables; default: the one closest to 0.1")  # fmt: skip
     p.add_argument("--max-prompts", type=int, default=None, help="replay only the first N validation prompts")
     p.add_argument("--out", type=Path, default=None, help="output directory (results.json, table.md, plots)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
@@ -520,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
             bandwidths_gbps=args.bandwidths_gbps, expert_bytes=args.expert_bytes,
             layer_compute_ms=args.layer_compute_ms, val_fraction=round(1.0 - args.train_split, 10),
             max_prompts=args.max_prompts, predictor_kwargs=kwargs, progress=not args.no_progress,
+            per_task_capacities=args.per_task_capacities,
         )  # fmt: skip
         results["traces"] = str(args.traces)
         paths = write_outputs(results, args.out) if args.out is not None else {}
