@@ -39,8 +39,11 @@ def runtime_predictor(name: str | None, cfg: MoEConfig, model_dir: str | Path | 
         if model_dir is None:
             raise PredictorSetupError("spec-gating needs the model's router weights: give the checkpoint directory")
         kwargs["model_checkpoint"] = str(model_dir)
-    if name == "learned" and checkpoint is not None:
-        kwargs["checkpoint"] = str(checkpoint)
+    if name == "learned":
+        if checkpoint is not None:
+            kwargs["checkpoint"] = str(checkpoint)
+        else:  # the checkpoint in checkpoints/predictors trained for this model's shape
+            kwargs.update(num_layers=cfg.num_moe_layers, num_experts=cfg.num_experts, top_k=cfg.top_k)
     try:
         predictor = get_predictor(name, ignore_unknown=True, **kwargs)
     except UnknownPredictorError as e:
