@@ -337,3 +337,21 @@ def test_cli_model_checkpoint_gives_spec_gating_its_routers(tiny_model_checkpoin
     assert "--model-checkpoint" in capsys.readouterr().err
     assert sim_main([*args, "--model-checkpoint", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_layer_time_measurement_reports_consistent_figures(tiny_model_checkpoint, tmp_path, capsys):
+    from emoe_jax.sim.layer_time import main as layer_time_main
+    from emoe_jax.sim.layer_time import measure_layer_time
+
+    ckpt, cfg = tiny_model_checkpoint
+    out = measure_layer_time(ckpt, new_tokens=3, prompt_len=4, repeats=2)
+    assert out["num_layers"] == cfg.num_layers and out["batch"] == 1
+    for name in ("fused", "engine"):
+        r = out[name]
+        assert len(r["rates"]) == 2 and r["decode_tokens_per_s"] > 0
+        assert r["ms_per_layer"] * cfg.num_layers == pytest.approx(r["ms_per_token"])
+        assert r["ms_per_token"] * r["decode_tokens_per_s"] == pytest.approx(1e3)
+    assert out["engine"]["device_hit_rate"] == 1.0  # every expert resident: no transfer in the time
+    assert layer_time_main(["--model", str(tmp_path / "none")]) == 2
+    assert "not a converted checkpoint" in capsys.readouterr().err
+    assert layer_time_main(["--model", str(ckpt), "--new-tokens", "1"]) == 2
