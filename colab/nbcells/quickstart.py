@@ -85,38 +85,35 @@ show_stats(engine.memory_report())
 ## Sweep the fraction of experts on the device
 
 For each fraction: a new engine, a warm-up call per prompt (compiles that
-cache size's shapes), then timed calls over three prompts (median of the
-repetitions; in small mode a single short run, so the speeds are noisy). The device cache stays warm
-between calls, as it would in a server. Exact mode means every fraction must
-produce the same tokens; the cell checks it.
+cache size's shapes), then timed calls over three prompts; the table shows
+the median of the repetitions (in small mode a single short run, so the speeds
+are noisy). The device cache stays warm between calls, as it would in a server.
+The engine computes in the checkpoint's dtype, bfloat16.
 """),
     ("code", r'''
 import statistics
-import time
 
 FRACTIONS = [0.125, 0.25, 0.5, 1.0]
-PROMPTS = ["def fibonacci(n):", "The government announced on Monday that", "Der Hund und die Katze"]  # one length bucket
-prompt_ids = [tok.encode(p) for p in PROMPTS]
+PROMPTS = ["def fibonacci(n):", "The government announced on Monday that", "Der Hund und die Katze"]
+prompt_ids = [tok.encode(p) for p in PROMPTS]  # 9-10 tokens each: one compiled prompt-length bucket
 
-rows, reference = [], None  # reference: tokens of the first fraction, per prompt
+rows, texts = [], {}
 for frac in FRACTIONS:
     eng = emoe_jax.OffloadedEngine.from_checkpoint(MODEL, device_experts=frac)
-    for ids in prompt_ids:  # warm-up: compile this cache size's shapes for every prompt length
+    for ids in prompt_ids:  # warm-up: compile this cache size's shapes
         eng.generate([ids], max_new_tokens=NEW_TOKENS)
     speeds, hits, stalls = [], [], []
     for _ in range(REPEATS):
         n_tok = secs = stall = 0.0
         accesses = hit = 0
-        outputs = []
+        texts[frac] = []
         for ids in prompt_ids:
             res = eng.generate([ids], max_new_tokens=NEW_TOKENS)
             s = res.stats
             n_tok, secs, stall = n_tok + s["decode_tokens"], secs + s["decode_s"], stall + s["stall_s"]
             hit += s["device"]["hits"]
             accesses += s["device"]["hits"] + s["device"]["misses"]
-            outputs.append(res.tokens[0])
-        reference = reference or outputs
-        assert outputs == reference, f"fraction {frac}: tokens differ from fraction {FRACTIONS[0]}"
+            texts[frac].append(res.tokens[0])
         speeds.append(n_tok / secs)
         hits.append(hit / max(accesses, 1))
         stalls.append(1e3 * stall / n_tok)
@@ -126,13 +123,41 @@ for frac in FRACTIONS:
                      expert_mib=mem["slot_buffer_bytes"] / 2**20, dense_mib=mem["dense_param_bytes"] / 2**20))
 
 print(f"{'fraction':>8} {'slots':>5} {'decode tok/s':>12} {'hit rate':>8} {'stall ms/tok':>12} "
-      f"{'experts MiB':>11} {'dense MiB':>9}")
+      f"{'experts MiB':>11} {'dense MiB':>9} {'same tokens as 1.0':>18}")
 for r in rows:
+    same = sum(a == b for a, b in zip(texts[r["fraction"]], texts[1.0]))
     print(f"{r['fraction']:8.3f} {r['slots']:5d} {r['decode_tok_s']:12.1f} {r['hit_rate']:8.1%} "
-          f"{r['stall_ms_per_tok']:12.2f} {r['expert_mib']:11.2f} {r['dense_mib']:9.2f}")
-print("\nexact mode: every fraction generated these same tokens")
-for p, t in zip(PROMPTS, reference):
+          f"{r['stall_ms_per_tok']:12.2f} {r['expert_mib']:11.2f} {r['dense_mib']:9.2f} "
+          f"{f'{same} of {len(PROMPTS)} prompts':>18}")
+print()
+for p, t in zip(PROMPTS, texts[0.125]):
     print(repr(p + tok.decode(t)))
+'''),
+    ("md", """
+## Exact mode: the same tokens whatever the fraction
+
+In exact mode every expert a token is routed to is fetched before its layer
+runs, so the computation is the all-resident model's. What can differ is
+rounding: with fewer slots than a step needs, the experts stream through the
+slots in waves whose partial sums are added in a different order. In bfloat16
+that moves the logits by up to a few tenths, and a prompt whose top two
+tokens are that close can continue differently (the last column above shows
+when this happened). In float32 the rounding differences are around 1e-5, and
+the tokens agree; the next cell checks it with 12.5 % of the experts against
+all of them.
+"""),
+    ("code", r'''
+import jax.numpy as jnp
+import numpy as np
+
+few = emoe_jax.OffloadedEngine.from_checkpoint(MODEL, device_experts=0.125, dtype=jnp.float32)
+full = emoe_jax.OffloadedEngine.from_checkpoint(MODEL, device_experts=1.0, dtype=jnp.float32)
+for p, ids in zip(PROMPTS, prompt_ids):
+    a = few.generate([ids], max_new_tokens=NEW_TOKENS, return_logits=True)
+    b = full.generate([ids], max_new_tokens=NEW_TOKENS, return_logits=True)
+    assert a.tokens == b.tokens, f"float32: {p!r} continued differently with 12.5 % of the experts"
+    gap = float(np.abs(a.logits - b.logits).max())
+    print(f"{p!r}: same {len(a.tokens[0])} tokens, largest logit difference {gap:.1e}")
 '''),
     ("md", """
 ## Plot: speed and device memory against the fraction
@@ -150,6 +175,7 @@ ax1.plot(fr, [r["decode_tok_s"] for r in rows], "o-")
 for r in rows:
     ax1.annotate(f"hit {r['hit_rate']:.0%}", (r["fraction"], r["decode_tok_s"]),
                  textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
+ax1.margins(y=0.15)
 ax1.set(xlabel="experts on the device (fraction of each layer's)", ylabel="decode tokens/s",
         title=f"decode speed, batch 1 ({PLATFORM})")
 ax2.bar([str(f) for f in fr], [r["expert_mib"] for r in rows], label="expert slot buffers")
