@@ -266,16 +266,59 @@ def test_scaled_deepseek_shape():
     assert (mixtral.hidden_size, mixtral.num_heads, mixtral.num_kv_heads, mixtral.num_experts) == (512, 4, 1, 8)
 
 
-def test_replay_model_runs_a_deepseek_shaped_replay():
+def test_replay_model_weights():
     model = forced_replay_model("deepseek-v2-lite", scale=1 / 32, seed=0, vocab_size=256)
     cfg = model.cfg
-    gate = model.source.read(0, 0)["gate"]  # [H, I]
-    assert gate.dtype == ml_dtypes.bfloat16 and gate.shape == (cfg.hidden_size, cfg.moe_intermediate_size)
-    rms = float(np.sqrt(np.mean(gate.astype(np.float32) ** 2)))
-    assert 0.5 < rms * cfg.hidden_size ** 0.5 < 2.0
-    rng = np.random.default_rng(1)
-    traces = make_traces([_random_experts(rng, 6, 26, 64, 6) for _ in range(2)], 64)
-    out = run_forced_replay(dict(device_experts=0.25), traces, 2, model=model, prompt_tokens=3, decode_tokens=3)
-    assert out["decode_tokens"] == 2 * 3 and out["device_slots_per_layer"] == 16
-    assert np.isfinite(out["decode_tokens_per_s"]) and out["decode_compiles"] == 0
-    assert out["device_hits"] + out["device_misses"] == 2 * 3 * 26 * 6
+    assert (cfg.num_moe_layers, cfg.num_experts, cfg.top_k, cfg.vocab_size) == (26, 64, 6, 256)
+    assert model.expert_bytes_total == 26 * 64 * 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2
+    for layer, expert in [(0, 0), (25, 63)]:
+        weights = model.source.read(layer, expert)
+        for name, fan_in in (("gate", cfg.hidden_size), ("down", cfg.moe_intermediate_size)):
+            w = weights[name]
+            assert w.dtype == ml_dtypes.bfloat16
+            rms = float(np.sqrt(np.mean(w.astype(np.float32) ** 2)))
+            assert 0.5 < rms * fan_in ** 0.5 < 2.0
+    assert not np.array_equal(model.source.read(0, 0)["gate"], model.source.read(0, 1)["gate"])
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def _write_dsv2_like_traces(path, n_prompts=10, tokens=5):
+    from emoe_jax.traces import TraceWriter
+
+    rng = np.random.default_rng(3)
+    meta = TraceMeta(model="t", num_layers=26, num_experts=64, top_k=6, moe_layer_ids=tuple(range(1, 27)),
+                     hidden_size=None, source="t")
+    with TraceWriter(path, meta) as writer:
+        for i in range(n_prompts):
+            writer.add(PromptTrace(i + 1, "puffin", "", np.arange(tokens, dtype=np.int32),
+                                   _random_experts(rng, tokens, 26, 64, 6), None, tokens))
+
+
+def test_bench_replay_cli(tmp_path, capsys):
+    import json
+
+    from emoe_jax.bench.replay import main
+
+    traces = tmp_path / "traces"
+    _write_dsv2_like_traces(traces)
+    out = tmp_path / "replay.json"
+    args = ["--traces", str(traces), "--prompts", "1", "--prompt-tokens", "2", "--decode-tokens", "2",
+            "--fractions", "0.25", "--scale", str(1 / 32), "--vocab", "256", "--no-progress"]
+    assert main(args + ["--json", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == result
+    assert result["prompt_ids"] == [9]  # validation side: the highest 20% of ids (9, 10)
+    (row,) = result["rows"]
+    # The DeepSeek-V2-Lite shape ran: 26 MoE layers x top-6 lookups per decode token.
+    assert row["slots"] == 16 and row["decode_tokens"] == 2 and row["decode_compiles"] == 0
+    assert row["device_hits"] + row["device_misses"] == 2 * 26 * 6
+    assert 0 <= row["device_hit_rate"] <= 1 and 0 <= row["sim_lru_hit_rate"] <= 1
+    # Bad input: one "error:" line, exit status 2, before any model is built.
+    assert main(["--traces", str(tmp_path / "missing")]) == 2
+    assert main(args + ["--fractions", "1.5"]) == 2  # the last --fractions counts
+    assert main(args + ["--prompts", "5"]) == 2  # only 2 validation prompts
+    err = capsys.readouterr().err
+    assert err.count("error:") == 3 and "Traceback" not in err
+    assert "no trace set" in err and "--fractions=1.5" in err and "only 2 of 2" in err

@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from ..predict import get_predictor
 from ..runtime.budget import BudgetError, parse_expert_count
-from ..runtime.forced import ForcedRoutingError, choose_prompts, forced_replay_model, run_forced_replay
+from ..runtime.forced import (ForcedRoutingError, choose_prompts, forced_replay_model, run_forced_replay,
+                              scaled_config)
 from ..sim import SimConfig, simulate, split_by_prompt_id
 from ..traces import TraceSet
 
@@ -68,6 +69,8 @@ def sim_lru_hit_rate(cut: TraceSet, slots: int, prompt_tokens: int) -> float | N
 
 
 def run(args) -> dict:
+    cfg = scaled_config(args.shape, args.scale, args.vocab)
+    slot_counts = [parse_expert_count(f, cfg.num_experts, "--fractions") for f in args.fractions]  # fail before building
     traces = TraceSet.load(args.traces)
     _, val = split_by_prompt_id(traces, args.val_fraction)
     chosen = choose_prompts(val, args.prompts, args.prompt_tokens + args.decode_tokens)
@@ -76,8 +79,8 @@ def run(args) -> dict:
     model = forced_replay_model(args.shape, args.scale, args.seed, jnp.dtype(args.dtype), args.vocab)
     cfg = model.cfg
     rows = []
-    for fraction in tqdm(args.fractions, desc="device fractions", disable=not args.progress, file=sys.stderr):
-        slots = parse_expert_count(fraction, cfg.num_experts, "--fractions")
+    for fraction, slots in tqdm(list(zip(args.fractions, slot_counts)), desc="device fractions",
+                                disable=not args.progress, file=sys.stderr):
         out = run_forced_replay(dict(device_experts=fraction, policy=args.policy), replay, len(chosen), model=model,
                                 prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                                 batch_size=args.batch_size)

@@ -139,10 +139,10 @@ class TraceRouting:
     @staticmethod
     def _row(trace: PromptTrace, cfg: MoEConfig, prompt_tokens: int | None) -> _Row:
         experts = np.asarray(trace.experts)  # [T, L, k]
-        t = experts.shape[0]
         if experts.ndim != 3:
             raise ForcedRoutingError(f"trace prompt {trace.prompt_id}: experts has shape {experts.shape}, "
                                      "expected [tokens, MoE layers, top_k]")
+        t = experts.shape[0]
         # Without a TraceSet's meta, E is only known to exceed the largest id.
         largest = int(experts.max()) + 1 if experts.size else 0
         check_trace_shape(cfg, experts.shape[1], max(largest, cfg.num_experts), experts.shape[2],
@@ -288,14 +288,16 @@ def _random_bf16(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) 
     """Random bfloat16 weights of RMS about fan_in**-0.5, drawn as bit patterns.
 
     A random sign and mantissa with one fixed exponent give magnitudes uniform in
-    [a, 2a) (RMS 1.53a). Normal draws plus a cast take ~40 s for DeepSeek-V2-Lite's
-    1,664 experts at scale 1/4 on this CPU; bits take ~3 s. Routing is forced, so
-    the weights' distribution only has to keep activations finite.
+    [a, 2a) (RMS 1.53a). Normal draws plus a cast took ~40 s for DeepSeek-V2-Lite's
+    1,664 experts at scale 1/4 on this CPU; bits, made in place in one buffer, take
+    3-12 s, most of it the first touch of 1.8 GB. Routing is forced, so the
+    weights' distribution only has to keep activations finite.
     """
     exponent = int(round(math.log2(fan_in ** -0.5 / 1.53)))
-    bits = np.frombuffer(rng.bytes(2 * math.prod(shape)), np.uint16)
-    bits = (bits & np.uint16(0x807F)) | np.uint16((127 + exponent) << 7)  # sign | exponent | mantissa
-    return bits.view(ml_dtypes.bfloat16).reshape(shape)
+    bits = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
+    np.bitwise_and(bits, np.uint16(0x807F), out=bits)  # keep sign and mantissa
+    np.bitwise_or(bits, np.uint16((127 + exponent) << 7), out=bits)  # fixed exponent
+    return bits.view(ml_dtypes.bfloat16)
 
 
 def random_experts(cfg: MoEConfig, seed: int = 0, dtype=jnp.bfloat16) -> list[ExpertSlots]:
@@ -314,7 +316,7 @@ def random_dense_params(cfg: MoEConfig, seed: int = 0, dtype=jnp.bfloat16):
     """(graphdef, params) of a random MoETransformer without running its initialisers.
 
     Eager Flax init of DeepSeek-V2-Lite's 27 layers takes ~8 s on this CPU whatever
-    the width; the structure from `nnx.eval_shape` filled with NumPy draws takes ~2 s.
+    the width; the structure from `nnx.eval_shape` filled with NumPy draws takes 2-4 s.
     Kernels [in, out] get RMS about in**-0.5, embeddings RMS 1, norm weights 1.
     """
     abstract = nnx.eval_shape(lambda: MoETransformer(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))
