@@ -48,11 +48,11 @@ def tiny():
 def test_driver_serves_every_request_once_with_consistent_times(tiny):
     prompts, make_engine, predictor = tiny
     res = run_benchmark(prompts, make_engine, predictor, classify=lambda text: text, mixes=("uniform",),
-                        requests=8, load=3.0, period=3, max_batch=2, token_cap=64,
+                        requests=8, loads=(3.0,), period=3, max_batch=2, token_cap=64,
                         output_tokens={"a": 2, "b": 4}, seed=0, warmup_repeats=1)
     json.dumps(res)  # serialisable as --json prints it
-    runs = res["mixes"]["uniform"]
-    assert set(runs) == {"fcfs-lru", "emoe-fcfs", "emoe-slo"}
+    runs = {r["config"]: r for r in res["runs"]}
+    assert set(runs) == {"fcfs-lru", "slo-lru", "emoe-fcfs", "emoe-slo"} and len(res["runs"]) == 4
     for name, r in runs.items():
         reqs = r["per_request"]
         assert sorted(x["rid"] for x in reqs) == list(range(8))
@@ -61,14 +61,16 @@ def test_driver_serves_every_request_once_with_consistent_times(tiny):
             assert len(x["tokens"]) == {"a": 2, "b": 4}[x["task"]]
         assert 0.0 <= r["slo_attainment"] <= 1.0 and r["compiles_while_serving"] >= 0
         assert r["generated_tokens"] == sum(len(x["tokens"]) for x in reqs)
-        if name != "fcfs-lru":
+        if name.startswith("emoe"):
             assert r["forecasts"] >= 2 and r["experts_loaded"] >= 2 * 3  # cold start + a re-forecast
-    assert runs["fcfs-lru"]["agreement_vs_exact"] == 1.0
+    # Exact mode is exact under any schedule: the SLO scheduler's outputs equal FCFS's.
+    assert runs["fcfs-lru"]["agreement_vs_exact"] == 1.0 and runs["slo-lru"]["agreement_vs_exact"] == 1.0
+    assert runs["emoe-slo"]["forecasts"] >= 2
     # FCFS batches start in arrival order.
     fcfs = sorted(runs["emoe-fcfs"]["per_request"], key=lambda x: x["rid"])
     starts = [x["start"] for x in fcfs]
     assert starts == sorted(starts)
-    assert "| uniform | emoe-slo |" in markdown(res)
+    assert "| uniform | 3 | emoe-slo |" in markdown(res)
 
 
 def test_cli_clear_errors(tmp_path, capsys):
@@ -76,4 +78,6 @@ def test_cli_clear_errors(tmp_path, capsys):
     assert "python -m emoe_jax.data build" in capsys.readouterr().err
     assert main(["--mix", "zipf"]) == 2
     assert "unknown mix" in capsys.readouterr().err
+    assert main(["--load", "fast"]) == 2
+    assert "--load" in capsys.readouterr().err
     assert set(MIXES) == {"uniform", "multitenant"}

@@ -1,19 +1,20 @@
 """Request-stream benchmark: eMoE serving vs an exact LRU engine, under Poisson arrivals.
 
     python -m emoe_jax.bench serve                       # embedded model, 25% device experts, both mixes
-    python -m emoe_jax.bench serve --requests 96 --load 3 --json
+    python -m emoe_jax.bench serve --requests 80 --load 1,4,16 --json
 
 Steps:
   1. Workload: prompts of several tasks from the corpus (validation split), each
      cut to W tokens (W uniform in [--min-prompt, --max-prompt]); every request
      asks for G tokens, G fixed per task (task-specific output lengths). Arrival
-     times are a Poisson process of rate --load / s1 (s1: the measured service
-     time of one request alone). Two task mixes: ``uniform`` (each request's task
+     times are a Poisson process of rate load / s1 for each --load (s1: the
+     measured service time of one request alone on the exact engine). Two task mixes: ``uniform`` (each request's task
      drawn uniformly, as in the eMoE paper) and ``multitenant`` (tenants = tasks;
      two tenants at a time send alternating requests in sessions of --session
      requests each, then two others take over: interleaved, bursty locality).
   2. Configurations, each on a fresh engine with the same device budget:
      - ``fcfs-lru``: exact mode, LRU device cache, FCFS batches (no eMoE);
+     - ``slo-lru``: the same engine with the SLO-aware scheduler (Alg. 1);
      - ``emoe-fcfs``: the eMoE loader (EMoESystem: restricted mode, periodic
        eMoE-A forecast + Eq. 2 selection) with FCFS batches;
      - ``emoe-slo``: the eMoE loader + the SLO-aware scheduler (Alg. 1 with the
@@ -28,7 +29,8 @@ Steps:
   4. Reported per configuration and mix: TTFT and end-to-end latency (mean,
      p50, p90), TTFT-SLO attainment, throughput (generated tokens and requests
      per second of virtual time), bytes of experts moved and reload time, and
-     the token agreement of each request's output with the exact configuration's.
+     the token agreement of each request's output with the exact configuration's
+     (all output tokens, and the first token alone).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import numpy as np
 from emoe_jax.emoe.latency import LatencyModel
 from emoe_jax.emoe.scheduler import Request, check_fits, fcfs, slo_admit
 
-CONFIGS = ("fcfs-lru", "emoe-fcfs", "emoe-slo")
+CONFIGS = ("fcfs-lru", "slo-lru", "emoe-fcfs", "emoe-slo")
 MIXES = ("uniform", "multitenant")
 # Expected output tokens per task (task-specific output lengths) and TTFT SLO factors (x s1):
 # chat-like tasks get tight SLOs, document-like ones loose.
@@ -149,8 +151,9 @@ def serve(items: Sequence[WorkItem], engine, *, policy: str, system=None, classi
     by_rid = {w.rid: w for w in items}
     # The server knows a request's prompt and its requested output length (max tokens); its task,
     # and so the SLO it schedules for, only through task extraction.
-    requests = {w.rid: Request(w.rid, classify(w.text), w.arrival, len(w.ids), w.output_tokens,
-                               float(slo.get(classify(w.text), min(slo.values()))))
+    tasks = {w.rid: classify(w.text) for w in items}
+    requests = {w.rid: Request(w.rid, tasks[w.rid], w.arrival, len(w.ids), w.output_tokens,
+                               float(slo.get(tasks[w.rid], min(slo.values()))))
                 for w in items}  # fmt: skip
     check_fits(list(requests.values()), token_cap, max_batch)
     now, nxt, waiting = 0.0, 0, []
@@ -235,12 +238,16 @@ def _summary(served: list[Served], totals: dict, latency: LatencyModel) -> dict:
     }  # fmt: skip
 
 
-def agreement(run: dict, reference: dict) -> float:
-    """Mean over requests of the fraction of output tokens equal to the reference run's."""
+def agreement(run: dict, reference: dict) -> tuple[float, float]:
+    """(mean fraction of output tokens equal to the reference run's, fraction of equal first tokens).
+    Greedy outputs: after the first difference the continuations differ too; the first token is the
+    model's next-token choice on the same prompt."""
     ref = {r["rid"]: r["tokens"] for r in reference["per_request"]}
-    vals = [np.mean([a == b for a, b in zip(r["tokens"], ref[r["rid"]])]) for r in run["per_request"]
-            if len(ref[r["rid"]])]  # fmt: skip
-    return float(np.mean(vals)) if vals else float("nan")
+    pairs = [(r["tokens"], ref[r["rid"]]) for r in run["per_request"] if len(ref[r["rid"]])]
+    if not pairs:
+        return float("nan"), float("nan")
+    return (float(np.mean([np.mean([a == b for a, b in zip(x, y)]) for x, y in pairs])),
+            float(np.mean([x[0] == y[0] for x, y in pairs])))  # fmt: skip
 
 
 def warm_up(engine, prompts: Sequence[Sequence[int]], max_new: int, max_batch: int, repeats: int = 4,
@@ -266,25 +273,26 @@ def warm_up(engine, prompts: Sequence[Sequence[int]], max_new: int, max_batch: i
 
 
 def markdown(results: dict) -> str:
-    head = ("| mix | config | TTFT mean / p90 (s) | e2e mean / p90 (s) | SLO attained | tokens/s | req/s "
-            "| experts moved (MiB) | reload s | agreement vs exact |")  # fmt: skip
-    lines = [head, "|" + "---|" * 10]
-    for mix, configs in results["mixes"].items():
-        for name, r in configs.items():
-            lines.append(f"| {mix} | {name} | {r['ttft_mean_s']:.3f} / {r['ttft_p90_s']:.3f} | "
-                         f"{r['e2e_mean_s']:.3f} / {r['e2e_p90_s']:.3f} | {100 * r['slo_attainment']:.0f}% | "
-                         f"{r['throughput_tokens_per_s']:.1f} | {r['throughput_requests_per_s']:.2f} | "
-                         f"{r['expert_bytes_moved'] / 2**20:.2f} | {r['reload_s']:.3f} | "
-                         f"{100 * r['agreement_vs_exact']:.1f}% |")  # fmt: skip
+    head = ("| mix | load | config | TTFT mean / p90 (s) | e2e mean / p90 (s) | TTFT SLO met | tokens/s | busy s "
+            "| experts moved (MiB) | reload s | agreement: all / first token |")  # fmt: skip
+    lines = [head, "|" + "---|" * 11]
+    for r in results["runs"]:
+        lines.append(f"| {r['mix']} | {r['load']:g} | {r['config']} | {r['ttft_mean_s']:.3f} / {r['ttft_p90_s']:.3f} | "
+                     f"{r['e2e_mean_s']:.3f} / {r['e2e_p90_s']:.3f} | {100 * r['slo_attainment']:.0f}% | "
+                     f"{r['throughput_tokens_per_s']:.1f} | {r['busy_s']:.1f} | "
+                     f"{r['expert_bytes_moved'] / 2**20:.1f} | {r['reload_s']:.3f} | "
+                     f"{100 * r['agreement_vs_exact']:.0f}% / {100 * r['first_token_agreement_vs_exact']:.0f}% |")  # fmt: skip
     return "\n".join(lines)
 
 
 def run_benchmark(prompts, make_engine: Callable[[str], Any], predictor, *, classify, sensitivity=None,
-                  mixes=MIXES, configs=CONFIGS, requests: int = 48, load: float = 2.0, period: int = 40,
-                  max_batch: int = 4, token_cap: int = 512, output_tokens: Mapping[str, int] | None = None,
-                  slo_factor: Mapping[str, float] | None = None, slo: Mapping[str, float] | None = None,
-                  session: int = 6, seed: int = 0, warmup_repeats: int = 4, progress: bool = False) -> dict:
-    """All configurations on all mixes. prompts {task: [(text, ids)]}; make_engine(mode) -> fresh engine."""
+                  mixes=MIXES, configs=CONFIGS, requests: int = 40, loads: Sequence[float] = (2.0,),
+                  period: int = 40, max_batch: int = 4, token_cap: int = 512,
+                  output_tokens: Mapping[str, int] | None = None, slo_factor: Mapping[str, float] | None = None,
+                  slo: Mapping[str, float] | None = None, session: int = 6, seed: int = 0, warmup_repeats: int = 3,
+                  progress: bool = False) -> dict:
+    """Every configuration on every (mix, load). prompts {task: [(text, ids)]}; make_engine(mode) -> a fresh
+    engine. Returns {"runs": [{"mix", "load", "config", metrics...}], ...}."""
     from emoe_jax.emoe.system import EMoESystem
 
     unknown = [c for c in configs if c not in CONFIGS]
@@ -294,12 +302,16 @@ def run_benchmark(prompts, make_engine: Callable[[str], Any], predictor, *, clas
     output_tokens = {t: int((output_tokens or DEFAULT_OUTPUT).get(t, 16)) for t in tasks}
     all_prompts = [ids for v in prompts.values() for _, ids in v]
     max_new = max(output_tokens.values())
+    warmed: set[str] = set()
 
     def fresh(config):
-        engine = make_engine("exact" if config == "fcfs-lru" else "restricted")
-        warm_up(engine, all_prompts, max_new, max_batch, warmup_repeats, seed)
-        system = None if config == "fcfs-lru" else EMoESystem(engine, predictor, sensitivity=sensitivity,
-                                                              period=period, output_tokens=output_tokens)
+        mode = "exact" if config.endswith("lru") else "restricted"
+        engine = make_engine(mode)
+        # Compiled code is shared by engines of one model and mode: warm each mode once.
+        warm_up(engine, all_prompts, max_new, max_batch, 0 if mode in warmed else warmup_repeats, seed)
+        warmed.add(mode)
+        system = None if mode == "exact" else EMoESystem(engine, predictor, sensitivity=sensitivity,
+                                                         period=period, output_tokens=output_tokens)
         return engine, system
 
     # s1: one request alone on the exact engine, second (warm) run: the unit of the arrival rate and SLOs.
@@ -310,22 +322,26 @@ def run_benchmark(prompts, make_engine: Callable[[str], Any], predictor, *, clas
         engine.generate([some], int(np.median(list(output_tokens.values()))), stop_at_eos=False)
         s1 = time.perf_counter() - t0
     slos = dict(slo) if slo else {t: (slo_factor or DEFAULT_SLO_FACTOR).get(t, 4.0) * s1 for t in tasks}
-    rate = load / s1
-    out = {"s1_s": s1, "rate_per_s": rate, "slo_s": slos, "output_tokens": output_tokens, "mixes": {}}
+    out = {"s1_s": s1, "slo_s": slos, "output_tokens": output_tokens, "runs": []}
     for mix in mixes:
-        items = build_workload(prompts, mix, requests, rate, output_tokens, seed, session)
-        results = {}
-        for config in configs:
-            engine, system = fresh(config)
-            lat = LatencyModel(1e-3, 1e-3, 1e-2)  # starting guesses; calibrated from the runs
-            results[config] = serve(items, engine, policy="slo" if config == "emoe-slo" else "fcfs", system=system,
-                                    classify=classify, slo=slos, token_cap=token_cap, max_batch=max_batch,
-                                    latency=lat, progress=progress)  # fmt: skip
-            results[config]["device_expert_bytes"] = engine.device_cache.device_bytes
-        ref = results.get("fcfs-lru")
-        for r in results.values():
-            r["agreement_vs_exact"] = agreement(r, ref) if ref is not None else float("nan")
-        out["mixes"][mix] = results
+        for load in loads:
+            rate = load / s1
+            items = build_workload(prompts, mix, requests, rate, output_tokens, seed, session)
+            results = {}
+            for config in configs:
+                engine, system = fresh(config)
+                lat = LatencyModel(1e-3, 1e-3, 1e-2)  # starting guesses; calibrated from the runs
+                policy = "slo" if "slo" in config.split("-") else "fcfs"
+                res = serve(items, engine, policy=policy, system=system, classify=classify, slo=slos,
+                            token_cap=token_cap, max_batch=max_batch, latency=lat, progress=progress)
+                res.update(mix=mix, load=load, rate_per_s=rate, config=config,
+                           device_expert_bytes=engine.device_cache.device_bytes)
+                results[config] = res
+            ref = results.get("fcfs-lru", results.get("slo-lru"))
+            for r in results.values():
+                r["agreement_vs_exact"], r["first_token_agreement_vs_exact"] = (
+                    agreement(r, ref) if ref is not None else (float("nan"), float("nan")))
+            out["runs"].extend(results.values())
     return out
 
 
@@ -356,8 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus", default="out/corpus", help="task-labelled corpus (python -m emoe_jax.data build)")
     p.add_argument("--tasks", default=None, help="comma-separated tasks (default: all)")
     p.add_argument("--device-experts", default="0.25", help="device expert budget per layer (fraction or count)")
-    p.add_argument("--requests", type=int, default=48, help="requests per mix")
-    p.add_argument("--load", type=float, default=2.0, help="arrival rate in units of 1/s1 (s1: one request alone)")
+    p.add_argument("--requests", type=int, default=40, help="requests per (mix, load)")
+    p.add_argument("--load", default="2,8", help="arrival rates, comma-separated, in units of 1/s1 (s1: one "
+                   "request alone on the exact engine)")  # fmt: skip
     p.add_argument("--mix", default=",".join(MIXES), help="task mixes: uniform, multitenant")
     p.add_argument("--configs", default=",".join(CONFIGS), help="configurations to run")
     p.add_argument("--period", type=int, default=40, help="eMoE: forecast and reselect every p prompts")
@@ -393,8 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results))
     else:
         print(f"# serve: {results['machine']}, {results['model']}, device experts {results['device_experts']}")
-        print(f"s1 = {results['s1_s']:.3f} s, rate {results['rate_per_s']:.2f} req/s, "
-              f"{results['requests']} requests per mix\n")
+        print(f"s1 = {results['s1_s']:.3f} s (arrival rate = load / s1), {results['requests']} requests per "
+              f"(mix, load)\n")
         print(markdown(results))
     return 0
 
@@ -408,8 +425,12 @@ def _main(args) -> dict:
 
     if not 1 <= args.min_prompt <= args.max_prompt:
         raise ServeError(f"need 1 <= --min-prompt <= --max-prompt, got {args.min_prompt}, {args.max_prompt}")
-    if args.requests < 1 or args.load <= 0 or args.period < 1:
-        raise ServeError("--requests and --period must be >= 1 and --load > 0")
+    try:
+        loads = [float(x) for x in str(args.load).split(",")]
+    except ValueError:
+        raise ServeError(f"--load takes comma-separated numbers, got {args.load!r}") from None
+    if args.requests < 1 or min(loads) <= 0 or args.period < 1:
+        raise ServeError("--requests and --period must be >= 1 and every --load > 0")
     mixes = args.mix.split(",")
     bad = [m for m in mixes if m not in MIXES]
     if bad:
@@ -447,7 +468,7 @@ def _main(args) -> dict:
     else:
         extractor = NaiveBayesTaskClassifier.load(args.classifier)
     results = run_benchmark(prompts, make_engine, predictor, classify=extractor.classify, sensitivity=sensitivity,
-                            mixes=mixes, configs=args.configs.split(","), requests=args.requests, load=args.load,
+                            mixes=mixes, configs=args.configs.split(","), requests=args.requests, loads=loads,
                             period=args.period, max_batch=args.max_batch, token_cap=args.token_cap,
                             output_tokens=_parse_map(args.new_tokens, int), slo=_parse_map(args.slo, float),
                             session=args.session, seed=args.seed, progress=not args.json)  # fmt: skip
