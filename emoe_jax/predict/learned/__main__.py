@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--time-limit", type=float, default=None, help="stop training after this many seconds")
     t.add_argument("--max-val-prompts", type=int, default=None, help="evaluate on the first N validation prompts")
+    t.add_argument("--no-router-inputs", action="store_true",
+                   help="ignore the traces' router inputs: a checkpoint that needs only token ids and routing "
+                   "(runs where no router inputs are fed)")  # fmt: skip
     t.add_argument("--init-from", type=Path, default=None,
                    help="continue training this checkpoint (its architecture replaces the shape options)")
     e = sub.add_parser("evaluate", help="validation recall@k of a checkpoint",
@@ -93,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                                 horizon=args.horizon, d_model=args.d_model, num_heads=args.heads,
                                 context_layers=args.context_layers, step_blocks=args.step_blocks,
                                 mlp_hidden=args.mlp_hidden, token_buckets=args.token_buckets,
-                                window=args.window, hidden_size=m.hidden_size)  # fmt: skip
+                                window=args.window,
+                                hidden_size=None if args.no_router_inputs else m.hidden_size)  # fmt: skip
             settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, row_len=args.row_len,
                                      lr=args.lr, seed=args.seed, time_limit_s=args.time_limit)  # fmt: skip
             init, init_info = (None, {}) if args.init_from is None else ckpt.load(args.init_from)
