@@ -198,3 +198,74 @@ def test_router_inputs_are_used_from_the_previous_layer_only():
     s = 2 * L + 1
     np.testing.assert_allclose(base[: s + 1], other[: s + 1], atol=1e-6)  # up to and including (2, 1)
     assert not np.allclose(base[s + 1], other[s + 1], atol=1e-6)  # (2, 2) reads layer 1's input
+
+
+
+def _untrained_checkpoint(root, name, cfg):
+    from flax import nnx
+
+    from emoe_jax.predict.learned import RoutingPredictorNet
+
+    return save(root / name, RoutingPredictorNet(cfg, rngs=nnx.Rngs(0)), {"name": name})
+
+
+def test_checkpoint_is_picked_by_model_shape(tmp_path):
+    """Without a checkpoint, the one trained for the traces' (or given) L, E, k is loaded; clear error if none."""
+    from emoe_jax.predict.learned import find_checkpoint, list_checkpoints
+
+    other = TINY.with_(num_layers=5, num_experts=16, top_k=4)
+    _untrained_checkpoint(tmp_path, "a-other", other)
+    _untrained_checkpoint(tmp_path, "b-inputs", TINY.with_(hidden_size=5))
+    _untrained_checkpoint(tmp_path, "c-routing", TINY)
+    (tmp_path / ".c-routing.tmp-1").mkdir()  # a half-written save is never picked
+    (tmp_path / "task-nb.npz").write_bytes(b"")  # other predictors' files are ignored
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["a-other", "b-inputs", "c-routing"]
+    pick = lambda **kw: find_checkpoint(L, E, K, root=tmp_path, **kw).name  # noqa: E731
+    assert pick() == "c-routing"  # unknown whether router inputs come: the one that runs anywhere
+    assert pick(router_inputs=True) == "b-inputs" and pick(hidden_size=5) == "b-inputs"
+    assert pick(hidden_size=7) == "c-routing"  # no checkpoint takes inputs of width 7
+    assert pick(router_inputs=False) == "c-routing"
+    assert find_checkpoint(5, 16, 4, root=tmp_path).name == "a-other"
+    with pytest.raises(LearnedPredictorError, match=r"matches L=4, E=8, k=2.*a-other: L=5, E=16, k=4.*train one"):
+        find_checkpoint(4, 8, 2, root=tmp_path)
+
+    # Lazily, from the traces: with router inputs in the traces -> the checkpoint that uses them.
+    rng = np.random.default_rng(10)
+    ts = make_set([random_experts(rng, 5)])
+    p = LearnedPredictor(lookahead=1, search_dir=tmp_path)
+    assert p.cfg is None
+    p.fit(ts)
+    assert p.checkpoint.name == "c-routing" and p.cfg == TINY
+    meta_h = TraceMeta(model="t", num_layers=L, num_experts=E, top_k=K, moe_layer_ids=(0, 1, 2), hidden_size=5,
+                       source="test")  # fmt: skip
+    p = LearnedPredictor(lookahead=1, search_dir=tmp_path)
+    p.fit(TraceSet.from_prompts(meta_h, [PromptTrace(prompt_id=0, task="", text="", token_ids=np.arange(3, dtype=np.int32),
+                                                     experts=random_experts(rng, 3).astype(np.int16), weights=None,
+                                                     n_prefill=3, hidden=np.zeros((3, L, 5), np.float16))]))  # fmt: skip
+    assert p.checkpoint.name == "b-inputs"
+    # From the constructor's shape, or from the prompt the runtime starts (step path).
+    assert LearnedPredictor(num_layers=5, num_experts=16, top_k=4, search_dir=tmp_path).cfg == other
+    p = LearnedPredictor(lookahead=1, search_dir=tmp_path)
+    step = step_predictions(p, ts[0], ts.meta)
+    assert p.checkpoint.name == "c-routing"
+    np.testing.assert_allclose(step.scores, prompt_predictions(p, ts[0], ts.meta).scores, atol=2e-6)
+    with pytest.raises(LearnedPredictorError, match="all of num_layers"):
+        LearnedPredictor(num_layers=3, search_dir=tmp_path)
+    with pytest.raises(LearnedPredictorError, match="call fit"):
+        LearnedPredictor(search_dir=tmp_path).all_scores(ts[0])
+    with pytest.raises(LearnedPredictorError, match="no learned-predictor checkpoint"):
+        LearnedPredictor(search_dir=tmp_path / "empty").fit(ts)
+
+
+def test_registry_picks_the_committed_checkpoint_for_each_model():
+    """get_predictor('learned') with a model's shape loads the committed checkpoint trained for it."""
+    from emoe_jax.predict.learned import PREDICTORS_DIR
+
+    expected = [((26, 64, 6), None, "learned-dsv2lite"), ((8, 32, 4), True, "learned-embedded"),
+                ((8, 32, 4), None, "learned-embedded-routing"), ((8, 32, 4), False, "learned-embedded-routing")]  # fmt: skip
+    for (nl, ne, k), inputs, name in expected:
+        if not (PREDICTORS_DIR / name / "config.json").is_file():
+            pytest.fail(f"committed checkpoint {name} is missing")
+        p = get_predictor("learned", lookahead=1, num_layers=nl, num_experts=ne, top_k=k, router_inputs=inputs)
+        assert p.checkpoint.name == name and (p.cfg.num_layers, p.cfg.num_experts, p.cfg.top_k) == (nl, ne, k)
+        assert (p.cfg.hidden_size is not None) == bool(inputs)
