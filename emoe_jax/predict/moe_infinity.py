@@ -147,7 +147,7 @@ class MoEInfinity(BasePredictor):
         issue, target = horizon_rows(num_steps, self.lookahead)
         scores = np.empty((issue.shape[0], int(meta.num_experts)), np.float32)
         replay_prompt(experts, np.ascontiguousarray(target % num_layers, dtype=np.int64), self._decay(num_layers),
-                      self.store, self.store_norm, self.store_rows, self.size,
+                      self.store, np.ascontiguousarray(self.store_norm.T), self.store_rows, self.size,
                       np.ascontiguousarray(self.fallback, dtype=np.float32), self.access, self.cur, scores)  # fmt: skip
         self.end_prompt()
         return PromptPredictions(issue, target, scores)

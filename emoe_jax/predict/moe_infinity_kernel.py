@@ -36,7 +36,7 @@ def replay_prompt(
     target_layer,  # [R] int64 layer of each prediction row (issue-major, h rows per step)
     decay,  # [h] float32 distance decay 1 - d / (L + 1)
     store,  # [L, E, cap] float32 stored EAM counts
-    store_norm,  # [cap, L] float32 row norms of the stored EAMs
+    store_norm_t,  # [L, cap] float32 row norms of the stored EAMs (layer-major: contiguous per layer)
     store_rows,  # [cap, L, E] float32 row-normalised stored EAMs
     size,  # stored requests in use (the first `size` of cap)
     fallback,  # [L, E] float32 mean stored EAM: the prediction before anything is routed
@@ -51,6 +51,7 @@ def replay_prompt(
     dots = np.zeros((num_layers, size), np.float64)  # [L, N]
     cos = np.zeros((num_layers, size), np.float64)  # [L, N]
     sim_sum = np.zeros(size, np.float64)  # [N]
+    acc = np.zeros(size, np.float32)  # [N] this step's dot increments
     seen = 0
     for s in range(num_tokens * num_layers):
         t = s // num_layers
@@ -82,13 +83,20 @@ def replay_prompt(
             cur[l, experts[t, l, j]] += np.float32(1.0)
         if size == 0:
             continue
+        # Row l's dot product with every stored EAM grows by the stored counts of the routed
+        # experts, summed in float32 in routing order (as NumPy's .sum(0) does), then added in
+        # float64. Loops run over the contiguous stored-request axis.
+        e0 = experts[t, l, 0]
+        for i in range(size):
+            acc[i] = store[l, e0, i]
+        for j in range(1, k):
+            e = experts[t, l, j]
+            for i in range(size):
+                acc[i] = np.float32(acc[i] + store[l, e, i])
         norm = np.sqrt(cur_norm2[l])
         for i in range(size):
-            acc = store[l, experts[t, l, 0], i]
-            for j in range(1, k):
-                acc = np.float32(acc + store[l, experts[t, l, j], i])
-            dots[l, i] += np.float64(acc)
-            denom = norm * np.float64(store_norm[i, l])
+            dots[l, i] += np.float64(acc[i])
+            denom = norm * np.float64(store_norm_t[l, i])
             new = dots[l, i] / denom if denom > 0 else 0.0
             sim_sum[i] += new - cos[l, i]
             cos[l, i] = new
