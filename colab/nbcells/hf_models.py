@@ -229,7 +229,8 @@ if not USE_HUB:
     ours = engine.generate([ids], max_new_tokens=NEW_TOKENS, stop_at_eos=False).tokens[0]
     hf_model.generation_config.eos_token_id = None  # compare all NEW_TOKENS tokens, EOS or not
     with torch.no_grad():
-        ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=2)[0, len(ids):].tolist()
+        ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                pad_token_id=2)[0, len(ids):].tolist()
     print("emoe_jax     :", ours)
     print("transformers :", ref)
     assert ours == ref, "the offloaded engine and transformers disagree"

@@ -132,8 +132,8 @@ if LAB["train_prompts"]:
     train = train.select(slice(0, LAB["train_prompts"]))
 if LAB["val_prompts"]:
     val = val.select(slice(0, LAB["val_prompts"]))
-print(f"train: {len(train)} prompts ({train.n_tokens:,} tokens), ids {train.prompt_ids.min()}-{train.prompt_ids.max()}; "
-      f"validation: {len(val)} prompts ({val.n_tokens:,} tokens), ids {val.prompt_ids.min()}-{val.prompt_ids.max()}")
+for side, ts in (("train", train), ("validation", val)):
+    print(f"{side}: {len(ts)} prompts ({ts.n_tokens:,} tokens), ids {ts.prompt_ids.min()}-{ts.prompt_ids.max()}")
 
 L, E, K = meta.num_layers, meta.num_experts, meta.top_k
 counts = np.zeros((L, E), np.int64)  # [L, E] activations per layer and expert
