@@ -7,7 +7,8 @@ INTRO = """
 on the accelerator. Each MoE layer keeps only S of its E experts in a device
 slot cache; the others wait in host memory or on disk and are fetched when a
 token is routed to them. In the default **exact** mode this changes the speed,
-never the output.
+not the computation: results differ only by floating-point rounding (checked
+at the end).
 
 This notebook uses the small model that ships with the repository
 (`checkpoints/embedded`: 8 MoE layers x 32 experts, top-4, 13.8 M parameters,
