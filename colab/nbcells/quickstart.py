@@ -8,7 +8,7 @@ on the accelerator. Each MoE layer keeps only S of its E experts in a device
 slot cache; the others wait in host memory or on disk and are fetched when a
 token is routed to them. In the default **exact** mode this changes the speed,
 not the computation: results differ only by floating-point rounding (checked
-at the end).
+below).
 
 This notebook uses the small model that ships with the repository
 (`checkpoints/embedded`: 8 MoE layers x 32 experts, top-4, 13.8 M parameters,
