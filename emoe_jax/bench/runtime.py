@@ -90,7 +90,18 @@ def _model(name: str, dtype):
     return cfg, graphdef, params, experts, dtype
 
 
-def bench_model(name: str, fractions, batch: int, prompt_len: int, new_tokens: int, repeats: int, dtype) -> dict:
+def _predictor(name: str | None, model: str, cfg):
+    """A fresh predictor for one engine (None: no prefetching). Speculative gating and the learned
+    predictor exist only for the embedded model (its router weights / a checkpoint of its shape)."""
+    if name in (None, "none"):
+        return None
+    from ..runtime.predictors import runtime_predictor
+
+    return runtime_predictor(name, cfg, EMBEDDED if model == "embedded" else None)
+
+
+def bench_model(name: str, fractions, batch: int, prompt_len: int, new_tokens: int, repeats: int, dtype,
+                predictor: str | None = None) -> dict:
     cfg, graphdef, params, experts, dtype = _model(name, dtype)
     rm = ResidentModel(cfg, graphdef, params, experts, dtype)
     warm = _prompts(cfg.vocab_size, batch, prompt_len, 0)
@@ -103,13 +114,15 @@ def bench_model(name: str, fractions, batch: int, prompt_len: int, new_tokens: i
              "decode_tokens_per_s": fused, "ratio_vs_fused": 1.0, "device_expert_bytes": all_bytes,
              "device_hit_rate": 1.0, "stall_s": 0.0}]
     for frac in fractions:
-        engine = OffloadedEngine(cfg, graphdef, params, InMemoryExperts(experts), device_experts=frac, dtype=dtype)
+        engine = OffloadedEngine(cfg, graphdef, params, InMemoryExperts(experts), device_experts=frac, dtype=dtype,
+                                 predictor=_predictor(predictor, name, cfg))
         engine.generate(warm, new_tokens, stop_at_eos=False)  # compile every stage
         results = [engine.generate(_prompts(cfg.vocab_size, batch, prompt_len, r + 1), new_tokens,
                                    stop_at_eos=False).stats for r in range(repeats)]
         rates = [s["decode_tokens_per_s"] for s in results]
         mid = results[int(np.argsort(rates)[len(rates) // 2])]
-        rows.append({"config": f"offloaded S/E={frac:g}", "fraction": frac, "slots": engine.num_slots,
+        label = f"offloaded S/E={frac:g}" + (f" + {predictor} prefetch" if predictor not in (None, "none") else "")
+        rows.append({"config": label, "fraction": frac, "slots": engine.num_slots,
                      "decode_tokens_per_s": mid["decode_tokens_per_s"],
                      "ratio_vs_fused": mid["decode_tokens_per_s"] / fused,
                      "device_expert_bytes": mid["device_expert_bytes"], "device_hit_rate": mid["device_hit_rate"],
@@ -142,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--predictor", default="none",
+                   help="prefetch with this predictor in the offloaded rows (prev-token works on every model; "
+                        "spec-gating and learned on the embedded model; see python -m emoe_jax.generate --predictor list)")
     p.add_argument("--out", help="write the JSON results to this file (atomically)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -157,8 +173,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     meta = {"jax": jax.__version__, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
             "machine": platform.machine(), "processor": platform.processor()}
-    results = {"meta": meta, "models": [bench_model(n, fractions, args.batch, args.prompt_len, args.new_tokens,
-                                                    args.repeats, jnp.dtype(args.dtype)) for n in names]}
+    from ..runtime.predictors import PredictorSetupError
+
+    try:
+        results = {"meta": meta, "models": [bench_model(n, fractions, args.batch, args.prompt_len, args.new_tokens,
+                                                        args.repeats, jnp.dtype(args.dtype), args.predictor)
+                                            for n in names]}
+    except PredictorSetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.out:
         out = Path(args.out)
         tmp = out.with_suffix(out.suffix + ".tmp")

@@ -45,7 +45,10 @@ def runtime_predictor(name: str | None, cfg: MoEConfig, model_dir: str | Path | 
         else:  # the checkpoint in checkpoints/predictors trained for this model's shape
             kwargs.update(num_layers=cfg.num_moe_layers, num_experts=cfg.num_experts, top_k=cfg.top_k)
     try:
-        predictor = get_predictor(name, ignore_unknown=True, **kwargs)
+        if name == "learned" and checkpoint is None:
+            predictor = _learned_for_shape(get_predictor, kwargs)
+        else:
+            predictor = get_predictor(name, ignore_unknown=True, **kwargs)
     except UnknownPredictorError as e:
         raise PredictorSetupError(str(e)) from None
     if getattr(predictor, "oracle", False):
@@ -58,6 +61,17 @@ def runtime_predictor(name: str | None, cfg: MoEConfig, model_dir: str | Path | 
                 "(record them with python -m emoe_jax.traces collect --model MODEL ...)")
         predictor.fit(_load_matching_traces(train_traces, cfg))
     return predictor
+
+
+def _learned_for_shape(get_predictor, kwargs):
+    """The engine hands predictors the router inputs, so prefer a checkpoint trained with them
+    (stronger); fall back to one trained on routing alone."""
+    from ..predict.learned import LearnedPredictorError
+
+    try:
+        return get_predictor("learned", ignore_unknown=True, router_inputs=True, **kwargs)
+    except (LearnedPredictorError, FileNotFoundError):
+        return get_predictor("learned", ignore_unknown=True, **kwargs)
 
 
 def _load_matching_traces(path: str | Path, cfg: MoEConfig):
