@@ -157,7 +157,11 @@ ids up to t, the routing of earlier tokens and token t's routing at layers
 below l; it predicts the experts of layer l and of the next few steps. It is
 trained with masked multi-label BCE (AdamW, cosine schedule) on packed rows of
 the training prompts. The sizes here are brief (see the sizes cell); the
-repository's checkpoint trained 804 steps in 29 minutes on a CPU.
+repository's checkpoint trained 804 steps in 29 minutes on a CPU. On a CPU
+runtime the 100 steps here (about 4 minutes on 2 cores) stay near the loss of
+predicting each expert's overall frequency (about 0.31), so that predictor is
+no better than static frequency; raise `LAB["steps"]` to a few hundred, or use
+an accelerator runtime (800 steps).
 """),
     ("code", r'''
 from emoe_jax.predict import get_predictor
