@@ -51,7 +51,7 @@ def test_plan_is_eq2_top_s_then_filled_to_the_budget(parts):
 
 def test_reload_only_what_changed_and_only_every_p_prompts(parts):
     system = _system(parts, period=4)
-    engine, cache = system.engine, system.engine.device_cache
+    cache = system.engine.device_cache
     first = system.prepare([("a", 6)])
     assert first.experts_loaded == 2 * SLOTS and first.bytes_moved == 2 * SLOTS * cache.slot_bytes
     np.testing.assert_array_equal(cache.slot_of_expert >= 0, system.selected)
