@@ -33,6 +33,7 @@ NOTEBOOKS = {
     "quickstart": "quickstart",
     "hf_models": "hf_models",
     "predictor_lab": "predictor_lab",
+    "emoe_ablations": "emoe_ablations",
 }
 
 
