@@ -27,3 +27,20 @@ def test_teacher_forced_logits_follow_the_given_tokens():
     assert again.tokens == free.tokens
     with pytest.raises(GenerationError, match="teacher_tokens"):
         engine.generate([prompt], new, teacher_tokens=[[1, 2]])
+
+
+def test_bfloat16_waves_round_like_one_pass():
+    """Waves keep float32 partial sums, so in bf16 a small cache gives the all-resident logits
+    (here bit for bit) and the same greedy tokens, not just close ones."""
+    import jax.numpy as jnp
+
+    cfg = tiny_config("mixtral", num_layers=2)
+    g, p, ex = random_model(cfg, seed=4, dtype=jnp.bfloat16, router_scale=5.0)
+    prompts = [[5, 9, 13, 22, 7, 40, 41, 42, 43, 44, 45, 3], [3, 17, 8, 99, 100, 101]]
+    full = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=cfg.num_experts, dtype=jnp.bfloat16)
+    ref = full.generate(prompts, 8, stop_at_eos=False, return_logits=True)
+    small = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=2, dtype=jnp.bfloat16)
+    out = small.generate(prompts, 8, stop_at_eos=False, return_logits=True)
+    assert out.stats["waves"] > 0
+    assert out.tokens == ref.tokens
+    np.testing.assert_array_equal(out.logits, ref.logits)

@@ -68,26 +68,26 @@ def _ffn(x, gate, up, down):
     return (jax.nn.silu(x @ gate) * (x @ up)) @ down
 
 
-def mix_reference(x, routing: Routing, experts: ExpertSlots, slot_of_expert) -> jax.Array:
+def mix_reference(x, routing: Routing, experts: ExpertSlots, slot_of_expert, out_dtype=None) -> jax.Array:
     """Plain reference: loop over the k choices, one expert FFN per token. x [N, H] -> [N, H]."""
     slots, weights = _slots_and_weights(routing, slot_of_expert)
     out = jnp.zeros(x.shape, jnp.float32)
     for j in range(slots.shape[1]):
         y = jax.vmap(lambda xi, s: _ffn(xi, experts.gate[s], experts.up[s], experts.down[s]))(x, slots[:, j])
         out = out + y.astype(jnp.float32) * weights[:, j : j + 1]
-    return out.astype(x.dtype)
+    return out.astype(out_dtype or x.dtype)
 
 
-def mix_gather(x, routing: Routing, experts: ExpertSlots, slot_of_expert) -> jax.Array:
+def mix_gather(x, routing: Routing, experts: ExpertSlots, slot_of_expert, out_dtype=None) -> jax.Array:
     """Decode path (few tokens): gather each token's k experts and einsum. Memory N*k*H*I."""
     slots, weights = _slots_and_weights(routing, slot_of_expert)
     g, u, d = experts.gate[slots], experts.up[slots], experts.down[slots]  # [N, k, H, I] / [N, k, I, H]
     h = jax.nn.silu(jnp.einsum("NH,NKHI->NKI", x, g)) * jnp.einsum("NH,NKHI->NKI", x, u)
     y = jnp.einsum("NKI,NKIH->NKH", h, d)
-    return jnp.einsum("NKH,NK->NH", y.astype(jnp.float32), weights).astype(x.dtype)
+    return jnp.einsum("NKH,NK->NH", y.astype(jnp.float32), weights).astype(out_dtype or x.dtype)
 
 
-def mix_sorted(x, routing: Routing, experts: ExpertSlots, slot_of_expert) -> jax.Array:
+def mix_sorted(x, routing: Routing, experts: ExpertSlots, slot_of_expert, out_dtype=None) -> jax.Array:
     """Prefill path (many tokens): sort token-expert pairs by slot and run grouped
     matmuls with `jax.lax.ragged_dot`, so each slot's weights are read once."""
     slots, weights = _slots_and_weights(routing, slot_of_expert)
@@ -102,10 +102,11 @@ def mix_sorted(x, routing: Routing, experts: ExpertSlots, slot_of_expert) -> jax
         xs, experts.up, group_sizes)
     ys = jax.lax.ragged_dot(h, experts.down, group_sizes)  # [N*k, H]
     ys = ys.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
-    return jnp.zeros((n, x.shape[1]), jnp.float32).at[token_of_pair].add(ys).astype(x.dtype)
+    return jnp.zeros((n, x.shape[1]), jnp.float32).at[token_of_pair].add(ys).astype(out_dtype or x.dtype)
 
 
-def _mix_blocked_core(x: jax.Array, routing: Routing, experts: ExpertSlots, block: int = 64) -> jax.Array:
+def _mix_blocked_core(x: jax.Array, routing: Routing, experts: ExpertSlots, block: int = 64,
+                      out_dtype=None) -> jax.Array:
     """Expert-grouped fixed-size blocks; routing.ids are slot indices here.
 
     Steps: sort the N*k pairs by slot; pad each slot's run to a multiple of `block` inside a
@@ -137,10 +138,10 @@ def _mix_blocked_core(x: jax.Array, routing: Routing, experts: ExpertSlots, bloc
     y = jnp.einsum("BTI,BIH->BTH", h, down).reshape(capacity, -1).astype(jnp.float32)  # [C, H]
     y = y * weight_of_row[:, None]
     out = jnp.zeros((n + 1, x.shape[1]), jnp.float32).at[token_of_row].add(y)
-    return out[:n].astype(x.dtype)
+    return out[:n].astype(out_dtype or x.dtype)
 
 
-def mix_blocked(x, routing: Routing, experts: ExpertSlots, slot_of_expert, block: int | None = None):
+def mix_blocked(x, routing: Routing, experts: ExpertSlots, slot_of_expert, block: int | None = None, out_dtype=None):
     """Prefill path on CPU, where `ragged_dot` is lowered densely: expert-grouped blocks.
 
     The block size adapts to the pairs per slot (8..64 rows), so short prompts do
@@ -149,24 +150,30 @@ def mix_blocked(x, routing: Routing, experts: ExpertSlots, slot_of_expert, block
     if block is None:
         per_slot = -(-slots.size // experts.gate.shape[0])
         block = min(64, max(8, 1 << (per_slot - 1).bit_length()))
-    return _mix_blocked_core(x, Routing(slots, weights), experts, block)
+    return _mix_blocked_core(x, Routing(slots, weights), experts, block, out_dtype)
 
 
-def mix_experts(x, routing: Routing, experts: ExpertSlots, slot_of_expert, method: str = "auto"):
-    """Combine routed experts for tokens x [N, H].
+GATHER_MAX_TOKENS = 16  # decode-sized steps gather each token's k experts; larger ones group by expert
 
-    'auto' gathers for few token-expert pairs (decode); for many (prefill) it uses
+
+def mix_experts(x, routing: Routing, experts: ExpertSlots, slot_of_expert, method: str = "auto", out_dtype=None):
+    """Combine routed experts for tokens x [N, H] (result in `out_dtype`, default x's dtype: partial
+    sums of the offloaded engine's waves stay float32 so they round once, like a single pass).
+
+    'auto' gathers for few tokens (decode); for many (prefill) it uses
     `ragged_dot` on GPU/TPU and the blocked kernel on CPU, where XLA lowers
     `ragged_dot` densely (measured 18x slower for the embedded model's shapes)."""
     if method == "auto":
-        if x.shape[0] * routing.ids.shape[1] <= experts.gate.shape[0]:
+        # By token count alone (not by slot count), so one step picks the same kernel, and rounds
+        # the same way, whatever the cache size.
+        if x.shape[0] <= GATHER_MAX_TOKENS:
             method = "gather"
         else:
             method = "blocked" if jax.default_backend() == "cpu" else "sorted"
     fn = {"reference": mix_reference, "gather": mix_gather, "sorted": mix_sorted, "blocked": mix_blocked}.get(method)
     if fn is None:
         raise ValueError(f"unknown expert mixing method {method!r}; use auto, reference, gather, sorted or blocked")
-    return fn(x, routing, experts, slot_of_expert)
+    return fn(x, routing, experts, slot_of_expert, out_dtype=out_dtype)
 
 
 class MoEBlock(nnx.Module):

@@ -40,7 +40,7 @@ def ffn(graphdef, state, residual, normed, routing, experts, slot_of_expert, *, 
 def routed_partial(normed, routing, experts, slot_of_expert, acc, *, method="auto"):
     """acc [N,H] += routed experts of one wave (pairs whose expert is not in this wave add 0)."""
     x = normed.reshape(-1, normed.shape[-1])
-    return acc + mix_experts(x, routing, experts, slot_of_expert, method).astype(acc.dtype)
+    return acc + mix_experts(x, routing, experts, slot_of_expert, method, out_dtype=acc.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
