@@ -128,10 +128,10 @@ def gate_transfers(cache):
     gate.set()
     to_device = cache.to_device
 
-    def gated(weights):
+    def gated(weights, demand=True):
         if threading.current_thread().name == "emoe-prefetch":
             gate.wait()
-        return to_device(weights)
+        return to_device(weights, demand)
 
     cache.to_device = gated
     return gate
@@ -207,3 +207,32 @@ def test_no_reuse_is_on_demand_offloading():
     # Nothing survives a step: every decode access is a miss (hits only within one prefill step).
     assert out.stats["device"]["hits"] == 0
     assert out.stats["reuse"] is False
+
+
+def test_emulated_link_is_serial_and_serves_demand_fetches_first():
+    import time
+
+    from emoe_jax.runtime.tiers import DeviceSlotCache
+
+    cache = DeviceSlotCache(1, 4, 2, 8, 8, np.float32)
+    cache.link_gbps = cache.slot_bytes / 0.05 / 1e9  # 50 ms per copy
+    weights = {w: np.zeros((8, 8), np.float32) for w in ("gate", "up", "down")}
+    done = []
+
+    def copy(name, demand):
+        cache.to_device(weights, demand=demand)
+        done.append(name)
+
+    first = threading.Thread(target=copy, args=("prefetch-1", False))
+    first.start()
+    time.sleep(0.01)  # prefetch-1 holds the link
+    queued = threading.Thread(target=copy, args=("prefetch-2", False))
+    queued.start()
+    time.sleep(0.01)
+    t0 = time.perf_counter()
+    copy("demand", True)
+    waited = time.perf_counter() - t0
+    first.join()
+    queued.join()
+    assert done == ["prefetch-1", "demand", "prefetch-2"]
+    assert waited >= 0.05  # behind the copy in flight (serial), but ahead of the queued prefetch

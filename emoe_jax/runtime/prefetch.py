@@ -160,7 +160,7 @@ class Prefetcher:
             arrays = self.host.source.read(layer, expert)  # disk read, outside the lock
             with self.lock:
                 arrays = self.host.add(key, arrays)
-        device_arrays = self.cache.to_device(arrays)
+        device_arrays = self.cache.to_device(arrays, demand=False)
         jax.block_until_ready(device_arrays)  # the host->device copy, overlapping the main thread
         with self.lock:
             if self.cache.slot_of_expert[key] >= 0:

@@ -209,7 +209,9 @@ class DeviceSlotCache:
         # Optional emulated host->device link (GB/s): each copy also holds one serial link for
         # bytes / bandwidth. For CPU runs that model a PCIe-class link; None = the real copy only.
         self.link_gbps: float | None = None
-        self._link = threading.Lock()
+        self._link = threading.Condition()  # guards _link_busy and _demand_waiting
+        self._link_busy = False
+        self._demand_waiting = 0
 
     @property
     def device_bytes(self) -> int:
@@ -258,14 +260,29 @@ class DeviceSlotCache:
         self.stats.evictions += 1
         return slot
 
-    def to_device(self, weights: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Host->device copies of one expert's (gate, up, down); asynchronous until waited on."""
+    def to_device(self, weights: dict, demand: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Host->device copies of one expert's (gate, up, down); asynchronous until waited on.
+        `demand=False` (prefetches) yields the emulated link to any waiting demand fetch."""
         dev = SingleDeviceSharding(self.device)
         arrays = tuple(jax.device_put(weights[w], dev) for w in WEIGHTS)
         if self.link_gbps:
-            with self._link:  # one serial link: concurrent copies queue behind each other
-                time.sleep(self.slot_bytes / (self.link_gbps * 1e9))
+            self._emulated_link(demand)
         return arrays
+
+    def _emulated_link(self, demand: bool) -> None:
+        """One serial link: copies queue behind each other, demand fetches before prefetches."""
+        with self._link:
+            self._demand_waiting += demand
+            while self._link_busy or (not demand and self._demand_waiting):
+                self._link.wait()
+            self._demand_waiting -= demand
+            self._link_busy = True
+        try:
+            time.sleep(self.slot_bytes / (self.link_gbps * 1e9))
+        finally:
+            with self._link:
+                self._link_busy = False
+                self._link.notify_all()
 
     def load(self, layer: int, expert: int, weights: dict, protected: Iterable[int] = ()) -> int:
         """Make `expert` resident from host `weights`; returns its slot."""
