@@ -11,7 +11,7 @@ from emoe_jax.emoe.latency import LatencyModel, LatencyModelError
 from emoe_jax.emoe.scheduler import Request, SchedulerError, fcfs, slo_admit, ttft_estimates
 from emoe_jax.emoe.system import EMoESystem, EMoESystemError, ReloadStats, fit_emoe_predictor
 
-_SENSITIVITY = ("SensitivityError", "profile_sensitivity", "random_routing", "write_profile")
+_SENSITIVITY = ("SensitivityError", "output_similarity", "profile_sensitivity", "random_routing", "write_profile")
 
 
 def __getattr__(name):
@@ -25,6 +25,6 @@ def __getattr__(name):
 
 __all__ = [
     "EMoESystem", "EMoESystemError", "LatencyModel", "LatencyModelError", "ReloadStats", "Request",
-    "SchedulerError", "SensitivityError", "fcfs", "fit_emoe_predictor", "profile_sensitivity", "random_routing",
+    "SchedulerError", "SensitivityError", "fcfs", "output_similarity", "fit_emoe_predictor", "profile_sensitivity", "random_routing",
     "slo_admit", "ttft_estimates", "write_profile",
 ]
