@@ -4,23 +4,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from emoe_jax.config import tiny_config
-from emoe_jax.model.random_init import random_model
-from emoe_jax.model.resident import ResidentModel
 from emoe_jax.runtime.budget import BudgetError
 from emoe_jax.runtime.compile_count import compile_count
 from emoe_jax.runtime.engine import GenerationError, OffloadedEngine
 from emoe_jax.runtime.tiers import InMemoryExperts
 
-_MODELS = {}
+from engine_fixtures import model
 
-
-def model(family):
-    if family not in _MODELS:
-        cfg = tiny_config(family, num_layers=2 if family != "deepseek_v2" else 3)
-        g, p, ex = random_model(cfg, seed=0, router_scale=5.0)
-        _MODELS[family] = (cfg, g, p, ex, ResidentModel(cfg, g, p, ex))
-    return _MODELS[family]
 
 
 prompt_lists = st.lists(st.lists(st.integers(3, 120), min_size=1, max_size=9), min_size=1, max_size=3)

@@ -165,25 +165,13 @@ def _run_engine(engine, prompts, new_tokens, system=None, teacher=None) -> dict:
 
 def _fused_rate(model_dir, prompts, new_tokens, dtype) -> tuple[float, int]:
     """Median decode tokens/s of the fused all-resident step (one jit per token, no host sync)."""
-    import jax.numpy as jnp
-
-    from ..checkpoint import load_checkpoint
-    from ..model.hf_params import build_params, dense_from_converted
-    from ..model.moe import ExpertSlots
     from ..model.resident import ResidentModel
     from .runtime import fused_decode_rate
 
-    ckpt = load_checkpoint(model_dir)
-    cfg = ckpt.config
-    graphdef, params = build_params(cfg, dense_from_converted(ckpt.dense), dtype)
-    experts = []
-    for ml in range(cfg.num_moe_layers):
-        layer = ckpt.experts.read_layer(ml)
-        experts.append(ExpertSlots(*(jnp.asarray(layer[w], dtype) for w in ("gate", "up", "down"))))
-    rm = ResidentModel(cfg, graphdef, params, experts, dtype)
+    rm = ResidentModel.from_checkpoint(model_dir, dtype)
     fused_decode_rate(rm, [prompts[0][2]], new_tokens)  # compile
     rates = [fused_decode_rate(rm, [ids], new_tokens) for _, _, ids in prompts]
-    return float(np.median(rates)), sum(int(a.nbytes) for layer in experts for a in layer)
+    return float(np.median(rates)), sum(int(a.nbytes) for layer in rm.experts for a in layer)
 
 
 def embedded_section(args, configs, progress) -> dict:
@@ -210,6 +198,11 @@ def embedded_section(args, configs, progress) -> dict:
 
     needs_traces = {"emoe-prefetch", "emoe-restricted"} & set(configs)
     traces = _train_traces(args, engine_factory, tokenizer) if needs_traces else None
+    # eMoE's system only reads its fitted predictor (profiles, eMoE-A), so one fit serves every fraction.
+    emoe_fitted = None
+    if traces is not None:
+        emoe_fitted = EMoEPredictor(task_source="trace", seed=0)
+        emoe_fitted.fit(traces)
     full = engine_factory(1.0, None)
     reference = _run_engine(full, prompts, args.new_tokens)  # the full model's outputs, for similarity
     rows = []
@@ -229,10 +222,8 @@ def embedded_section(args, configs, progress) -> dict:
             elif name == "lru":
                 engine = engine_factory(fraction, None)
             elif name == "emoe-restricted":
-                predictor = EMoEPredictor(task_source="trace", seed=0)
-                predictor.fit(traces)
                 engine = engine_factory(fraction, None, mode="restricted")
-                system = EMoESystem(engine, predictor, extractor=None, period=40)
+                system = EMoESystem(engine, emoe_fitted, extractor=None, period=40)
             elif name == "emoe-prefetch":  # eMoE's task profiles drive prefetching in exact mode
                 engine = engine_factory(fraction, _fitted_profiles(traces))
             else:
@@ -255,7 +246,7 @@ def embedded_section(args, configs, progress) -> dict:
             "expert_bytes": full.device_cache.slot_bytes, "prompts": len(prompts), "new_tokens": args.new_tokens,
             "prompt_tokens": args.prompt_tokens, "rows": rows,
             "reference_decode_tokens_per_s": reference["decode_tokens_per_s"], "_prompts": prompts,
-            "_reference": reference, "_traces": traces, "_engine_factory": engine_factory}
+            "_reference": reference, "_traces": traces, "_emoe": emoe_fitted, "_engine_factory": engine_factory}
 
 
 def _fitted_profiles(traces):
@@ -345,16 +336,13 @@ def claims_section(args, emb: dict, progress) -> dict:
     from ..emoe.sensitivity import output_similarity
     from ..emoe.system import EMoESystem
     from ..model.decoder import init_kv_caches
-    from ..predict.emoe import EMoEPredictor
 
     factory, prompts, reference = emb["_engine_factory"], emb["_prompts"], emb["_reference"]
     sweep = []
     for fraction in args.similarity_fractions:
         progress(f"restricted similarity @ {fraction:g}")
-        predictor = EMoEPredictor(task_source="trace", seed=0)
-        predictor.fit(emb["_traces"])
         engine = factory(fraction, None, mode="restricted")
-        row = _run_engine(engine, prompts, args.new_tokens, EMoESystem(engine, predictor, period=40),
+        row = _run_engine(engine, prompts, args.new_tokens, EMoESystem(engine, emb["_emoe"], period=40),
                           teacher=reference["_tokens"])
         sim = output_similarity(reference["_tokens"], np.stack(reference["_logits"]), row["_tokens"],
                                 np.stack(row["_logits"]))
@@ -481,6 +469,16 @@ def plots(report: dict, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     made = []
+
+    def save(fig, ax, fname: str, xlabel: str, ylabel: str) -> None:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        made.append(fname)
+
     emb = report.get("embedded")
     if emb:
         rows = [r for r in emb["rows"] if "skipped" not in r]
@@ -493,38 +491,20 @@ def plots(report: dict, out: Path) -> list[str]:
                     ax.axhline(pts[0][1], ls="--", color="k", label="fused all-resident")
                 else:
                     ax.plot(*zip(*pts), marker="o", label=name)
-            ax.set_xlabel("device-expert fraction")
-            ax.set_ylabel(label)
             ax.set_title(f"embedded model, {report['platform']}")
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            fig.savefig(out / fname, dpi=110)
-            plt.close(fig)
-            made.append(fname)
+            save(fig, ax, fname, "device-expert fraction", label)
         fig, ax = plt.subplots(figsize=(6, 4))
         lru = sorted((r["fraction"], r["device_expert_bytes"] / 2**20) for r in rows if r["config"] == "lru")
         if lru:
             ax.plot(*zip(*lru), marker="o", label="device expert memory (any offloaded config)")
-        ax.set_xlabel("device-expert fraction")
-        ax.set_ylabel("MiB")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "e2e_memory.png", dpi=110)
-        plt.close(fig)
-        made.append("e2e_memory.png")
+        save(fig, ax, "e2e_memory.png", "device-expert fraction", "MiB")
     cl = report.get("claims")
     if cl:
         fig, ax = plt.subplots(figsize=(6, 4))
         pts = [(r["fraction"], r["token_agreement"]) for r in cl["sweep"]]
         ax.plot(*zip(*pts), marker="o", label="token agreement vs full model")
         ax.axhline(0.95, ls="--", color="gray")
-        ax.set_xlabel("device-expert fraction (restricted mode)")
-        ax.set_ylabel("token agreement")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "e2e_similarity.png", dpi=110)
-        plt.close(fig)
-        made.append("e2e_similarity.png")
+        save(fig, ax, "e2e_similarity.png", "device-expert fraction (restricted mode)", "token agreement")
     return made
 
 

@@ -26,10 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..checkpoint import load_checkpoint
 from ..config import tiny_config
-from ..model.hf_params import build_params, dense_from_converted
-from ..model.moe import ExpertSlots
 from ..model.decoder import init_kv_caches
 from ..model.random_init import random_model
 from ..model.resident import ResidentModel, fused_step, left_pad
@@ -75,15 +72,8 @@ EMBEDDED = Path(__file__).resolve().parents[2] / "checkpoints" / "embedded"
 
 def _model(name: str, dtype):
     if name == "embedded":
-        ckpt = load_checkpoint(EMBEDDED)
-        cfg = ckpt.config
-        dtype = jnp.dtype(ckpt.manifest.get("dtype", "float32"))
-        graphdef, params = build_params(cfg, dense_from_converted(ckpt.dense), dtype)
-        experts = []
-        for ml in range(cfg.num_moe_layers):
-            layer = ckpt.experts.read_layer(ml)
-            experts.append(ExpertSlots(*(jnp.asarray(layer[w]) for w in ("gate", "up", "down"))))
-        return cfg, graphdef, params, experts, dtype
+        rm = ResidentModel.from_checkpoint(EMBEDDED)
+        return rm.cfg, rm.graphdef, rm.params, rm.experts, rm.dtype
     family, overrides = MODELS[name]
     cfg = tiny_config(family, **overrides)
     graphdef, params, experts = random_model(cfg, seed=0, dtype=dtype, router_scale=3.0)

@@ -51,6 +51,22 @@ class ResidentModel:
         self.experts = list(experts)
         self.slot_maps = jnp.tile(jnp.arange(cfg.num_experts, dtype=jnp.int32), (cfg.num_moe_layers, 1))
 
+    @classmethod
+    def from_checkpoint(cls, path, dtype=None) -> "ResidentModel":
+        """Every expert of a converted checkpoint in memory (dtype: the checkpoint's by default)."""
+        from ..checkpoint import load_checkpoint
+        from .hf_params import build_params, dense_from_converted
+
+        ckpt = load_checkpoint(path)
+        cfg = ckpt.config
+        dtype = jnp.dtype(dtype or ckpt.manifest.get("dtype", "float32"))
+        graphdef, params = build_params(cfg, dense_from_converted(ckpt.dense), dtype)
+        experts = []
+        for ml in range(cfg.num_moe_layers):
+            layer = ckpt.experts.read_layer(ml)
+            experts.append(ExpertSlots(*(jnp.asarray(layer[w], dtype) for w in ("gate", "up", "down"))))
+        return cls(cfg, graphdef, params, experts, dtype)
+
     def logits(self, prompts: Sequence[Sequence[int]], method: str = "auto"):
         """Logits [B, T, V] of left-padded prompts (no cache) and routings."""
         tokens, pad_len = left_pad(prompts)

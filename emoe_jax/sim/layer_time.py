@@ -38,12 +38,8 @@ def measure_layer_time(model: str | os.PathLike, *, new_tokens: int = 64, prompt
                        seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """{'fused': {...}, 'engine': {...}} with decode tokens/s and ms per layer (median of ``repeats``)."""
     import jax
-    import jax.numpy as jnp
 
     from emoe_jax.bench.runtime import fused_decode_rate
-    from emoe_jax.checkpoint import load_checkpoint
-    from emoe_jax.model.hf_params import build_params, dense_from_converted
-    from emoe_jax.model.moe import ExpertSlots
     from emoe_jax.model.resident import ResidentModel
     from emoe_jax.runtime.engine import OffloadedEngine
     from emoe_jax.runtime.tiers import InMemoryExperts
@@ -53,14 +49,9 @@ def measure_layer_time(model: str | os.PathLike, *, new_tokens: int = 64, prompt
     path = Path(model).resolve()  # Orbax refuses relative paths
     if not (path / "manifest.json").is_file():
         raise FileNotFoundError(f"{path} is not a converted checkpoint (no manifest.json); see python -m emoe_jax.convert")
-    ckpt = load_checkpoint(path)
-    cfg = ckpt.config
-    dtype = jnp.dtype(ckpt.manifest.get("dtype", "float32"))
-    graphdef, params = build_params(cfg, dense_from_converted(ckpt.dense), dtype)
-    experts = []
-    for ml in range(cfg.num_moe_layers):
-        layer = ckpt.experts.read_layer(ml)
-        experts.append(ExpertSlots(*(jnp.asarray(layer[w]) for w in ("gate", "up", "down"))))
+    resident = ResidentModel.from_checkpoint(path)
+    cfg, graphdef, params, experts, dtype = (resident.cfg, resident.graphdef, resident.params, resident.experts,
+                                             resident.dtype)
     rng = np.random.default_rng(seed)
 
     def prompts() -> list[list[int]]:
@@ -73,7 +64,6 @@ def measure_layer_time(model: str | os.PathLike, *, new_tokens: int = 64, prompt
         return {"decode_tokens_per_s": rate, "ms_per_token": 1e3 / rate, "ms_per_layer": 1e3 / rate / num_layers,
                 "rates": [round(r, 2) for r in rates]}  # fmt: skip
 
-    resident = ResidentModel(cfg, graphdef, params, experts, dtype)
     fused_decode_rate(resident, prompts(), new_tokens)  # compile
     fused = [fused_decode_rate(resident, prompts(), new_tokens) for _ in range(repeats)]
     engine = OffloadedEngine(cfg, graphdef, params, InMemoryExperts(experts), device_experts=1.0, dtype=dtype)
