@@ -32,9 +32,13 @@ from .budget import parse_expert_count, parse_per_layer_counts
 from .compile_count import compile_count
 from .predictor_driver import PredictorDriver
 from .prefetch import Prefetcher, wait_for
+from .host_stack import HostExpertStacks, StackedHostTier, has_pinned_host
+from .ingraph_predictors import PrefillRouting, in_graph_predictor
+from .onejit_decode import OneJitDecoder
 from .tiers import DeviceSlotCache, ExpertSource, HostTier, TierStats
 
 MODES = ("exact", "restricted")
+DECODE_PATHS = ("auto", "onejit", "staged")
 
 
 class GenerationError(ValueError):
@@ -84,21 +88,30 @@ class OffloadedEngine:
                  device_experts: str | float | int | None = None, host_experts: str | float | int | None = None,
                  policy: str = "lru", host_policy: str = "lru", mode: str = "exact", dtype=jnp.float32,
                  method: str = "auto", pad_id: int | None = None, predictor=None, prefetch_k: int | None = None,
-                 min_score: float = 0.0, reuse: bool = True, link_gbps: float | None = None):
+                 min_score: float = 0.0, reuse: bool = True, link_gbps: float | None = None,
+                 decode_path: str = "auto"):
         """`predictor`: a Predictor (emoe_jax.predict) whose scores drive background prefetching
         (exact mode only); `prefetch_k` experts per predicted layer (default top-k) with score above
         `min_score`. `reuse=False` keeps nothing resident from one step to the next: naive
         on-demand offloading, the baseline every cache and predictor must beat. `link_gbps`
         emulates a host->device link of that bandwidth (each expert copy also waits bytes/bandwidth
-        on one serial link), for CPU runs that model a PCIe-class transfer."""
+        on one serial link), for CPU runs that model a PCIe-class transfer. `decode_path`: "auto"
+        runs decode as one jitted executable per step where it applies (see `decode_path_for`),
+        else the staged per-layer loop; "onejit" insists (error when it cannot), "staged" forces
+        the per-layer loop."""
         if link_gbps is not None and link_gbps <= 0:
             raise ValueError(f"link_gbps must be positive, got {link_gbps}")
+        if decode_path not in DECODE_PATHS:
+            raise ValueError(f"unknown decode_path {decode_path!r}; choose {', '.join(DECODE_PATHS)}")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose exact or restricted")
         if predictor is not None and mode != "exact":
             raise ValueError("a predictor drives prefetching, which only exact mode does; restricted mode "
                              "moves nothing during generation (choose its resident set with preload)")
         self.cfg, self.mode, self.method, self.dtype = cfg, mode, method, dtype
+        self.policy, self.link_gbps, self.decode_path = policy, link_gbps, decode_path
+        self._graphdef, self._params = graphdef, params
+        self._prefetch_k, self._min_score = prefetch_k, min_score
         self.pad_id = pad_id if pad_id is not None else (cfg.pad_token_id or 0)
         model: MoETransformer = nnx.merge(graphdef, params)
         self._embed = nnx.split(model.embed_tokens)
@@ -111,7 +124,16 @@ class OffloadedEngine:
         self.slots = parse_per_layer_counts(device_experts, e, lm, "--device-experts")
         host_count = parse_expert_count(host_experts, e * lm, "--host-experts")
         self.source = source
-        self.host = HostTier(source, host_count, host_policy)
+        self.device = jax.devices()[0]
+        # With every expert in host memory and a pinned_host memory kind, the host tier is one
+        # stacked array per layer in pinned memory, which the one-jit step fetches from in-graph.
+        self._host_layers = None
+        if host_count == e * lm and decode_path != "staged" and has_pinned_host(self.device):
+            stacks = HostExpertStacks(source, lm, e, dtype, self.device)
+            self._host_layers = stacks.layers
+            self.host = StackedHostTier(stacks, source)
+        else:
+            self.host = HostTier(source, host_count, host_policy)
         self.device_cache = DeviceSlotCache(lm, e, self.slots, cfg.hidden_size, cfg.moe_intermediate_size,
                                             dtype, policy)
         self.device_cache.link_gbps = link_gbps
@@ -126,6 +148,10 @@ class OffloadedEngine:
             predictor, lm, e, cfg.top_k, prefetch_k, min_score)
         self.prefetcher = None if predictor is None else Prefetcher(self.device_cache, self.host, self._lock)
         self._step_routing: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._capture_prefill = False
+        self._ingraph_predictor = in_graph_predictor(predictor, cfg)
+        self._onejit = None  # OneJitDecoder, built on first use
+        self._last_path: tuple[str, str | None] = ("staged", None)
 
     @property
     def num_slots(self) -> int | list[int]:
@@ -214,15 +240,16 @@ class OffloadedEngine:
                 x = self._moe_ffn(gdef, state, ml, residual, normed, routing, ids, valid)
                 if self.prefetcher is not None:
                     self.prefetcher.end_layer(ml)
-            if self.driver is not None:
+            if decode_step is None and self._capture_prefill:
+                b, t = tokens.shape
+                self._step_routing[ml] = (ids.reshape(b, t, -1), np.asarray(routing.weights).reshape(b, t, -1))
+            elif self.driver is not None and decode_step is not None:
                 b, t = tokens.shape
                 step_ids = ids.reshape(b, t, -1)
                 step_w = np.asarray(routing.weights).reshape(b, t, -1)
-                if decode_step is None:
-                    self._step_routing[ml] = (step_ids, step_w)
-                else:  # predict while the device computes this layer; prefetch for later ones
-                    requests = self.driver.layer(decode_step, ml, step_ids, step_w, normed, done)
-                    self.prefetcher.submit(requests)
+                # predict while the device computes this layer; prefetch for later ones
+                requests = self.driver.layer(decode_step, ml, step_ids, step_w, normed, done)
+                self.prefetcher.submit(requests)
         logits = stages.head(self._norm[0], self._norm[1], self._proj[0], self._proj[1], x,
                              tied=self.cfg.tie_word_embeddings)
         return logits, caches
@@ -270,6 +297,36 @@ class OffloadedEngine:
         moe_gdef, moe_state = self._moe_blocks[self.cfg.moe_layers[ml]]
         return stages.finish_waves(moe_gdef, moe_state, residual, normed, acc)
 
+    # ---- decode path ------------------------------------------------------------
+    def decode_path_for(self) -> tuple[str, str | None]:
+        """("onejit", None) when decode runs as one jitted executable per step, else
+        ("staged", why): the one place that decides. The staged per-layer loop remains for
+        what the one-jit step does not do (prefill always runs staged)."""
+        if self.decode_path == "staged":
+            return "staged", "decode_path='staged' was asked for"
+        why = None
+        if self._host_layers is None:
+            why = ("the host tier holds only part of the experts (the disk tier serves the rest)"
+                   if self.host.capacity < self.cfg.num_experts * self.cfg.num_moe_layers
+                   else f"the {self.device.platform} backend has no pinned_host memory kind")
+        elif self.routing_override is not None:
+            why = "a routing override replaces the router's choice on the host"
+        elif self.record_router_inputs:
+            why = "router inputs are recorded (trace collection with --router-inputs)"
+        elif not self.reuse:
+            why = "reuse=False (on-demand baseline) evicts everything between steps on the host"
+        elif self.link_gbps:
+            why = "the emulated host->device link (link_gbps) is a host-side model"
+        elif self.policy != "lru" and self.mode == "exact":
+            why = f"device policy {self.policy!r}: the one-jit step evicts by LRU"
+        elif self.driver is not None and self._ingraph_predictor is None:
+            why = f"predictor {self.driver.name!r} runs on the host (no in-graph version)"
+        if why is None:
+            return "onejit", None
+        if self.decode_path == "onejit":
+            raise GenerationError(f"decode_path='onejit' cannot be used here: {why}")
+        return "staged", why
+
     # ---- generation ---------------------------------------------------------
     def _validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
         if not prompts:
@@ -309,6 +366,8 @@ class OffloadedEngine:
             return self._generate(prompts, max_new_tokens, temperature, top_p, seed, stop_at_eos, on_token,
                                   return_logits, tasks, texts, teacher)
         finally:
+            self._capture_prefill = False
+            self._step_routing.clear()
             if self.prefetcher is not None:
                 self.prefetcher.drain()
             if self.driver is not None and self.driver.rows:
@@ -323,7 +382,14 @@ class OffloadedEngine:
         self.host.stats = TierStats()
         if self.prefetcher is not None:
             self.prefetcher.reset_stats()
-        if self.driver is not None:
+        if isinstance(self.host, StackedHostTier):
+            self.host.count_load()
+        path = self.decode_path_for()
+        self._last_path = path
+        onejit = path[0] == "onejit"
+        host_driver = self.driver is not None and not onejit
+        self._capture_prefill = host_driver or (onejit and self._ingraph_predictor is not None)
+        if host_driver:
             self.driver.begin(prompts, tasks, texts)
         ctx = self.cfg.max_position_embeddings
         longest = max(len(p) for p in prompts)
@@ -342,11 +408,22 @@ class OffloadedEngine:
         logits, caches = self._forward(tokens, caches, 0, pad_len, valid, positions)
         kept_logits = [np.asarray(logits)] if return_logits else None
         nxt = self._pick(logits, temperature, top_p, key, 0)
-        if self.driver is not None:
-            lm = self.cfg.num_moe_layers
+        lm = self.cfg.num_moe_layers
+        if host_driver:
             self.driver.replay_prefill(prompts, [self._step_routing[ml][0] for ml in range(lm)],
                                        [self._step_routing[ml][1] for ml in range(lm)], pad_len)
-            self._step_routing.clear()
+        decoder = None
+        if onejit:
+            if self._onejit is None:
+                self._onejit = OneJitDecoder(self, self._ingraph_predictor)
+            decoder = self._onejit
+            prefill = None
+            if self._ingraph_predictor is not None:
+                ids = np.stack([self._step_routing[ml][0] for ml in range(lm)], axis=2)  # [B, t, Lm, k]
+                prefill = PrefillRouting(tokens, ids, valid, positions.astype(np.int32))
+            decoder.start(caches, prefill, temperature=temperature, top_p=top_p, return_logits=return_logits)
+            caches = None
+        self._step_routing.clear()
         self._timers.prefill_s = time.perf_counter() - t0
         self._timers.prefill_tokens = int(valid.sum())
 
@@ -355,7 +432,23 @@ class OffloadedEngine:
         done = np.zeros(b, bool)
         lengths = np.full(b, max_new_tokens)
         ones = np.ones((b, 1), bool)
+        pad_dev = jnp.asarray(pad_len)
         t1 = time.perf_counter()
+        try:
+            self._decode_loop(decoder, nxt, out, done, lengths, eos, teacher, on_token, kept_logits, caches,
+                              t, pad_len, pad_dev, ones, key, temperature, top_p, max_new_tokens)
+        finally:
+            if decoder is not None:
+                decoder.finish()
+        self._timers.decode_s = time.perf_counter() - t1
+        tokens_out = [out[i, : lengths[i]].tolist() for i in range(b)]
+        return GenerationResult(tokens_out, self.stats(compile_count() - compiles0),
+                                np.stack(kept_logits, axis=1) if return_logits else None)
+
+    def _decode_loop(self, decoder, nxt, out, done, lengths, eos, teacher, on_token, kept_logits, caches, t,
+                     pad_len, pad_dev, ones, key, temperature, top_p, max_new_tokens) -> None:
+        """Feed each picked token back until EOS or max_new_tokens: one jitted step per token on
+        the one-jit path (`decoder`), the staged per-layer forward otherwise."""
         for step in range(max_new_tokens):
             out[:, step] = nxt
             if on_token is not None:
@@ -366,18 +459,18 @@ class OffloadedEngine:
                 break
             if teacher is not None:
                 nxt = teacher[:, step]
-            if self.driver is not None:
-                self.driver.begin_token(step, nxt, done)
-            logits, caches = self._forward(nxt[:, None], caches, t + step, pad_len, ones,
-                                           (t - pad_len + step)[:, None], decode_step=step, done=done)
-            if return_logits:
+            positions = t - pad_len + step  # [B] index of the fed token in its sequence
+            if decoder is not None:
+                logits, nxt = decoder.advance(step, nxt, t + step, pad_dev, positions, key)
+            else:
+                if self.driver is not None:
+                    self.driver.begin_token(step, nxt, done)
+                logits, caches = self._forward(nxt[:, None], caches, t + step, pad_len, ones, positions[:, None],
+                                               decode_step=step, done=done)
+                nxt = self._pick(logits, temperature, top_p, key, step + 1)
+            if kept_logits is not None:
                 kept_logits.append(np.asarray(logits))
-            nxt = self._pick(logits, temperature, top_p, key, step + 1)
             self._timers.decode_tokens += int((~done).sum())
-        self._timers.decode_s = time.perf_counter() - t1
-        tokens_out = [out[i, : lengths[i]].tolist() for i in range(b)]
-        return GenerationResult(tokens_out, self.stats(compile_count() - compiles0),
-                                np.stack(kept_logits, axis=1) if return_logits else None)
 
     def _pick(self, logits, temperature, top_p, key, step) -> np.ndarray:
         if temperature <= 0:
@@ -439,8 +532,17 @@ class OffloadedEngine:
             "mode": self.mode,
             "reuse": self.reuse,
             "predictor": None if self.driver is None else self.driver.name,
-            "prefetch": None if self.prefetcher is None else self.prefetcher.stats.as_dict(),
+            "prefetch": self._prefetch_stats(),
+            "decode_path": self._last_path[0],
+            "decode_path_reason": self._last_path[1],
         }
+
+    def _prefetch_stats(self) -> dict | None:
+        if self._last_path[0] == "onejit":
+            if self._ingraph_predictor is None:
+                return None
+            return {**self._onejit.prefetch_stats.as_dict(), "in_graph": True}
+        return None if self.prefetcher is None else {**self.prefetcher.stats.as_dict(), "in_graph": False}
 
     def memory_report(self, batch: int = 1) -> dict:
         """Device memory: allocator stats on GPU/TPU; on CPU (no allocator stats) the slot

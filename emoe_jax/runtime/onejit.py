@@ -1,0 +1,281 @@
+"""The decode step as one donated jitted executable: routing, misses, fetches, mixing, sampling.
+
+Per decode step the host dispatches one executable and reads back one thing, the
+next token; routing ids and counters come back asynchronously and are booked one
+step behind. Inside, for each decoder layer:
+  1. attention with the KV cache, router top-k (restricted mode: over resident experts);
+  2. MoE layers: the distinct experts of the step ("needed") are looked up in the
+     expert->slot table; each miss is fetched inside the graph, guarded by a
+     `lax.cond`: `dynamic_index_in_dim(host_stack, expert)` then at once
+     `device_put(..., Space.Device)` (the form XLA's host offloader supports), and a
+     donated `dynamic_update_index_in_dim` into the victim slot: the least recently
+     used slot that holds no expert of this step;
+     when a step needs more distinct experts than slots, they pass through the
+     slots in waves (resident ones first) whose float32 partial sums add up;
+  3. an in-graph predictor (optional) scores the next MoE layer's experts and their
+     top ones are copied into that layer's slots *before* this layer's expert
+     compute, so XLA can overlap the copies with it. A prefetch only fills slots; a
+     layer still computes with exactly the experts its tokens routed to;
+  4. routed experts over the slots + shared experts, residual.
+Then the final norm, the vocabulary head and the sampler (greedy, temperature,
+top-p), all in the same executable.
+
+Shapes never depend on the routing: slot buffers [S, ...], tables [E] and [S], the
+number of waves (a function of batch, top-k and S) and of guarded fetches are
+static, so swapping experts never recompiles.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ..config import MoEConfig
+from ..model.moe import ExpertSlots, Routing, mix_experts
+from . import stages
+
+_NEVER = jnp.iinfo(jnp.int32).max  # eviction score of a slot that may not be evicted
+_EMPTY = jnp.iinfo(jnp.int32).min  # eviction score of an empty slot: filled first
+UNROLL_FETCHES = 16  # guarded fetches per wave unrolled (flat graph); more go through a fori_loop
+
+
+class SlotState(NamedTuple):
+    """One MoE layer's device slot cache, carried (donated) from step to step."""
+
+    slots: ExpertSlots  # gate/up [S, H, I], down [S, I, H]
+    table: jax.Array  # [E] int32: slot of each expert, -1 when not resident
+    owner: jax.Array  # [S] int32: expert in each slot, -1 when empty
+    last_use: jax.Array  # [S] int32: step clock of the slot's last use (LRU)
+    prefetched: jax.Array  # [S] bool: filled by a prefetch and not yet looked at by its layer
+
+
+class LayerReport(NamedTuple):
+    """What one MoE layer did in one step (stacked to [Lm, ...] in the step's output)."""
+
+    ids: jax.Array  # [B, k] int32 routed experts
+    weights: jax.Array  # [B, k] float32
+    hits: jax.Array  # () int32: needed experts already in a slot
+    misses: jax.Array  # () int32: needed experts fetched now (demand)
+    evictions: jax.Array  # () int32: fetches (demand + prefetch) that replaced a resident expert
+    prefetched: jax.Array  # () int32: experts this layer's predictions copied into the next layer
+    timely: jax.Array  # () int32: needed experts that a prefetch had put in place
+    wasted: jax.Array  # () int32: prefetched experts this layer did not need
+    waves: jax.Array  # () int32: waves that ran (1 when the step's experts fit the slots)
+
+
+def num_waves(pairs: int, num_experts: int, slots: int) -> int:
+    """Static bound on the waves of a step with `pairs` token-expert pairs."""
+    return max(1, math.ceil(min(pairs, num_experts) / slots))
+
+
+def _fetch(state: SlotState, host: ExpertSlots, expert, protected, clock, prefetch: bool):
+    """Copy `expert` from the host stacks into the LRU slot not holding a `protected` expert.
+
+    protected [E] bool. The caller guarantees an unprotected slot exists (demand) or
+    checks it (prefetch). Returns the new state and whether a resident expert was evicted."""
+    owner = state.owner
+    held = owner >= 0
+    locked = held & protected[jnp.maximum(owner, 0)]
+    score = jnp.where(locked, _NEVER, jnp.where(held, state.last_use, _EMPTY))
+    victim = jnp.argmin(score).astype(jnp.int32)
+    old = owner[victim]
+    table = state.table.at[jnp.maximum(old, 0)].set(jnp.where(old >= 0, -1, state.table[jnp.maximum(old, 0)]))
+    table = table.at[expert].set(victim)
+
+    def put(buf, stack):
+        w = jax.device_put(jax.lax.dynamic_index_in_dim(stack, expert, keepdims=False), jax.memory.Space.Device)
+        return jax.lax.dynamic_update_index_in_dim(buf, w.astype(buf.dtype), victim, 0)
+
+    slots = ExpertSlots(*(put(b, s) for b, s in zip(state.slots, host)))
+    new = SlotState(slots, table, owner.at[victim].set(expert), state.last_use.at[victim].set(clock),
+                    state.prefetched.at[victim].set(prefetch))
+    return new, (old >= 0).astype(jnp.int32)
+
+
+def _fetch_list(state: SlotState, host: ExpertSlots, experts, protected, clock, prefetch: bool):
+    """Guarded fetches of `experts` [F] (-1 = nothing); already-resident ones are skipped.
+    Returns (state, fetched count, evictions)."""
+
+    def one(carry, e):
+        st, fetched, evicted = carry
+        safe = jnp.maximum(e, 0)
+        go = (e >= 0) & (st.table[safe] < 0)
+        if prefetch:  # a prefetch needs a slot that holds no protected expert
+            held = st.owner >= 0
+            go = go & jnp.any(~(held & protected[jnp.maximum(st.owner, 0)]))
+        st, ev = jax.lax.cond(go, lambda s: _fetch(s, host, safe, protected, clock, prefetch),
+                              lambda s: (s, jnp.int32(0)), st)
+        return st, fetched + go.astype(jnp.int32), evicted + ev
+
+    carry = (state, jnp.int32(0), jnp.int32(0))
+    if experts.shape[0] <= UNROLL_FETCHES:
+        for j in range(experts.shape[0]):
+            carry = one(carry, experts[j])
+    else:
+        carry = jax.lax.fori_loop(0, experts.shape[0], lambda j, c: one(c, experts[j]), carry)
+    return carry
+
+
+def _touch(state: SlotState, used, clock) -> SlotState:
+    """Stamp the slots of `used` [E] bool experts with the clock (LRU)."""
+    hit = (state.owner >= 0) & used[jnp.maximum(state.owner, 0)]
+    return state._replace(last_use=jnp.where(hit, clock, state.last_use))
+
+
+def _shared(moe, x):
+    """Shared experts of an MoE block (sigmoid-gated for Qwen2-MoE), x [N, H]."""
+    shared = moe.shared(x)
+    if moe.cfg.shared_expert_gated:
+        shared = jax.nn.sigmoid(moe.shared_gate(x)) * shared
+    return shared
+
+
+def _moe_layer(layer, residual, normed, routing: Routing, state: SlotState, host: ExpertSlots, clock, *,
+               method: str, restricted: bool):
+    """Make the step's experts resident (waves if needed) and run the layer's FFN."""
+    b, t, h = normed.shape
+    num_experts = state.table.shape[0]
+    num_slots = state.owner.shape[0]
+    flat = routing.ids.reshape(-1)  # [N*k]
+    needed = jnp.zeros(num_experts, bool).at[flat].set(True)  # [E]
+    resident = state.table >= 0
+    held = state.owner >= 0
+    used_slot = held & needed[jnp.maximum(state.owner, 0)]  # [S]
+    timely = jnp.sum(used_slot & state.prefetched).astype(jnp.int32)
+    wasted = jnp.sum(held & ~used_slot & state.prefetched).astype(jnp.int32)
+    state = state._replace(prefetched=jnp.zeros_like(state.prefetched))
+    hits = jnp.sum(needed & resident).astype(jnp.int32)
+    misses = jnp.sum(needed & ~resident).astype(jnp.int32)
+    if restricted:  # the router only chose resident experts: nothing moves
+        out = layer.ffn(residual, normed, routing, state.slots, state.table, method)
+        return out, _touch(state, needed, clock), (hits, jnp.int32(0), jnp.int32(0), timely, wasted, jnp.int32(1))
+
+    waves = num_waves(flat.shape[0], num_experts, num_slots)
+    per_wave = min(num_slots, flat.shape[0], num_experts)  # static bound on a wave's misses
+    if waves == 1:
+        missing = jnp.nonzero(needed & ~resident, size=per_wave, fill_value=-1)[0].astype(jnp.int32)
+        state, _, evicted = _fetch_list(state, host, missing, needed, clock, prefetch=False)
+        state = _touch(state, needed, clock)
+        out = layer.ffn(residual, normed, routing, state.slots, state.table, method)
+        return out, state, (hits, misses, evicted, timely, wasted, jnp.int32(1))
+
+    # Waves: rank the needed experts resident-first, wave w takes ranks [w*S, (w+1)*S).
+    expert_ids = jnp.arange(num_experts, dtype=jnp.int32)
+    key = jnp.where(needed, jnp.where(resident, 0, 1), 2) * num_experts + expert_ids
+    rank = jnp.zeros(num_experts, jnp.int32).at[jnp.argsort(key)].set(expert_ids)  # [E]
+    wave_of = jnp.where(needed, rank // num_slots, -1)  # [E]
+    x = normed.reshape(-1, h)
+    acc = jnp.zeros((x.shape[0], h), jnp.float32)
+    evictions, ran = jnp.int32(0), jnp.int32(0)
+    for w in range(waves):
+        in_wave = wave_of == w
+
+        def run(carry, in_wave=in_wave):
+            st, acc_, ev_ = carry
+            missing = jnp.nonzero(in_wave & (st.table < 0), size=per_wave, fill_value=-1)[0].astype(jnp.int32)
+            st, _, ev = _fetch_list(st, host, missing, in_wave, clock, prefetch=False)
+            st = _touch(st, in_wave, clock)
+            wave_map = jnp.where(in_wave, st.table, -1)
+            acc_ = acc_ + mix_experts(x, routing, st.slots, wave_map, method, out_dtype=jnp.float32)
+            return st, acc_, ev_ + ev
+
+        state, acc, evictions = jax.lax.cond(jnp.any(in_wave), run, lambda c: c, (state, acc, evictions))
+        ran = ran + jnp.any(in_wave).astype(jnp.int32)
+    out = acc.astype(normed.dtype)
+    if layer.mlp.cfg.shared_expert_intermediate_size:
+        out = out + _shared(layer.mlp, x)
+    return residual + out.reshape(b, t, h), state, (hits, misses, evictions, timely, wasted, ran)
+
+
+def _prefetch(state: SlotState, host: ExpertSlots, scores, clock, prefetch_k: int, min_score: float):
+    """Copy the top `prefetch_k` experts per row of scores [B, E] into this layer's slots.
+    Highest scores first over the batch; a prefetch never evicts another of the round."""
+    top_scores, top_ids = jax.lax.top_k(scores.astype(jnp.float32), prefetch_k)  # [B, pk]
+    flat_scores, flat_ids = top_scores.reshape(-1), top_ids.reshape(-1).astype(jnp.int32)
+    order = jnp.argsort(-flat_scores, stable=True)
+    candidates = jnp.where(flat_scores[order] > min_score, flat_ids[order], -1)  # [B*pk]
+    num_experts = state.table.shape[0]
+    wanted = jnp.zeros(num_experts, bool).at[jnp.where(candidates >= 0, candidates, num_experts)].set(
+        True, mode="drop")  # [E]
+    state, fetched, evicted = _fetch_list(state, host, candidates, wanted, clock, prefetch=True)
+    return state, fetched, evicted
+
+
+class StepOut(NamedTuple):
+    tokens: jax.Array  # [B] int32 next tokens
+    caches: list
+    slot_states: list  # per MoE layer SlotState
+    predictor_state: Any
+    report: LayerReport  # fields stacked [Lm, ...]
+    logits: jax.Array | None  # [B, V] float32 when asked for
+
+
+def build_decode_step(cfg: MoEConfig, graphdef, *, method: str = "auto", restricted: bool = False,
+                      greedy: bool = True, top_p_enabled: bool = False, return_logits: bool = False,
+                      predictor=None, prefetch_k: int | None = None, min_score: float = 0.0):
+    """The jitted decode step for one engine configuration.
+
+    The graph definition is closed over (hashing an nnx GraphDef as a static jit
+    argument on every call costs more than a small layer's compute). Returns
+    step(params, host_layers, caches, slot_states, predictor_params, predictor_state,
+         tokens [B] int32, write_index, pad_len [B], positions [B], clock, key, sample_index,
+         temperature, top_p) -> StepOut,
+    with caches, slot_states and predictor_state donated."""
+    moe_of_layer = {layer: ml for ml, layer in enumerate(cfg.moe_layers)}
+    num_moe = cfg.num_moe_layers
+    pk = cfg.top_k if prefetch_k is None else int(prefetch_k)
+    prefetching = predictor is not None and not restricted and pk > 0
+
+    def step(params, host_layers, caches, slot_states, pparams, pstate, tokens, write_index, pad_len, positions,
+             clock, key, sample_index, temperature, top_p):
+        model = nnx.merge(graphdef, params)
+        slot_states, caches = list(slot_states), list(caches)
+        b = tokens.shape[0]
+        x = model.embed(tokens[:, None])
+        if prefetching and num_moe:
+            scores, pstate = predictor.begin_step(model, pparams, pstate, tokens, positions)
+            if scores is not None:
+                slot_states[0], _, _ = _prefetch(slot_states[0], host_layers[0], scores, clock, pk, min_score)
+        reports = []
+        for li, layer in enumerate(model.layers):
+            ml = moe_of_layer.get(li)
+            resident = (slot_states[ml].table >= 0) if (restricted and ml is not None) else None
+            residual, normed, caches[li], routing = layer.attend_and_route(x, caches[li], write_index, pad_len,
+                                                                           resident)
+            if ml is None:
+                x = layer.ffn(residual, normed, None, None, None, method)
+                continue
+            n_prefetched, pf_evicted = jnp.int32(0), jnp.int32(0)
+            if prefetching and ml + 1 < num_moe:
+                # Issued before this layer's expert compute, which does not depend on it.
+                scores, pstate = predictor.after_routing(model, pparams, pstate, ml, normed[:, 0],
+                                                         routing.ids.reshape(b, -1))
+                if scores is not None:
+                    slot_states[ml + 1], n_prefetched, pf_evicted = _prefetch(
+                        slot_states[ml + 1], host_layers[ml + 1], scores, clock, pk, min_score)
+            x, slot_states[ml], (hits, misses, evicted, timely, wasted, waves) = _moe_layer(
+                layer, residual, normed, routing, slot_states[ml], host_layers[ml], clock, method=method,
+                restricted=restricted)
+            reports.append(LayerReport(routing.ids.reshape(b, -1), routing.weights.reshape(b, -1), hits, misses,
+                                       evicted + pf_evicted, n_prefetched, timely, wasted, waves))
+        if prefetching:
+            ids = jnp.stack([r.ids for r in reports]) if reports else None  # [Lm, B, k]
+            pstate = predictor.end_step(pparams, pstate, ids)
+        h = model.norm(x[:, -1])
+        logits = (model.embed_tokens.attend(h) if cfg.tie_word_embeddings else model.lm_head(h)).astype(jnp.float32)
+        if greedy:
+            nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        else:
+            nxt = stages.sample(logits, jax.random.fold_in(key, sample_index), temperature, top_p,
+                                top_p_enabled=top_p_enabled)
+        report = jax.tree.map(lambda *a: jnp.stack(a), *reports) if reports else None
+        return StepOut(nxt, caches, slot_states, pstate, report, logits if return_logits else None)
+
+    return jax.jit(step, donate_argnums=(2, 3, 5))
+
+
+__all__ = ["SlotState", "LayerReport", "StepOut", "build_decode_step", "num_waves"]

@@ -1,0 +1,136 @@
+"""Host side of the one-jit decode path: hand the device cache to the step, book its reports.
+
+`OneJitDecoder.start` converts the engine's `DeviceSlotCache` (NumPy tables, LRU
+order) into per-layer `SlotState`s on the device; `advance` dispatches one step and
+reads only the next token; the previous step's report (routing, hits, misses,
+prefetches), copied to the host asynchronously, is booked into the engine's stats,
+routing hooks and prefetch counters one step behind; `finish` books the last report
+and writes the tables, LRU order and slot buffers back, so the staged path (the next
+prefill) continues from the same residency.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .ingraph_predictors import PrefillRouting
+from .onejit import SlotState, build_decode_step
+from .prefetch import PrefetchStats
+
+
+class OneJitDecoder:
+    def __init__(self, engine, predictor=None):
+        self.engine = engine
+        self.predictor = predictor  # in-graph predictor or None
+        self._steps: dict[tuple, Callable] = {}
+        self.prefetch_stats = PrefetchStats()
+
+    def _step_fn(self, greedy: bool, top_p_enabled: bool, return_logits: bool) -> Callable:
+        key = (greedy, top_p_enabled, return_logits)
+        if key not in self._steps:
+            e = self.engine
+            self._steps[key] = build_decode_step(
+                e.cfg, e._graphdef, method=e.method, restricted=e.mode == "restricted", greedy=greedy,
+                top_p_enabled=top_p_enabled, return_logits=return_logits, predictor=self.predictor,
+                prefetch_k=e._prefetch_k, min_score=e._min_score)
+        return self._steps[key]
+
+    # ---- device cache <-> slot states --------------------------------------------
+    def start(self, caches: list, prefill: PrefillRouting | None, *, temperature: float, top_p: float,
+              return_logits: bool) -> None:
+        cache = self.engine.device_cache
+        states = []
+        for ml in range(cache.num_layers):
+            owner = cache.expert_in_slot[ml]
+            order = list(cache.policies[ml]._order)  # LRU: oldest first
+            last_use = np.zeros(len(owner), np.int32)
+            for rank, expert in enumerate(order):
+                last_use[cache.slot_of_expert[ml, expert]] = rank
+            states.append(SlotState(cache.buffers[ml], jnp.asarray(cache.slot_of_expert[ml]), jnp.asarray(owner),
+                                    jnp.asarray(last_use), jnp.zeros(len(owner), bool)))
+            cache.buffers[ml] = None  # donated to the step from now on
+        self.clock = max(cache.slots)  # above every rank given above
+        self.states, self.caches = states, caches
+        self.pstate = None
+        self.pparams = ()
+        if self.predictor is not None:
+            self.pparams = self.predictor.params()
+            self.pstate = self.predictor.init_state(prefill)
+        self.fn = self._step_fn(temperature <= 0, top_p < 1.0, return_logits)
+        self.temperature, self.top_p = np.float32(max(temperature, 1e-6)), np.float32(top_p)
+        self.pending = None
+        self.prefetch_stats = PrefetchStats()  # per generate call, like the engine's other stats
+
+    def advance(self, step: int, tokens: np.ndarray, write_index: int, pad_len, positions: np.ndarray, key):
+        """Run decode step `step` on tokens [B]; returns (logits [B, V] or None, next tokens [B] np.int32)."""
+        e = self.engine
+        self.clock += 1
+        out = self.fn(e._params, e._host_layers, self.caches, self.states, self.pparams, self.pstate,
+                      np.asarray(tokens, np.int32), np.int32(write_index), pad_len, np.asarray(positions, np.int32),
+                      np.int32(self.clock), key, np.int32(step + 1), self.temperature, self.top_p)
+        self.caches, self.states, self.pstate = out.caches, out.slot_states, out.predictor_state
+        if out.report is not None:
+            for a in out.report:
+                a.copy_to_host_async()
+        if self.pending is not None:  # book the previous step while this one runs
+            self._book(*self.pending)
+        self.pending = (out.report, positions)
+        nxt = np.asarray(out.tokens)  # the one blocking read of the step
+        return (None if out.logits is None else np.asarray(out.logits)), nxt
+
+    def _book(self, report, positions) -> None:
+        if report is None:
+            return
+        e = self.engine
+        r = jax.tree.map(np.asarray, report)
+        stats, pf = e.device_cache.stats, self.prefetch_stats
+        misses, prefetched = int(r.misses.sum()), int(r.prefetched.sum())
+        stats.hits += int(r.hits.sum())
+        stats.misses += misses
+        stats.evictions += int(r.evictions.sum())
+        stats.bytes_in += (misses + prefetched) * e.device_cache.slot_bytes
+        e.host.stats.hits += misses + prefetched  # every copy is served by the host stacks
+        e._timers.waves += int(r.waves[r.waves > 1].sum())
+        pf.issued += prefetched
+        pf.started += prefetched
+        pf.completed += prefetched
+        pf.timely += int(r.timely.sum())
+        pf.wasted += int(r.wasted.sum())
+        pf.bytes += prefetched * e.device_cache.slot_bytes
+        if e.routing_hooks:
+            from .engine import StepRouting
+
+            b = r.ids.shape[1]
+            valid = np.ones((b, 1), bool)
+            for ml in range(r.ids.shape[0]):
+                step = StepRouting(ml, r.ids[ml][:, None], r.weights[ml][:, None].astype(np.float32), valid, None,
+                                   np.asarray(positions).reshape(b, 1))
+                for hook in e.routing_hooks:
+                    hook(step)
+
+    def finish(self) -> list:
+        """Book the last report and give the device cache back to the engine; returns the KV caches."""
+        if self.pending is not None:
+            self._book(*self.pending)
+            self.pending = None
+        cache = self.engine.device_cache
+        for ml, st in enumerate(self.states):
+            table, owner, last_use = (np.asarray(a) for a in (st.table, st.owner, st.last_use))
+            cache.buffers[ml] = st.slots
+            cache.slot_of_expert[ml] = table
+            cache.expert_in_slot[ml][:] = owner
+            cache._device_maps[ml] = None
+            held = np.flatnonzero(owner >= 0)
+            order = held[np.lexsort((held, last_use[held]))]  # oldest first, ties by slot (the step's argmin)
+            cache.policies[ml]._order = OrderedDict((int(owner[s]), None) for s in order)
+        self.states = []
+        caches, self.caches = self.caches, None
+        return caches
+
+
+__all__ = ["OneJitDecoder"]
