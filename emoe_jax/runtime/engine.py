@@ -33,7 +33,7 @@ from .compile_count import compile_count
 from .predictor_driver import PredictorDriver
 from .prefetch import Prefetcher, wait_for
 from .host_stack import HostExpertStacks, StackedHostTier, has_pinned_host
-from .ingraph_predictors import PrefillRouting, in_graph_predictor
+from .ingraph_predictors import PrefillRouting, in_graph_predictor, is_in_graph
 from .onejit_decode import OneJitDecoder
 from .tiers import DeviceSlotCache, ExpertSource, HostTier, TierStats
 
@@ -144,14 +144,23 @@ class OffloadedEngine:
         self._timers = _Timers()
         # Guards the tiers: the prefetch worker and this thread both write slots.
         self._lock = threading.Lock()
-        self.driver = None if predictor is None else PredictorDriver(
-            predictor, lm, e, cfg.top_k, prefetch_k, min_score)
-        self.prefetcher = None if predictor is None else Prefetcher(self.device_cache, self.host, self._lock)
+        # A host predictor (emoe_jax.predict) drives the prefetch worker on the staged path; one with an
+        # in-graph version prefetches inside the one-jit step; an in-graph-only object only there.
+        host_predictor = predictor if predictor is not None and not is_in_graph(predictor) else None
+        self.driver = None if host_predictor is None else PredictorDriver(
+            host_predictor, lm, e, cfg.top_k, prefetch_k, min_score)
+        self.prefetcher = None if host_predictor is None else Prefetcher(self.device_cache, self.host, self._lock)
         self._step_routing: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._capture_prefill = False
         self._ingraph_predictor = in_graph_predictor(predictor, cfg)
         self._onejit = None  # OneJitDecoder, built on first use
         self._last_path: tuple[str, str | None] = ("staged", None)
+
+    @property
+    def predictor_name(self) -> str | None:
+        if self.driver is not None:
+            return self.driver.name
+        return None if self._ingraph_predictor is None else self._ingraph_predictor.name
 
     @property
     def num_slots(self) -> int | list[int]:
@@ -531,7 +540,7 @@ class OffloadedEngine:
             "compiles": compiles,
             "mode": self.mode,
             "reuse": self.reuse,
-            "predictor": None if self.driver is None else self.driver.name,
+            "predictor": self.predictor_name,
             "prefetch": self._prefetch_stats(),
             "decode_path": self._last_path[0],
             "decode_path_reason": self._last_path[1],

@@ -13,7 +13,6 @@ experts are held in host memory once, not once per path.
 
 from __future__ import annotations
 
-import functools
 from typing import Iterable, Sequence
 
 import jax
@@ -58,8 +57,9 @@ class HostExpertStacks:
         sharding = SingleDeviceSharding(self.device, memory_kind=PINNED)
         self.layers: list[ExpertSlots] = []
         self.bytes_read = 0
+        total = source.expert_bytes * num_experts * num_layers
         bar = tqdm(range(num_layers), desc="experts -> pinned host", unit="layer", leave=False,
-                   disable=(num_layers < 8) if progress is None else not progress)
+                   disable=(total < 2**30) if progress is None else not progress)  # a bar only for long loads
         for layer in bar:
             arrays = _read_layer(source, layer, num_experts)
             self.bytes_read += sum(a.nbytes for a in arrays.values())
@@ -76,8 +76,8 @@ class StackedHostTier(HostTier):
 
     `get_many`/`peek` hand out device copies sliced from the stacks (the device
     tier's `to_device` passes device arrays through). Every access is a hit; the
-    one-time load from the disk tier is counted as misses and bytes in on the first
-    call after `reset_stats`... exactly once, by `count_load`."""
+    one-time load from the disk tier is charged once, to the stats of the first
+    generate call (`count_load`)."""
 
     def __init__(self, stacks: HostExpertStacks, source: ExpertSource):
         self.source, self.stacks = source, stacks

@@ -50,6 +50,9 @@ class SpecGatingInGraph:
     def __init__(self, cfg: MoEConfig):
         self.cfg = cfg
 
+    def cache_key(self):
+        return (self.name, self.cfg)
+
     def params(self):
         return ()
 
@@ -79,6 +82,9 @@ class PrevTokenInGraph:
     def __init__(self, cfg: MoEConfig):
         self.cfg = cfg
 
+    def cache_key(self):
+        return (self.name, self.cfg)
+
     def params(self):
         return ()
 
@@ -99,12 +105,16 @@ class PrevTokenInGraph:
 IN_GRAPH = {"spec-gating": SpecGatingInGraph, "prev-token": PrevTokenInGraph}
 
 
+def is_in_graph(predictor: Any) -> bool:
+    return all(hasattr(predictor, m) for m in ("begin_step", "after_routing", "end_step", "init_state"))
+
+
 def in_graph_predictor(predictor: Any, cfg: MoEConfig):
     """The in-graph version of a host predictor object, or None when it has none."""
     if predictor is None:
         return None
-    if hasattr(predictor, "begin_step") and hasattr(predictor, "after_routing"):
-        return predictor  # already an in-graph predictor
+    if is_in_graph(predictor):
+        return predictor
     name = getattr(predictor, "name", None)
     if name == "learned":
         from .ingraph_learned import learned_in_graph
@@ -114,4 +124,4 @@ def in_graph_predictor(predictor: Any, cfg: MoEConfig):
     return None if cls is None else cls(cfg)
 
 
-__all__ = ["PrefillRouting", "SpecGatingInGraph", "PrevTokenInGraph", "in_graph_predictor", "IN_GRAPH"]
+__all__ = ["PrefillRouting", "SpecGatingInGraph", "PrevTokenInGraph", "in_graph_predictor", "is_in_graph", "IN_GRAPH"]

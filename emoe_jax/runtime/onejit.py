@@ -214,17 +214,34 @@ class StepOut(NamedTuple):
     logits: jax.Array | None  # [B, V] float32 when asked for
 
 
+# key -> (graphdef, predictor, step); the first two are kept alive so their ids stay unique.
+_STEPS: dict[tuple, tuple[Any, Any, Any]] = {}
+
+
 def build_decode_step(cfg: MoEConfig, graphdef, *, method: str = "auto", restricted: bool = False,
                       greedy: bool = True, top_p_enabled: bool = False, return_logits: bool = False,
                       predictor=None, prefetch_k: int | None = None, min_score: float = 0.0):
-    """The jitted decode step for one engine configuration.
+    """The jitted decode step for one engine configuration, shared by engines of the same model.
 
     The graph definition is closed over (hashing an nnx GraphDef as a static jit
-    argument on every call costs more than a small layer's compute). Returns
+    argument on every call costs more than a small layer's compute) and the cache is
+    keyed by its identity, so engines built on one (graphdef, params) pair reuse one
+    compiled step per shape. Returns
     step(params, host_layers, caches, slot_states, predictor_params, predictor_state,
          tokens [B] int32, write_index, pad_len [B], positions [B], clock, key, sample_index,
          temperature, top_p) -> StepOut,
     with caches, slot_states and predictor_state donated."""
+    pkey = None if predictor is None else getattr(predictor, "cache_key", lambda: id(predictor))()
+    key = (id(graphdef), cfg, method, restricted, greedy, top_p_enabled, return_logits, pkey, prefetch_k,
+           float(min_score))
+    if key not in _STEPS:
+        _STEPS[key] = (graphdef, predictor, _make_step(cfg, graphdef, method, restricted, greedy, top_p_enabled,
+                                                       return_logits, predictor, prefetch_k, min_score))
+    return _STEPS[key][2]
+
+
+def _make_step(cfg, graphdef, method, restricted, greedy, top_p_enabled, return_logits, predictor, prefetch_k,
+               min_score):
     moe_of_layer = {layer: ml for ml, layer in enumerate(cfg.moe_layers)}
     num_moe = cfg.num_moe_layers
     pk = cfg.top_k if prefetch_k is None else int(prefetch_k)

@@ -27,18 +27,13 @@ class OneJitDecoder:
     def __init__(self, engine, predictor=None):
         self.engine = engine
         self.predictor = predictor  # in-graph predictor or None
-        self._steps: dict[tuple, Callable] = {}
         self.prefetch_stats = PrefetchStats()
 
     def _step_fn(self, greedy: bool, top_p_enabled: bool, return_logits: bool) -> Callable:
-        key = (greedy, top_p_enabled, return_logits)
-        if key not in self._steps:
-            e = self.engine
-            self._steps[key] = build_decode_step(
-                e.cfg, e._graphdef, method=e.method, restricted=e.mode == "restricted", greedy=greedy,
-                top_p_enabled=top_p_enabled, return_logits=return_logits, predictor=self.predictor,
-                prefetch_k=e._prefetch_k, min_score=e._min_score)
-        return self._steps[key]
+        e = self.engine
+        return build_decode_step(e.cfg, e._graphdef, method=e.method, restricted=e.mode == "restricted",
+                                 greedy=greedy, top_p_enabled=top_p_enabled, return_logits=return_logits,
+                                 predictor=self.predictor, prefetch_k=e._prefetch_k, min_score=e._min_score)
 
     # ---- device cache <-> slot states --------------------------------------------
     def start(self, caches: list, prefill: PrefillRouting | None, *, temperature: float, top_p: float,

@@ -1,0 +1,186 @@
+"""The one-jit decode step computes exactly what the all-resident model computes, never recompiles
+while experts swap, and books the same kind of stats as the staged engine."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from emoe_jax.runtime.compile_count import compile_count
+from emoe_jax.runtime.engine import GenerationError, OffloadedEngine
+from emoe_jax.runtime.ingraph_predictors import PrevTokenInGraph, SpecGatingInGraph
+from emoe_jax.runtime.tiers import InMemoryExperts
+
+from engine_fixtures import model
+
+
+class RandomInGraph:
+    """Random scores: prefetches land anywhere (tests that predictions never change outputs)."""
+
+    name = "random"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def cache_key(self):
+        return (self.name, self.cfg)
+
+    def params(self):
+        return ()
+
+    def init_state(self, prefill):
+        return jax.random.PRNGKey(int(prefill.tokens.sum()))
+
+    def _scores(self, key, batch):
+        key, sub = jax.random.split(key)
+        return jax.random.uniform(sub, (batch, self.cfg.num_experts)), key
+
+    def begin_step(self, model, pparams, pstate, tokens, positions):
+        return self._scores(pstate, tokens.shape[0])
+
+    def after_routing(self, model, pparams, pstate, ml, normed, ids):
+        return self._scores(pstate, normed.shape[0])
+
+    def end_step(self, pparams, pstate, ids):
+        return pstate
+
+
+class AdversarialInGraph(SpecGatingInGraph):
+    """Scores the experts the next router likes least highest: prefetches evict what is needed."""
+
+    name = "adversarial"
+
+    def after_routing(self, model, pparams, pstate, ml, normed, ids):
+        scores, pstate = super().after_routing(model, pparams, pstate, ml, normed, ids)
+        return 1.0 - scores, pstate
+
+
+PREDICTORS = {"none": None, "spec-gating": SpecGatingInGraph, "prev-token": PrevTokenInGraph,
+              "random": RandomInGraph, "adversarial": AdversarialInGraph}
+
+
+def _engine(family, slots, predictor="none", **kw):
+    cfg, g, p, ex, resident = model(family)
+    make = PREDICTORS[predictor]
+    engine = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=slots,
+                             predictor=None if make is None else make(cfg), **kw)
+    return engine, resident
+
+
+prompt_lists = st.lists(st.lists(st.integers(3, 120), min_size=1, max_size=9), min_size=1, max_size=3)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(family=st.sampled_from(["mixtral", "deepseek_v2", "qwen3_moe"]), data=st.data(),
+       predictor=st.sampled_from(sorted(PREDICTORS)), prompts=prompt_lists)
+def test_onejit_equals_all_resident(family, data, predictor, prompts):
+    cfg = model(family)[0]
+    slots = data.draw(st.integers(1, cfg.num_experts), label="slots")
+    engine, resident = _engine(family, slots, predictor)
+    new = 6
+    out = engine.generate(prompts, new, stop_at_eos=False, return_logits=True)
+    assert out.stats["decode_path"] == "onejit"
+    ref_tokens = resident.generate(prompts, new)
+    for i, prompt in enumerate(prompts):
+        assert out.tokens[i] == ref_tokens[i].tolist()
+        full = prompt + out.tokens[i][:-1]
+        logits, _, _ = resident.logits([full])
+        np.testing.assert_allclose(out.logits[i], np.asarray(logits[0, len(prompt) - 1:]), atol=2e-5, rtol=1e-5)
+    if predictor != "none":
+        pf = out.stats["prefetch"]
+        # Every prefetch targets a layer of the same step, so each is settled by the end of it.
+        assert pf["completed"] == pf["timely"] + pf["wasted"] and pf["in_graph"]
+
+
+def test_onejit_logits_are_bit_equal_to_the_staged_engine():
+    prompts = [[5, 9, 13, 22, 7], [3, 17, 8, 99]]
+    for family in ("mixtral", "deepseek_v2"):
+        outs = [_engine(family, 3, decode_path=path)[0].generate(prompts, 6, stop_at_eos=False, return_logits=True)
+                for path in ("staged", "onejit")]
+        assert [o.stats["decode_path"] for o in outs] == ["staged", "onejit"]
+        assert outs[0].tokens == outs[1].tokens
+        np.testing.assert_array_equal(outs[0].logits[:, 0], outs[1].logits[:, 0])  # same prefill
+        np.testing.assert_allclose(outs[0].logits, outs[1].logits, atol=2e-6)
+
+
+def test_no_compilation_after_warmup_while_experts_swap():
+    engine, _ = _engine("mixtral", 1, "random")
+    engine.generate([[5, 9, 13, 22, 7], [3, 17, 8, 99]], 8, stop_at_eos=False)  # warm-up
+    before = compile_count()
+    out = engine.generate([[7, 8, 9, 10, 11], [40, 41, 42, 43]], 8, stop_at_eos=False)
+    assert compile_count() == before and out.stats["compiles"] == 0
+    assert out.stats["decode_path"] == "onejit"
+    assert out.stats["device"]["misses"] > 10 and out.stats["device"]["evictions"] > 10
+    assert out.stats["waves"] > 0  # 2 rows x top-2 > 1 slot: waves inside the step
+
+
+def test_stats_count_misses_bytes_and_host_hits():
+    engine, _ = _engine("qwen3_moe", 2)
+    out = engine.generate([[4, 5, 6, 7]], 8, stop_at_eos=False)
+    s = out.stats
+    assert s["h2d_bytes"] == s["device"]["misses"] * engine.device_cache.slot_bytes
+    # The host stacks were filled from the disk tier once, charged to the first call.
+    assert s["host"]["misses"] == engine.cfg.num_experts * engine.cfg.num_moe_layers
+    again = engine.generate([[4, 5, 6, 7]], 8, stop_at_eos=False).stats
+    assert again["host"]["misses"] == 0 and again["host"]["hits"] >= again["device"]["misses"]
+
+
+def test_sampling_matches_the_staged_engine():
+    prompts = [[5, 9, 13], [7, 7]]
+    outs = [_engine("qwen3_moe", 2, decode_path=path)[0].generate(prompts, 8, temperature=0.8, top_p=0.9, seed=3,
+                                                                    stop_at_eos=False).tokens
+            for path in ("staged", "onejit")]
+    assert outs[0] == outs[1]
+
+
+def test_restricted_mode_and_teacher_forcing_on_onejit():
+    engines = []
+    for path in ("staged", "onejit"):
+        engine, _ = _engine("mixtral", 3, mode="restricted", decode_path=path)
+        for ml in range(engine.cfg.num_moe_layers):
+            engine.preload(ml, [0, 2, 5])
+        engines.append(engine)
+    teacher = [[10, 11, 12, 13, 14], [20, 21, 22, 23, 24]]
+    outs = [e.generate([[5, 9, 13], [7, 7]], 6, teacher_tokens=teacher, return_logits=True) for e in engines]
+    assert outs[1].stats["decode_path"] == "onejit"
+    assert outs[0].tokens == outs[1].tokens
+    np.testing.assert_allclose(outs[0].logits, outs[1].logits, atol=2e-6)
+    assert outs[1].stats["device"]["misses"] == 0 and outs[1].stats["h2d_bytes"] == 0
+
+
+def test_routing_hooks_see_the_same_routing_one_step_behind():
+    seen = {}
+    for path in ("staged", "onejit"):
+        engine, _ = _engine("deepseek_v2", 2, decode_path=path)
+        rows = seen[path] = []
+        engine.routing_hooks.append(lambda r, rows=rows: rows.append((r.moe_layer, r.ids.copy(), r.positions.copy())))
+        engine.generate([[5, 9, 13], [7, 7, 8, 9]], 5, stop_at_eos=False)
+    assert len(seen["staged"]) == len(seen["onejit"])
+    for (la, ia, pa), (lb, ib, pb) in zip(seen["staged"], seen["onejit"]):
+        assert la == lb and np.array_equal(ia, ib) and np.array_equal(pa, pb)
+
+
+def test_fallback_is_chosen_in_one_place_and_reported():
+    engine, _ = _engine("mixtral", 2, host_experts=3)
+    out = engine.generate([[5, 6, 7]], 4, stop_at_eos=False)
+    assert out.stats["decode_path"] == "staged" and "host tier" in out.stats["decode_path_reason"]
+    engine, _ = _engine("mixtral", 2, policy="lfu")
+    assert engine.decode_path_for()[0] == "staged"
+    engine, _ = _engine("mixtral", 2)
+    engine.routing_override = lambda step: None
+    assert engine.decode_path_for() == ("staged", "a routing override replaces the router's choice on the host")
+    with pytest.raises(GenerationError, match="onejit"):
+        _engine("mixtral", 2, host_experts=3, decode_path="onejit")[0].generate([[5, 6, 7]], 4)
+
+
+def test_bfloat16_onejit_agrees_with_staged():
+    cfg, g, p, ex, _ = model("qwen3_moe")
+    p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, p)
+    ex16 = [type(e)(*(a.astype(jnp.bfloat16) for a in e)) for e in ex]
+    outs = [OffloadedEngine(cfg, g, p16, InMemoryExperts(ex16), device_experts=2, dtype=jnp.bfloat16,
+                            decode_path=path).generate([[4, 5, 6, 7], [9, 9]], 8, stop_at_eos=False,
+                                                       return_logits=True)
+            for path in ("staged", "onejit")]
+    assert outs[0].tokens == outs[1].tokens
+    np.testing.assert_array_equal(outs[0].logits, outs[1].logits)
