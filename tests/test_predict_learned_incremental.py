@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import time
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from emoe_jax.predict.learned import LearnedConfig, RoutingPredictorNet
+from emoe_jax.predict import get_predictor
+from emoe_jax.predict.base import PromptInfo
+from emoe_jax.predict.drive import step_predictions
+from emoe_jax.predict.learned import LearnedConfig, LearnedPredictor, RoutingPredictorNet, load
 from emoe_jax.predict.learned.incremental import (
     context_step,
     init_context_cache,
@@ -16,7 +20,9 @@ from emoe_jax.predict.learned.incremental import (
     routing_update,
     step_logits,
 )
+from emoe_jax.predict.learned.model import token_buckets
 from emoe_jax.runtime.compile_count import compile_count
+from emoe_jax.traces import PromptTrace, TraceMeta
 
 L, E, K, HID = 3, 8, 2, 5
 # window 4 and 2 context blocks: h_t reads 2 * (4 - 1) + 1 = 7 tokens back
@@ -24,11 +30,11 @@ TINY = LearnedConfig(num_layers=L, num_experts=E, top_k=K, horizon=3, d_model=16
                      token_buckets=64, window=4, context_layers=2)  # fmt: skip
 
 
-def random_prompt(rng, n, buckets=TINY.token_buckets, num_experts=E, num_layers=L, k=K, hidden=HID):
+def random_prompt(rng, n):
     return {
-        "tok": rng.integers(0, buckets, n).astype(np.int32),
-        "experts": rng.random((n, num_layers, num_experts)).argsort(-1)[..., :k].astype(np.int32),  # [n, L, k]
-        "hidden": rng.normal(size=(n, num_layers, hidden)).astype(np.float32),  # [n, L, H]
+        "tok": rng.integers(0, TINY.token_buckets, n).astype(np.int32),
+        "experts": rng.random((n, L, E)).argsort(-1)[..., :K].astype(np.int32),  # [n, L, k] distinct experts
+        "hidden": rng.normal(size=(n, L, HID)).astype(np.float32),  # [n, L, H]
     }
 
 
@@ -140,3 +146,64 @@ def test_prefill_context_fills_the_cache_for_decoding():
                         np.stack([p["experts"][ti - 1] for p, ti in zip(prompts, t)]), np.ones(2, bool),
                         np.array(t, np.int32), np.ones(2, bool))  # fmt: skip
         np.testing.assert_allclose(np.asarray(h), np.stack([ref[ti] for ref, ti in zip(refs, t)]), atol=1e-5)
+
+
+def test_step_path_compiles_once_across_tokens_and_prompts():
+    net = RoutingPredictorNet(TINY.with_(hidden_size=HID), rngs=nnx.Rngs(4))
+    meta = TraceMeta(model="t", num_layers=L, num_experts=E, top_k=K, moe_layer_ids=(0, 1, 2), hidden_size=HID,
+                     source="test")  # fmt: skip
+    rng = np.random.default_rng(5)
+
+    def trace(n):
+        p = random_prompt(rng, n)
+        return PromptTrace(prompt_id=0, task="", text="", token_ids=p["tok"], experts=p["experts"].astype(np.int16),
+                           weights=None, n_prefill=n, hidden=p["hidden"].astype(np.float16))  # fmt: skip
+
+    pred = LearnedPredictor(lookahead=2, model=net)
+    before = compile_count()
+    step_predictions(pred, trace(3), meta)
+    warm = compile_count()
+    assert warm > before
+    step_predictions(pred, trace(13), meta)  # a longer prompt, beyond the receptive field
+    assert compile_count() == warm
+
+
+def test_embedded_checkpoint_incremental_equals_recompute_and_is_faster():
+    """learned-embedded (L=8, E=32, k=4, window 256): h after 600 tokens equals the receptive-field
+    recompute the old begin_token ran; prints both per-token times."""
+    p = get_predictor("learned", lookahead=1, num_layers=8, num_experts=32, top_k=4, router_inputs=True)
+    assert isinstance(p, LearnedPredictor)
+    c = p.cfg
+    rng = np.random.default_rng(6)
+    n = 600
+    ids = rng.integers(0, 50_000, n)
+    routing = rng.random((n, c.num_layers, c.num_experts)).argsort(-1)[..., : c.top_k]  # [n, L, k]
+    p.begin_prompt(PromptInfo(prompt_id=0, task="", text="", n_prefill=n, num_layers=c.num_layers,
+                              num_experts=c.num_experts, top_k=c.top_k))  # fmt: skip
+    new_s = []
+    for t in range(n):
+        start = time.perf_counter()
+        p.begin_token(t, int(ids[t]))
+        jax.block_until_ready(p._h)
+        new_s.append(time.perf_counter() - start)
+        for l in range(c.num_layers):
+            p.observe(t, l, routing[t, l])
+
+    # The old begin_token: the whole receptive field through net.context, for every token.
+    model, _ = load(p.checkpoint)
+    graphdef, state = nnx.split(model)
+    context = jax.jit(lambda st, *a: nnx.merge(graphdef, st).context(*a))
+    w = c.context_layers * (c.window - 1) + 1
+    t = n - 1
+    # tokens t-w+1 .. t, each with its previous token's routing; one segment
+    args = (token_buckets(ids[t + 1 - w :], c.token_buckets)[None], routing[t - w : t][None].astype(np.int32),
+            np.ones((1, w), bool), np.ones((1, w), np.int32),
+            np.arange(t + 1 - w, t + 1, dtype=np.int32)[None])  # fmt: skip
+    old_s = []
+    for _ in range(6):
+        start = time.perf_counter()
+        h_old = jax.block_until_ready(context(state, *args))
+        old_s.append(time.perf_counter() - start)
+    np.testing.assert_allclose(np.asarray(p._h)[0], np.asarray(h_old)[0, -1], atol=1e-4)
+    old_ms, new_ms = 1e3 * np.median(old_s[1:]), 1e3 * np.median(new_s[10:])
+    print(f"\nlearned-embedded begin_token: recompute over {w} tokens {old_ms:.1f} ms -> incremental {new_ms:.2f} ms")
