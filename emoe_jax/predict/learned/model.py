@@ -62,6 +62,19 @@ def attention_mask(seg: jax.Array, pos: jax.Array, window: int) -> jax.Array:
     return allowed | eye
 
 
+def alibi_attention(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Array, mask: jax.Array,
+                    dist: jax.Array) -> jax.Array:  # fmt: skip
+    """Softmax attention with ALiBi: q [B, T, N, H], k/v [B, S, N, H], mask/dist [B, T, S] -> [B, T, N, H].
+
+    Shared by the full context (S = T) and the incremental one (T = 1, S = the cached window).
+    """
+    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k) / np.sqrt(q.shape[-1])
+    logits = logits - slopes[None, :, None, None] * dist[:, None].astype(jnp.float32)
+    logits = jnp.where(mask[:, None], logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+
+
 class ContextBlock(nnx.Module):
     """Pre-norm causal self-attention (ALiBi) + GELU MLP."""
 
@@ -76,16 +89,20 @@ class ContextBlock(nnx.Module):
         self.down = nnx.Linear(cfg.mlp_hidden, d, rngs=rngs)
         self.slopes = nnx.Variable(jnp.asarray(alibi_slopes(cfg.num_heads)))  # [N] not trained
 
-    def __call__(self, x: jax.Array, mask: jax.Array, dist: jax.Array) -> jax.Array:
+    def qkv_heads(self, x: jax.Array) -> list[jax.Array]:
+        """q, k, v [B, T, N, H] from x [B, T, d]."""
         b, t, d = x.shape
         n = self.num_heads
-        q, k, v = jnp.split(self.qkv(self.attn_norm(x)).reshape(b, t, 3 * n, d // n), 3, axis=2)  # [B,T,N,H]
-        logits = jnp.einsum("BTNH,BSNH->BNTS", q, k) / np.sqrt(d // n)
-        logits = logits - self.slopes[...][None, :, None, None] * dist[:, None].astype(jnp.float32)
-        logits = jnp.where(mask[:, None], logits, NEG_INF)
-        probs = jax.nn.softmax(logits, axis=-1)
-        x = x + self.proj(jnp.einsum("BNTS,BSNH->BTNH", probs, v).reshape(b, t, d))
+        return jnp.split(self.qkv(self.attn_norm(x)).reshape(b, t, 3 * n, d // n), 3, axis=2)
+
+    def finish(self, x: jax.Array, attended: jax.Array) -> jax.Array:
+        """Block output [B, T, d] from its input x [B, T, d] and the attention result [B, T, N, H]."""
+        x = x + self.proj(attended.reshape(x.shape))
         return x + self.down(jax.nn.gelu(self.up(self.mlp_norm(x))))
+
+    def __call__(self, x: jax.Array, mask: jax.Array, dist: jax.Array) -> jax.Array:
+        q, k, v = self.qkv_heads(x)
+        return self.finish(x, alibi_attention(q, k, v, self.slopes[...], mask, dist))
 
 
 class StepBlock(nnx.Module):
@@ -125,11 +142,15 @@ class RoutingPredictorNet(nnx.Module):
         layer = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)[:, None] * self.cfg.num_experts
         return experts.astype(jnp.int32) + layer
 
+    def context_input(self, tok: jax.Array, prev_experts: jax.Array, has_prev: jax.Array) -> jax.Array:
+        """x [..., d] entering the context blocks from tok [...], prev_experts [..., L, k], has_prev [...]."""
+        route = self.route_embed(self._keys(prev_experts)).sum((-3, -2))  # [..., d]
+        return self.in_norm(self.token_embed(tok) + jnp.where(has_prev[..., None], route, 0.0))
+
     def context(self, tok: jax.Array, prev_experts: jax.Array, has_prev: jax.Array,
                 seg: jax.Array, pos: jax.Array) -> jax.Array:  # fmt: skip
         """h [B, T, d] from tok [B, T], prev_experts [B, T, L, k] (token t-1's routing), has_prev [B, T]."""
-        route = self.route_embed(self._keys(prev_experts)).sum((-3, -2))  # [B, T, d]
-        x = self.in_norm(self.token_embed(tok) + jnp.where(has_prev[..., None], route, 0.0))
+        x = self.context_input(tok, prev_experts, has_prev)
         mask = attention_mask(seg, pos, self.cfg.window)
         dist = jnp.maximum(pos[:, :, None] - pos[:, None, :], 0)  # [B, T, T]
         for block in self.blocks:

@@ -1,11 +1,14 @@
 """The learned predictor as a ``Predictor`` (simulator and runtime prefetcher).
 
 Steps (step path, the reference):
-1. ``begin_token(t, id)``: run the causal context transformer over the last
-   context_layers * (window - 1) + 1 tokens (its receptive field) (ids up to t, routing of tokens < t) -> h_t.
+1. ``begin_token(t, id)``: one incremental step of the causal context
+   transformer (``incremental.context_step``: the new token attends to the
+   cached keys/values of the last window positions; token t-1's routing enters
+   as its input) -> h_t, equal to the full context's.
 2. ``predict(t, l)``: z = h_t + layer_embed[l] + prefix sum of token t's
    routing embeddings over layers < l + token t's layer l-1 embedding; the step
-   head gives sigmoid scores for steps s .. s+lookahead (lookahead <= horizon).
+   head gives sigmoid scores for steps s .. s+lookahead (lookahead <= horizon)
+   (``incremental.step_logits``, one jitted call for every layer).
 3. ``observe(t, l, experts)``: add layer l's routing to the prefix sums.
    With router inputs (``observe_router_input``), layer l-1's input is
    projected into z at (t, l); layer l's own input is kept for step (t, l+1).
@@ -29,13 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from emoe_jax.predict.base import BasePredictor, Prediction, PromptInfo, PromptPredictions, horizon_rows
 from emoe_jax.predict.learned.checkpoint import find_checkpoint, load
 from emoe_jax.predict.learned.config import LearnedConfig, LearnedPredictorError
+from emoe_jax.predict.learned.incremental import context_step, init_context_cache, step_logits
 from emoe_jax.predict.learned.model import RoutingPredictorNet, token_buckets
 
 
@@ -94,16 +97,16 @@ class LearnedPredictor(BasePredictor):
             )
         graphdef, state = nnx.split(model)
         self._state = state
-        # Pure functions of (state, arrays): jit traces them once per shape and the
-        # predictor never closes over mutable module objects.
-        self._context = jax.jit(lambda st, *a: nnx.merge(graphdef, st).context(*a))
+        # Pure functions of (state, arrays) closing over the GraphDef (as a static jit
+        # argument it would be re-hashed on every call): jit traces them once per shape
+        # and the predictor never closes over mutable module objects.
         self._all_logits = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a))
-        self._head = jax.jit(lambda st, z: nnx.merge(graphdef, st).step_head(z))
-        self._hidden_features = jax.jit(lambda st, x: nnx.merge(graphdef, st).hidden_features(x))
+        self._context_step = jax.jit(lambda st, *a: context_step(nnx.merge(graphdef, st), *a))
+        self._step_scores = jax.jit(lambda st, *a: jax.nn.sigmoid(step_logits(nnx.merge(graphdef, st), *a)))
+        self._empty_cache = init_context_cache(self.cfg, 1)  # immutable arrays: every prompt starts from it
         # Embedding tables used by the step path's incremental sums.
         self._prefix_table = np.asarray(model.prefix_embed.embedding[...])  # [L*E, d]
         self._last_table = np.asarray(model.last_embed.embedding[...])  # [L*E, d]
-        self._layer_table = np.asarray(model.layer_embed.embedding[...])  # [L, d]
 
     def _ensure(self, num_layers: int, num_experts: int, top_k: int, hidden_size: int | None = None,
                 hidden_known: bool = False) -> None:  # fmt: skip
@@ -174,57 +177,41 @@ class LearnedPredictor(BasePredictor):
         super().begin_prompt(info)
         self._ensure(info.num_layers, info.num_experts, info.top_k)
         c = self.cfg
-        self._ids: list[int] = []
-        self._routing = np.zeros((0, c.num_layers, c.top_k), np.int32)  # tokens fully routed
-        self._current = np.zeros((c.num_layers, c.top_k), np.int32)
-        self._h: np.ndarray | None = None
+        self._cache = self._empty_cache
+        self._current = np.zeros((c.num_layers, c.top_k), np.int32)  # routing of the token being decoded
+        self._h: jax.Array | None = None  # [1, d]
         self._router_inputs: dict[int, np.ndarray] = {}
 
     def begin_token(self, t: int, token_id: int) -> None:
         c = self.cfg
-        if t > 0:
-            self._routing = np.concatenate([self._routing, self._current[None]])
-        self._ids.append(int(token_id))
+        tok = token_buckets(np.asarray([token_id]), c.token_buckets)  # [1]
+        prev = self._current[None]  # token t-1's routing [1, L, k] (ignored at t = 0)
+        self._h, self._cache = self._context_step(self._state, self._cache, tok, prev, np.asarray([t > 0]),
+                                                  np.asarray([t], np.int32), np.ones(1, bool))  # fmt: skip
         self._current = np.zeros((c.num_layers, c.top_k), np.int32)
         self._router_inputs = {}
-        self._prefix = np.zeros(c.d_model, np.float32)
-        self._last = np.zeros(c.d_model, np.float32)
-        # Stacked windowed layers see further than one window: token t's top layer
-        # reads token t-W+1, whose lower layer read t-2W+2, and so on.
-        w = c.context_layers * (c.window - 1) + 1
-        start = max(0, t + 1 - w)
-        m = t + 1 - start  # tokens in the window
-        tok = np.zeros(w, np.int32)
-        tok[w - m :] = token_buckets(np.asarray(self._ids[start:]), c.token_buckets)
-        prev = np.zeros((w, c.num_layers, c.top_k), np.int32)
-        has_prev = np.zeros(w, bool)
-        if t >= 1:
-            first = max(start, 1)  # tokens in the window that have a previous token
-            prev[w - (t + 1 - first) :] = self._routing[first - 1 : t]
-            has_prev[w - (t + 1 - first) :] = True
-        seg = np.zeros(w, np.int32)
-        seg[w - m :] = 1
-        pos = np.zeros(w, np.int32)
-        pos[w - m :] = np.arange(start, t + 1)
-        h = self._context(self._state, tok[None], prev[None], has_prev[None], seg[None], pos[None])
-        self._h = np.asarray(h[0, -1])
+        self._prefix = np.zeros((1, c.d_model), np.float32)
+        self._last = np.zeros((1, c.d_model), np.float32)
 
     def observe_router_input(self, t: int, l: int, hidden: np.ndarray) -> None:
         self._router_inputs[l] = np.asarray(hidden)
 
     def predict(self, t: int, l: int) -> Prediction:
-        z = self._h + self._layer_table[l] + self._prefix + self._last
-        if self.cfg.hidden_size is not None and l > 0:
-            if l - 1 not in self._router_inputs:
+        hidden = None
+        if self.cfg.hidden_size is not None:
+            if l > 0 and l - 1 not in self._router_inputs:
                 raise LearnedPredictorError("this checkpoint was trained with router inputs; the traces have none")
-            z = z + np.asarray(self._hidden_features(self._state, jnp.asarray(self._router_inputs[l - 1])))
-        probs = np.asarray(jax.nn.sigmoid(self._head(self._state, jnp.asarray(z)[None])))[0]  # [H+1, E]
+            # float32 whatever the trace stores, so one shape and dtype compiles; layer 0 ignores it.
+            hidden = np.zeros((1, self.cfg.hidden_size), np.float32)
+            if l > 0:
+                hidden[0] = self._router_inputs[l - 1]
+        probs = self._step_scores(self._state, self._h, np.int32(l), self._prefix, self._last, hidden)
         targets = self.target_list(t, l, self.cfg.num_layers)
-        return Prediction(targets, probs[: self.lookahead + 1])
+        return Prediction(targets, np.asarray(probs)[0, : self.lookahead + 1])
 
     def observe(self, t: int, l: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
         experts = np.asarray(experts, np.int64)
         keys = l * self.cfg.num_experts + experts
         self._current[l] = experts
-        self._prefix = self._prefix + self._prefix_table[keys].sum(0)
-        self._last = self._last_table[keys].sum(0)
+        self._prefix = self._prefix + self._prefix_table[keys].sum(0)  # [1, d]
+        self._last = self._last_table[keys].sum(0)[None]
