@@ -61,7 +61,7 @@ class LayerReport(NamedTuple):
     hits: jax.Array  # () int32: needed experts already in a slot
     misses: jax.Array  # () int32: needed experts fetched now (demand)
     evictions: jax.Array  # () int32: fetches (demand + prefetch) that replaced a resident expert
-    prefetched: jax.Array  # () int32: experts this layer's predictions copied into the next layer
+    prefetched: jax.Array  # () int32: experts copied by predictions issued at this layer (layer 0: also at token start)
     timely: jax.Array  # () int32: needed experts that a prefetch had put in place
     wasted: jax.Array  # () int32: prefetched experts this layer did not need
     waves: jax.Array  # () int32: waves that ran (1 when the step's experts fit the slots)
@@ -253,10 +253,14 @@ def _make_step(cfg, graphdef, method, restricted, greedy, top_p_enabled, return_
         slot_states, caches = list(slot_states), list(caches)
         b = tokens.shape[0]
         x = model.embed(tokens[:, None])
+        # Prefetches into each MoE layer, booked in the report of the layer that issued them
+        # (layer 0's own entry holds those issued at the start of the token).
+        issued = [(jnp.int32(0), jnp.int32(0)) for _ in range(num_moe)]  # (prefetched, evictions)
         if prefetching and num_moe:
             scores, pstate = predictor.begin_step(model, pparams, pstate, tokens, positions)
             if scores is not None:
-                slot_states[0], _, _ = _prefetch(slot_states[0], host_layers[0], scores, clock, pk, min_score)
+                slot_states[0], n0, ev0 = _prefetch(slot_states[0], host_layers[0], scores, clock, pk, min_score)
+                issued[0] = (n0, ev0)
         reports = []
         for li, layer in enumerate(model.layers):
             ml = moe_of_layer.get(li)
@@ -266,14 +270,15 @@ def _make_step(cfg, graphdef, method, restricted, greedy, top_p_enabled, return_
             if ml is None:
                 x = layer.ffn(residual, normed, None, None, None, method)
                 continue
-            n_prefetched, pf_evicted = jnp.int32(0), jnp.int32(0)
+            n_prefetched, pf_evicted = issued[ml]
             if prefetching and ml + 1 < num_moe:
                 # Issued before this layer's expert compute, which does not depend on it.
                 scores, pstate = predictor.after_routing(model, pparams, pstate, ml, normed[:, 0],
                                                          routing.ids.reshape(b, -1))
                 if scores is not None:
-                    slot_states[ml + 1], n_prefetched, pf_evicted = _prefetch(
-                        slot_states[ml + 1], host_layers[ml + 1], scores, clock, pk, min_score)
+                    slot_states[ml + 1], n, ev = _prefetch(slot_states[ml + 1], host_layers[ml + 1], scores, clock,
+                                                           pk, min_score)
+                    n_prefetched, pf_evicted = n_prefetched + n, pf_evicted + ev
             x, slot_states[ml], (hits, misses, evicted, timely, wasted, waves) = _moe_layer(
                 layer, residual, normed, routing, slot_states[ml], host_layers[ml], clock, method=method,
                 restricted=restricted)

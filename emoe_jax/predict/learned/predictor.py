@@ -96,7 +96,7 @@ class LearnedPredictor(BasePredictor):
                 f"use --lookahead-layers <= {self.cfg.horizon} or train with a larger --horizon"
             )
         graphdef, state = nnx.split(model)
-        self._state = state
+        self._graphdef, self._state = graphdef, state  # the runtime's in-graph version reuses both
         # Pure functions of (state, arrays) closing over the GraphDef (as a static jit
         # argument it would be re-hashed on every call): jit traces them once per shape
         # and the predictor never closes over mutable module objects.
