@@ -12,6 +12,8 @@ SUITES = {
     "serve": ("emoe_jax.bench.serve", "request streams: TTFT, latency, SLO attainment, throughput with/without eMoE"),
     "e2e": ("emoe_jax.bench.e2e", "end to end: tokens/s, memory, stall vs fraction per predictor; eMoE's claims"),
     "replay": ("emoe_jax.bench.replay", "forced-routing replay of real traces: decode tokens/s and hit rate vs device fraction"),
+    "device-check": ("emoe_jax.bench.device_check",
+                     "GPU check: in-graph host->device fetch GB/s, copy/compute overlap, decode tok/s per path"),
 }
 
 

@@ -46,11 +46,15 @@ class OneJitDecoder:
             last_use = np.zeros(len(owner), np.int32)
             for rank, expert in enumerate(order):
                 last_use[cache.slot_of_expert[ml, expert]] = rank
-            states.append(SlotState(cache.buffers[ml], jnp.asarray(cache.slot_of_expert[ml]), jnp.asarray(owner),
-                                    jnp.asarray(last_use), jnp.zeros(len(owner), bool)))
+            states.append(SlotState(cache.buffers[ml], cache.slot_of_expert[ml], owner, last_use,
+                                    np.zeros(len(owner), bool)))
             cache.buffers[ml] = None  # donated to the step from now on
         self.clock = max(cache.slots)  # above every rank given above
-        self.states, self.caches = states, caches
+        # Committed to the device like the step's outputs: an uncommitted argument (NumPy, jnp.zeros,
+        # a KV cache prefill left untouched) has another jit signature, so the second step would
+        # compile the whole step again.
+        device = cache.device
+        self.states, self.caches = jax.device_put(states, device), jax.device_put(caches, device)
         self.pstate = None
         self.pparams = ()
         if self.predictor is not None:
