@@ -59,7 +59,7 @@ class OneJitDecoder:
         self.pparams = ()
         if self.predictor is not None:
             self.pparams = self.predictor.params()
-            self.pstate = self.predictor.init_state(prefill)
+            self.pstate = jax.device_put(self.predictor.init_state(prefill), device)
         self.fn = self._step_fn(temperature <= 0, top_p < 1.0, return_logits)
         self.temperature, self.top_p = np.float32(max(temperature, 1e-6)), np.float32(top_p)
         self.pending = None
