@@ -29,7 +29,7 @@ import numpy as np
 from ..config import tiny_config
 from ..model.decoder import init_kv_caches
 from ..model.random_init import random_model
-from ..model.resident import ResidentModel, fused_step, left_pad
+from ..model.resident import ResidentModel, fused_step_fn, greedy_next, left_pad
 from ..runtime.engine import OffloadedEngine
 from ..runtime.tiers import InMemoryExperts
 
@@ -53,16 +53,15 @@ def fused_decode_rate(rm: ResidentModel, prompts, new_tokens: int) -> float:
     tokens, pad_len = left_pad(prompts)
     b, t = tokens.shape
     caches = init_kv_caches(rm.cfg, b, t + new_tokens, rm.dtype)
+    fused = fused_step_fn(rm.graphdef)  # the jitted closure, looked up once (no per-step GraphDef hashing)
     pad = jnp.asarray(pad_len)
-    logits, caches, _ = fused_step(rm.graphdef, rm.params, rm.experts, rm.slot_maps, jnp.asarray(tokens), caches,
-                                   jnp.int32(0), pad)
-    nxt = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+    logits, caches, _ = fused(rm.params, rm.experts, rm.slot_maps, tokens, caches, np.int32(0), pad)
+    nxt = greedy_next(logits)
     jax.block_until_ready(nxt)
     t0 = time.perf_counter()
     for step in range(new_tokens - 1):
-        logits, caches, _ = fused_step(rm.graphdef, rm.params, rm.experts, rm.slot_maps, nxt[:, None], caches,
-                                       jnp.int32(t + step), pad)
-        nxt = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+        logits, caches, _ = fused(rm.params, rm.experts, rm.slot_maps, nxt, caches, np.int32(t + step), pad)
+        nxt = greedy_next(logits)
     jax.block_until_ready(nxt)
     return b * (new_tokens - 1) / (time.perf_counter() - t0)
 

@@ -26,6 +26,7 @@ from flax import nnx
 
 from ..config import MoEConfig
 from ..model.decoder import MoETransformer, init_kv_caches
+from ..model.jit_cache import canonical
 from ..model.resident import left_pad
 from . import stages
 from .budget import parse_expert_count, parse_per_layer_counts
@@ -79,6 +80,13 @@ class _Timers:
     waves: int = 0
 
 
+def _split(module):
+    """nnx.split with a canonical graph definition: hashed once here, so the stages find their
+    jitted closure by identity and layers of equal structure share one compilation."""
+    graphdef, state = nnx.split(module)
+    return canonical(graphdef), state
+
+
 def _bucket(n: int, minimum: int = 8) -> int:
     return max(minimum, 1 << (n - 1).bit_length())
 
@@ -114,12 +122,12 @@ class OffloadedEngine:
         self._prefetch_k, self._min_score = prefetch_k, min_score
         self.pad_id = pad_id if pad_id is not None else (cfg.pad_token_id or 0)
         model: MoETransformer = nnx.merge(graphdef, params)
-        self._embed = nnx.split(model.embed_tokens)
-        self._layers = [nnx.split(layer) for layer in model.layers]
+        self._embed = _split(model.embed_tokens)
+        self._layers = [_split(layer) for layer in model.layers]
         self._moe_of_layer = {li: mi for mi, li in enumerate(cfg.moe_layers)}
-        self._moe_blocks = {li: nnx.split(model.layers[li].mlp) for li in cfg.moe_layers}
-        self._norm = nnx.split(model.norm)
-        self._proj = nnx.split(model.embed_tokens if cfg.tie_word_embeddings else model.lm_head)
+        self._moe_blocks = {li: _split(model.layers[li].mlp) for li in cfg.moe_layers}
+        self._norm = _split(model.norm)
+        self._proj = _split(model.embed_tokens if cfg.tie_word_embeddings else model.lm_head)
         e, lm = cfg.num_experts, cfg.num_moe_layers
         self.slots = parse_per_layer_counts(device_experts, e, lm, "--device-experts")
         host_count = parse_expert_count(host_experts, e * lm, "--host-experts")
@@ -225,12 +233,13 @@ class OffloadedEngine:
             with self._lock:
                 for ml in range(self.cfg.num_moe_layers):
                     self.device_cache.evict_all(ml)
-        x = stages.embed(self._embed[0], self._embed[1], jnp.asarray(tokens))
-        wi, pad = jnp.int32(write_index), jnp.asarray(pad_len)
+        # numpy in, not jnp.asarray/jnp.int32: the jitted call transfers them, eager ones dispatch an op each
+        x = stages.embed(self._embed[0], self._embed[1], np.asarray(tokens, np.int32))
+        wi, pad = np.int32(write_index), np.asarray(pad_len, np.int32)
         restricted = self.mode == "restricted"
         for li, (gdef, state) in enumerate(self._layers):
             ml = self._moe_of_layer.get(li)
-            resident = jnp.asarray(self.device_cache.resident(ml)) if (ml is not None and restricted) else None
+            resident = self.device_cache.resident(ml) if (ml is not None and restricted) else None
             residual, normed, caches[li], routing = stages.attend(
                 gdef, state, x, caches[li], wi, pad, resident, restricted=restricted and ml is not None)
             if ml is None:
@@ -300,7 +309,7 @@ class OffloadedEngine:
             self._make_resident(ml, wave)
             wave_map = np.full(self.cfg.num_experts, -1, np.int32)
             wave_map[wave] = cache.slot_of_expert[ml, wave]
-            acc = stages.routed_partial(normed, routing, cache.buffers[ml], jnp.asarray(wave_map), acc,
+            acc = stages.routed_partial(normed, routing, cache.buffers[ml], wave_map, acc,
                                         method=self.method)
             self._timers.waves += 1
         moe_gdef, moe_state = self._moe_blocks[self.cfg.moe_layers[ml]]
@@ -483,9 +492,9 @@ class OffloadedEngine:
 
     def _pick(self, logits, temperature, top_p, key, step) -> np.ndarray:
         if temperature <= 0:
-            return np.asarray(jnp.argmax(logits, axis=-1)).astype(np.int32)
+            return np.asarray(stages.greedy(logits))
         sub = jax.random.fold_in(key, step)
-        return np.asarray(stages.sample(logits, sub, jnp.float32(temperature), jnp.float32(top_p),
+        return np.asarray(stages.sample(logits, sub, np.float32(temperature), np.float32(top_p),
                                         top_p_enabled=top_p < 1.0))
 
     # ---- reporting ------------------------------------------------------------
@@ -502,13 +511,12 @@ class OffloadedEngine:
         cache = jax.tree.map(lambda a: sds(a.shape, a.dtype), init_kv_caches(cfg, batch, 64, self.dtype)[li])
         scalar, pad = sds((), jnp.int32), sds((batch,), jnp.int32)
         try:
-            attend = stages.attend.lower(gdef, state, x, cache, scalar, pad, None, restricted=False).compile()
-            _, _, _, routing = jax.eval_shape(
-                lambda st, xx, c, w, p: stages.attend(gdef, st, xx, c, w, p, None, restricted=False),
-                state, x, cache, scalar, pad)
+            attend_fn = stages.attend_fn(gdef, False)
+            attend = attend_fn.lower(state, x, cache, scalar, pad, None).compile()
+            _, _, _, routing = jax.eval_shape(attend_fn, state, x, cache, scalar, pad, None)
             slots = self.device_cache.buffers[ml]
-            ffn = stages.ffn.lower(gdef, state, x, x, routing, slots, sds((cfg.num_experts,), jnp.int32),
-                                   method=self.method).compile()
+            ffn = stages.ffn_fn(gdef, self.method).lower(state, x, x, routing, slots,
+                                                         sds((cfg.num_experts,), jnp.int32)).compile()
             return int(sum(c.memory_analysis().temp_size_in_bytes for c in (attend, ffn)))
         except Exception:  # memory_analysis is optional per backend; never fail a report on it
             return None

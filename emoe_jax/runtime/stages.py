@@ -1,9 +1,13 @@
 """Jitted per-stage functions of the offloaded engine.
 
-Graph definitions are static arguments; parameters, activations, caches and
-expert slot buffers are traced arguments. Every MoE layer has the same graph
+Each stage is a jitted closure over its graph definition(s), built once per
+distinct structure (`..model.jit_cache`): parameters, activations, caches and
+expert slot buffers are traced arguments. Every MoE layer has an equal graph
 definition, so one compilation of each stage serves all layers, and the slot
 buffers keep their shapes when experts move: swapping never recompiles.
+
+`attend_fn(graphdef, restricted)` etc. return the closure (hot loops, `.lower`);
+`attend(graphdef, state, ...)` etc. look it up and call it.
 """
 
 from __future__ import annotations
@@ -14,26 +18,90 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..model.jit_cache import jitted
 from ..model.moe import mix_experts
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _build_embed(graphdef):
+    return jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))
+
+
+def _build_attend(graphdef, restricted):
+    def attend(state, x, cache, write_index, pad_len, resident):
+        layer = nnx.merge(graphdef, state)
+        return layer.attend_and_route(x, cache, write_index, pad_len, resident if restricted else None)
+    return jax.jit(attend, donate_argnums=2)
+
+
+def _build_ffn(graphdef, method):
+    def ffn(state, residual, normed, routing, experts, slot_of_expert):
+        return nnx.merge(graphdef, state).ffn(residual, normed, routing, experts, slot_of_expert, method)
+    return jax.jit(ffn)
+
+
+def _build_finish_waves(graphdef):
+    def finish_waves(state, residual, normed, acc):
+        moe = nnx.merge(graphdef, state)
+        b, t, h = normed.shape
+        out = acc.astype(normed.dtype)
+        if moe.cfg.shared_expert_intermediate_size:
+            x = normed.reshape(-1, h)
+            shared = moe.shared(x)
+            if moe.cfg.shared_expert_gated:
+                shared = jax.nn.sigmoid(moe.shared_gate(x)) * shared
+            out = out + shared
+        return residual + out.reshape(b, t, h)
+    return jax.jit(finish_waves)
+
+
+def _build_head(norm_graphdef, proj_graphdef, tied):
+    def head(norm_state, proj_state, x):
+        h = nnx.merge(norm_graphdef, norm_state)(x[:, -1])
+        proj = nnx.merge(proj_graphdef, proj_state)
+        return (proj.attend(h) if tied else proj(h)).astype(jnp.float32)
+    return jax.jit(head)
+
+
+def embed_fn(graphdef):
+    """(state, tokens [B,T]) -> embeddings [B,T,H]."""
+    return jitted(_build_embed, graphdef)
+
+
+def attend_fn(graphdef, restricted: bool):
+    """(state, x, cache, write_index, pad_len, resident) -> (residual, normed, new cache, Routing|None).
+    Attention + router; `cache` is donated; `resident` [E] bool is used only when restricted."""
+    return jitted(_build_attend, graphdef, bool(restricted))
+
+
+def ffn_fn(graphdef, method: str = "auto"):
+    """(state, residual, normed, routing, experts, slot_of_expert) -> layer output: the whole FFN
+    (routed experts over the slots + shared experts, or the dense MLP)."""
+    return jitted(_build_ffn, graphdef, method)
+
+
+def finish_waves_fn(graphdef):
+    """(state, residual, normed, acc) -> residual + accumulated routed output + shared experts."""
+    return jitted(_build_finish_waves, graphdef)
+
+
+def head_fn(norm_graphdef, proj_graphdef, tied: bool):
+    """(norm_state, proj_state, x [B,T,H]) -> final norm + vocabulary projection of the last
+    position [B,V] float32."""
+    return jitted(_build_head, (norm_graphdef, proj_graphdef), bool(tied))
+
+
 def embed(graphdef, state, tokens):
-    return nnx.merge(graphdef, state)(tokens)
+    return embed_fn(graphdef)(state, tokens)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "restricted"), donate_argnames=("cache",))
 def attend(graphdef, state, x, cache, write_index, pad_len, resident, *, restricted):
     """Attention + router. Returns residual, normed [B,T,H], new cache, Routing (or None)."""
-    layer = nnx.merge(graphdef, state)
-    return layer.attend_and_route(x, cache, write_index, pad_len, resident if restricted else None)
+    return attend_fn(graphdef, restricted)(state, x, cache, write_index, pad_len, resident)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "method"))
 def ffn(graphdef, state, residual, normed, routing, experts, slot_of_expert, *, method="auto"):
     """Whole FFN of a layer (routed experts over the slots + shared experts, or the dense MLP)."""
-    layer = nnx.merge(graphdef, state)
-    return layer.ffn(residual, normed, routing, experts, slot_of_expert, method)
+    return ffn_fn(graphdef, method)(state, residual, normed, routing, experts, slot_of_expert)
 
 
 @functools.partial(jax.jit, static_argnames=("method",))
@@ -43,27 +111,20 @@ def routed_partial(normed, routing, experts, slot_of_expert, acc, *, method="aut
     return acc + mix_experts(x, routing, experts, slot_of_expert, method, out_dtype=acc.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
 def finish_waves(graphdef, state, residual, normed, acc):
     """Residual + accumulated routed output + shared experts, after the last wave."""
-    moe = nnx.merge(graphdef, state)
-    b, t, h = normed.shape
-    out = acc.astype(normed.dtype)
-    if moe.cfg.shared_expert_intermediate_size:
-        x = normed.reshape(-1, h)
-        shared = moe.shared(x)
-        if moe.cfg.shared_expert_gated:
-            shared = jax.nn.sigmoid(moe.shared_gate(x)) * shared
-        out = out + shared
-    return residual + out.reshape(b, t, h)
+    return finish_waves_fn(graphdef)(state, residual, normed, acc)
 
 
-@functools.partial(jax.jit, static_argnames=("norm_graphdef", "proj_graphdef", "tied"))
 def head(norm_graphdef, norm_state, proj_graphdef, proj_state, x, *, tied):
     """Final norm + vocabulary projection of the last position: x [B,T,H] -> [B,V] float32."""
-    h = nnx.merge(norm_graphdef, norm_state)(x[:, -1])
-    proj = nnx.merge(proj_graphdef, proj_state)
-    return (proj.attend(h) if tied else proj(h)).astype(jnp.float32)
+    return head_fn(norm_graphdef, proj_graphdef, tied)(norm_state, proj_state, x)
+
+
+@jax.jit
+def greedy(logits):
+    """Greedy pick over logits [B, V] -> [B] int32 (one dispatch instead of eager argmax + cast)."""
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("top_p_enabled",))

@@ -297,7 +297,7 @@ class DeviceSlotCache:
             return int(self.slot_of_expert[layer, expert])
         slot = self.free_slot(layer, protected)
         g, u, d = device_weights
-        self.buffers[layer] = _write_slot(self.buffers[layer], g, u, d, jnp.int32(slot))
+        self.buffers[layer] = _write_slot(self.buffers[layer], g, u, d, np.int32(slot))  # numpy: no eager op per swap
         self.stats.bytes_in += self.slot_bytes
         self.slot_of_expert[layer, expert] = slot
         self._device_maps[layer] = None
