@@ -1,16 +1,21 @@
 """Runtime benchmark: decode tokens/s and device memory vs the fraction of experts on the device.
 
-    python -m emoe_jax.bench runtime                      # tiny + mid random models (+ embedded if present)
-    python -m emoe_jax.bench runtime --models mid --fractions 1,0.25 --json
+    python -m emoe_jax.bench runtime                      # tiny + mid random models
+    python -m emoe_jax.bench runtime --models embedded,mid --fractions 1,0.5,0.25,0.1 --json
 
 For each model:
-  1. the fused all-resident baseline: one jit per decode step, all experts on
-     the device, next token fed back on the device (no host sync) -- the
-     fastest this model can decode here;
-  2. the offloaded engine at each fraction S/E (exact mode, LRU), on fresh
-     engines; a warm-up generation compiles everything, then `--repeats`
-     generations on different prompts are timed and the median decode rate kept.
-All figures of a table come from one process run, so their ratios are comparable.
+  1. `fused`: the all-resident baseline, one jit per decode step, all experts on
+     the device, next token fed back on the device (no host sync) -- the fastest
+     this model can decode here;
+  2. at each fraction S/E (exact mode, LRU), on fresh engines:
+     `staged` (the per-layer loop, one host sync per MoE layer), `onejit` (the whole
+     decode step in one executable), `onejit+NAME` for each in-graph predictor
+     (`--in-graph`), and `staged+NAME` for a host predictor (`--predictor`);
+     a warm-up generation compiles everything, then `--repeats` generations on
+     different prompts are timed and the median decode rate kept.
+All figures of a run come from one process, so their ratios are comparable.
+`--json` prints one object: `rows` holds one entry per (model, fraction, config)
+with `decode_tokens_per_s`, `ratio_to_fused`, `device_hit_rate`, `decode_path`.
 """
 
 from __future__ import annotations
@@ -80,8 +85,9 @@ def _model(name: str, dtype):
 
 
 def _predictor(name: str | None, model: str, cfg):
-    """A fresh predictor for one engine (None: no prefetching). Speculative gating and the learned
-    predictor exist only for the embedded model (its router weights / a checkpoint of its shape)."""
+    """A fresh host predictor for one engine (None: no prefetching). Host speculative gating needs
+    the router weights of a checkpoint, and the learned predictor a checkpoint of the model's shape:
+    both exist only for the embedded model."""
     if name in (None, "none"):
         return None
     from ..runtime.predictors import runtime_predictor
@@ -89,8 +95,35 @@ def _predictor(name: str | None, model: str, cfg):
     return runtime_predictor(name, cfg, EMBEDDED if model == "embedded" else None)
 
 
+def _in_graph(name: str, cfg):
+    """An in-graph predictor for `cfg`, or None when none fits the model (learned: no checkpoint
+    of its shape). spec-gating and prev-token need nothing but the model."""
+    from ..runtime.ingraph_predictors import IN_GRAPH, in_graph_predictor
+
+    if name in IN_GRAPH:
+        return IN_GRAPH[name](cfg)
+    if name == "learned":
+        from ..predict.learned import LearnedPredictorError
+        from ..runtime.predictors import runtime_predictor
+
+        try:
+            return in_graph_predictor(runtime_predictor("learned", cfg), cfg)
+        except (LearnedPredictorError, FileNotFoundError, ValueError):
+            return None
+    raise ValueError(f"no in-graph predictor {name!r}; choose from {', '.join([*IN_GRAPH, 'learned'])}")
+
+
+def _timed(engine, warm, vocab: int, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    """Stats of the median-rate generation among `repeats`, after a compiling warm-up."""
+    engine.generate(warm, new_tokens, stop_at_eos=False)
+    results = [engine.generate(_prompts(vocab, batch, prompt_len, r + 1), new_tokens, stop_at_eos=False).stats
+               for r in range(repeats)]
+    rates = [s["decode_tokens_per_s"] for s in results]
+    return results[int(np.argsort(rates)[len(rates) // 2])]
+
+
 def bench_model(name: str, fractions, batch: int, prompt_len: int, new_tokens: int, repeats: int, dtype,
-                predictor: str | None = None) -> dict:
+                predictor: str | None = None, in_graph: tuple[str, ...] = ()) -> dict:
     cfg, graphdef, params, experts, dtype = _model(name, dtype)
     rm = ResidentModel(cfg, graphdef, params, experts, dtype)
     warm = _prompts(cfg.vocab_size, batch, prompt_len, 0)
@@ -99,26 +132,38 @@ def bench_model(name: str, fractions, batch: int, prompt_len: int, new_tokens: i
                              for r in range(repeats)]))
     expert_bytes = int(sum(a.nbytes for a in experts[0])) // cfg.num_experts
     all_bytes = expert_bytes * cfg.num_experts * cfg.num_moe_layers
-    rows = [{"config": "fused all-resident", "fraction": 1.0, "slots": cfg.num_experts,
-             "decode_tokens_per_s": fused, "ratio_vs_fused": 1.0, "device_expert_bytes": all_bytes,
-             "device_hit_rate": 1.0, "stall_s": 0.0}]
+    rows = [{"model": name, "config": "fused", "fraction": 1.0, "slots": cfg.num_experts,
+             "decode_tokens_per_s": fused, "ratio_to_fused": 1.0, "device_expert_bytes": all_bytes,
+             "device_hit_rate": 1.0, "stall_s": 0.0, "decode_path": "fused"}]
+    configs = [("staged", "staged", None), ("onejit", "onejit", None)]
+    configs += [(f"onejit+{p}", "onejit", p) for p in in_graph]
+    if predictor not in (None, "none"):
+        configs.append((f"staged+{predictor}", "staged", predictor))
+    skipped = []
+    source = InMemoryExperts(experts)  # one host copy of the experts for every engine
     for frac in fractions:
-        engine = OffloadedEngine(cfg, graphdef, params, InMemoryExperts(experts), device_experts=frac, dtype=dtype,
-                                 predictor=_predictor(predictor, name, cfg))
-        engine.generate(warm, new_tokens, stop_at_eos=False)  # compile every stage
-        results = [engine.generate(_prompts(cfg.vocab_size, batch, prompt_len, r + 1), new_tokens,
-                                   stop_at_eos=False).stats for r in range(repeats)]
-        rates = [s["decode_tokens_per_s"] for s in results]
-        mid = results[int(np.argsort(rates)[len(rates) // 2])]
-        label = f"offloaded S/E={frac:g}" + (f" + {predictor} prefetch" if predictor not in (None, "none") else "")
-        rows.append({"config": label, "fraction": frac, "slots": engine.num_slots,
-                     "decode_tokens_per_s": mid["decode_tokens_per_s"],
-                     "ratio_vs_fused": mid["decode_tokens_per_s"] / fused,
-                     "device_expert_bytes": mid["device_expert_bytes"], "device_hit_rate": mid["device_hit_rate"],
-                     "stall_s": mid["stall_s"], "compiles_after_warmup": mid["compiles"]})
+        for label, path, pred in configs:
+            if pred is None:
+                chosen = None
+            elif path == "onejit":
+                chosen = _in_graph(pred, cfg)
+                if chosen is None:
+                    skipped.append(f"{label}: no {pred} checkpoint for this model's shape")
+                    continue
+            else:
+                chosen = _predictor(pred, name, cfg)
+            engine = OffloadedEngine(cfg, graphdef, params, source, device_experts=frac, dtype=dtype,
+                                     predictor=chosen, decode_path=path)
+            mid = _timed(engine, warm, cfg.vocab_size, batch, prompt_len, new_tokens, repeats)
+            rows.append({"model": name, "config": label, "fraction": frac, "slots": engine.num_slots,
+                         "decode_tokens_per_s": mid["decode_tokens_per_s"],
+                         "ratio_to_fused": mid["decode_tokens_per_s"] / fused,
+                         "device_expert_bytes": mid["device_expert_bytes"], "device_hit_rate": mid["device_hit_rate"],
+                         "stall_s": mid["stall_s"], "compiles_after_warmup": mid["compiles"],
+                         "decode_path": mid["decode_path"], "prefetch": mid["prefetch"]})
     return {"model": name, "family": cfg.family, "layers": cfg.num_layers, "experts": cfg.num_experts,
             "top_k": cfg.top_k, "expert_bytes": expert_bytes, "all_expert_bytes": all_bytes, "batch": batch,
-            "prompt_len": prompt_len, "new_tokens": new_tokens, "rows": rows}
+            "prompt_len": prompt_len, "new_tokens": new_tokens, "rows": rows, "skipped": sorted(set(skipped))}
 
 
 def to_markdown(result: dict) -> str:
@@ -126,11 +171,13 @@ def to_markdown(result: dict) -> str:
     lines = [f"**{result['model']}** ({result['family']}, {result['layers']} layers x {result['experts']} experts, "
              f"top-{result['top_k']}, expert {result['expert_bytes'] * mib:.2f} MiB; batch {result['batch']}, "
              f"{result['new_tokens']} new tokens)", "",
-             "| config | slots/layer | decode tok/s | vs fused | device expert MiB | device hit rate | stall s |",
-             "|---|---|---|---|---|---|---|"]
+             "| config | S/E | slots/layer | decode tok/s | vs fused | device expert MiB | device hit rate | path |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['config']} | {r['slots']} | {r['decode_tokens_per_s']:.1f} | {r['ratio_vs_fused']:.2f} | "
-                     f"{r['device_expert_bytes'] * mib:.1f} | {100 * r['device_hit_rate']:.1f}% | {r['stall_s']:.3f} |")
+        lines.append(f"| {r['config']} | {r['fraction']:g} | {r['slots']} | {r['decode_tokens_per_s']:.1f} | "
+                     f"{r['ratio_to_fused']:.2f} | {r['device_expert_bytes'] * mib:.1f} | "
+                     f"{100 * r['device_hit_rate']:.1f}% | {r['decode_path']} |")
+    lines += [f"(skipped {s})" for s in result.get("skipped", [])]
     return "\n".join(lines)
 
 
@@ -144,9 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--in-graph", default="spec-gating,prev-token,learned",
+                   help="in-graph predictors timed as onejit+NAME rows (comma list; 'none' for no such rows; "
+                        "learned only where a checkpoint of the model's shape exists)")
     p.add_argument("--predictor", default="none",
-                   help="prefetch with this predictor in the offloaded rows (prev-token works on every model; "
-                        "spec-gating and learned on the embedded model; see python -m emoe_jax.generate --predictor list)")
+                   help="also time a host predictor on the staged path as staged+NAME rows (prev-token works on "
+                        "every model; spec-gating and learned on the embedded model; see "
+                        "python -m emoe_jax.generate --predictor list)")
     p.add_argument("--out", help="write the JSON results to this file (atomically)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -164,13 +215,18 @@ def main(argv: list[str] | None = None) -> int:
             "machine": platform.machine(), "processor": platform.processor()}
     from ..runtime.predictors import PredictorSetupError
 
+    in_graph = tuple(x.strip() for x in args.in_graph.split(",") if x.strip() and x.strip() != "none")
     try:
-        results = {"meta": meta, "models": [bench_model(n, fractions, args.batch, args.prompt_len, args.new_tokens,
-                                                        args.repeats, jnp.dtype(args.dtype), args.predictor)
-                                            for n in names]}
+        for name in in_graph:
+            if name not in ("spec-gating", "prev-token", "learned"):
+                raise PredictorSetupError(f"--in-graph {name!r}: in-graph predictors are spec-gating, prev-token, "
+                                          "learned")
+        models = [bench_model(n, fractions, args.batch, args.prompt_len, args.new_tokens, args.repeats,
+                              jnp.dtype(args.dtype), args.predictor, in_graph) for n in names]
     except PredictorSetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    results = {"meta": meta, "rows": [r for m in models for r in m["rows"]], "models": models}
     if args.out:
         out = Path(args.out)
         tmp = out.with_suffix(out.suffix + ".tmp")

@@ -16,7 +16,8 @@ transfer is in the time):
 For each, a warm-up generation compiles every shape, then ``repeats``
 generations of ``new_tokens`` tokens on different random prompts are timed
 (``block_until_ready``) and the median decode rate kept. Per-layer time =
-1 / (decode tokens per second) / num_layers at batch 1: it includes the
+1 / (decode tokens per second) / num_moe_layers at batch 1 (the simulator's layers are
+MoE layers; decoder layers without experts count into their time): it includes the
 embedding, final norm, LM head and sampling spread over the layers.
 """
 
@@ -57,11 +58,11 @@ def measure_layer_time(model: str | os.PathLike, *, new_tokens: int = 64, prompt
     def prompts() -> list[list[int]]:
         return [rng.integers(3, cfg.vocab_size, size=prompt_len).tolist()]
 
-    num_layers = cfg.num_layers
+    num_moe_layers = cfg.num_moe_layers
 
     def summary(rates: list[float]) -> dict[str, Any]:
         rate = float(np.median(rates))
-        return {"decode_tokens_per_s": rate, "ms_per_token": 1e3 / rate, "ms_per_layer": 1e3 / rate / num_layers,
+        return {"decode_tokens_per_s": rate, "ms_per_token": 1e3 / rate, "ms_per_layer": 1e3 / rate / num_moe_layers,
                 "rates": [round(r, 2) for r in rates]}  # fmt: skip
 
     fused_decode_rate(resident, prompts(), new_tokens)  # compile
@@ -76,7 +77,7 @@ def measure_layer_time(model: str | os.PathLike, *, new_tokens: int = 64, prompt
     except OSError:  # pragma: no cover - platforms without load averages
         load = None
     return {
-        "model": str(model), "family": cfg.family, "num_layers": num_layers, "num_experts": cfg.num_experts,
+        "model": str(model), "family": cfg.family, "num_layers": cfg.num_layers, "num_moe_layers": num_moe_layers, "num_experts": cfg.num_experts,
         "top_k": cfg.top_k, "hidden_size": cfg.hidden_size, "dtype": str(dtype), "batch": 1,
         "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
         "fused": summary(fused),
