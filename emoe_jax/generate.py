@@ -43,9 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "tokens go to their best resident expert and nothing is fetched")
     p.add_argument("--policy", choices=["lru", "lfu"], default="lru", help="device slot eviction policy")
     p.add_argument("--predictor", default="none",
-                   help="prefetch experts predicted by this predictor in a background thread (exact mode): "
-                        "none, prev-token, spec-gating, learned, static-freq, moe-infinity, emoe, ... "
-                        "(--predictor list shows all); outputs never change, only speed")
+                   help="prefetch experts this predictor expects (exact mode): spec-gating, prev-token and learned "
+                        "run inside the one-jit decode step; the others (static-freq, moe-infinity, emoe, ...) on "
+                        "the host, in a background thread, on the staged path (--predictor list shows all); "
+                        "outputs never change, only speed")
     p.add_argument("--train-traces", default=None,
                    help="trace set of this model for predictors fitted on traces (static-freq, moe-infinity, emoe)")
     p.add_argument("--predictor-checkpoint", default=None, help="learned predictor checkpoint directory")
@@ -54,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experts prefetched per predicted layer (default: the model's top-k)")
     p.add_argument("--no-reuse", action="store_true",
                    help="keep nothing on the device between steps (naive on-demand offloading baseline)")
+    p.add_argument("--decode-path", choices=["auto", "onejit", "staged"], default="auto",
+                   help="auto: each decode step is one jitted executable (routing, in-graph fetches of missed "
+                        "experts from pinned host memory, mixing, sampling) where it applies, else the staged "
+                        "per-layer loop, which is needed for a host tier smaller than all experts (disk tier), "
+                        "host-only predictors, --no-reuse, --policy lfu, or a backend without pinned_host memory; "
+                        "the stats name the path and why. onejit: insist (error if it cannot); staged: force the loop")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="compute dtype (default: the checkpoint's)")
     p.add_argument("--no-stream", action="store_true", help="print text only at the end")
@@ -116,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         engine = OffloadedEngine.from_checkpoint(model_dir, dtype=dtype, device_experts=args.device_experts,
                                                  host_experts=args.host_experts, mode=args.mode,
                                                  policy=args.policy, predictor=predictor,
-                                                 prefetch_k=args.prefetch_k, reuse=not args.no_reuse)
+                                                 prefetch_k=args.prefetch_k, reuse=not args.no_reuse,
+                                                 decode_path=args.decode_path)
         tokenizer = engine.checkpoint.tokenizer
         ids = [tokenizer.encode(p) for p in prompts]
         if args.mode == "restricted":
@@ -189,9 +197,13 @@ def format_stats(s: dict) -> str:
         f"{s['host']['misses']} disk reads)",
         f"moved: host->device {s['h2d_bytes'] * mib:.1f} MiB, disk->host {s['disk_to_host_bytes'] * mib:.1f} MiB",
         f"stalled on misses: {s['stall_s']:.3f} s; compilations: {s['compiles']}; mode: {s['mode']}",
+        f"decode path: {s['decode_path']}" + (f" ({s['decode_path_reason']})" if s.get("decode_path_reason") else ""),
     ]
     pf = s.get("prefetch")
-    if pf:
+    if pf and pf.get("in_graph"):
+        lines.append(f"prefetch ({s['predictor']}, in-graph): {pf['completed']} copied, {pf['timely']} timely hits, "
+                     f"{pf['wasted']} unused")
+    elif pf:
         lines.append(f"prefetch ({s['predictor']}): {pf['completed']} arrived, {pf['timely']} timely hits, "
                      f"{pf['late']} late (waited {pf['late_wait_s']:.3f} s), {pf['wasted']} unused, "
                      f"{pf['dropped']} dropped")

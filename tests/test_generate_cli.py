@@ -119,3 +119,20 @@ def test_runs_from_the_tensorstore_disk_tier_with_a_small_host_budget(tiny_ckpt)
     assert out.tokens == ref
     assert store.reads == out.stats["host"]["misses"] > 3  # more reads than the host tier can hold
     assert out.stats["disk_to_host_bytes"] == store.bytes_read
+
+
+def test_decode_path_flag_and_stats(tiny_ckpt):
+    outs = {}
+    for path in ("auto", "staged"):
+        proc = run("--model", str(tiny_ckpt), "--prompt", "hello world", "--max-new-tokens", "6",
+                   "--device-experts", "0.25", "--decode-path", path, "--json")
+        assert proc.returncode == 0, proc.stderr
+        outs[path] = json.loads(proc.stdout)
+    assert outs["auto"]["stats"]["decode_path"] == "onejit" and outs["auto"]["stats"]["decode_path_reason"] is None
+    assert outs["staged"]["stats"]["decode_path"] == "staged"
+    assert outs["auto"]["tokens"] == outs["staged"]["tokens"]
+    proc = run("--model", str(tiny_ckpt), "--prompt", "a", "--host-experts", "3", "--decode-path", "onejit")
+    assert proc.returncode == 2 and "onejit" in proc.stderr and "host tier" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run("--model", str(tiny_ckpt), "--prompt", "a", "--max-new-tokens", "3", "--host-experts", "3")
+    assert proc.returncode == 0 and "decode path: staged (the host tier" in proc.stderr

@@ -184,3 +184,14 @@ def test_bfloat16_onejit_agrees_with_staged():
             for path in ("staged", "onejit")]
     assert outs[0].tokens == outs[1].tokens
     np.testing.assert_array_equal(outs[0].logits, outs[1].logits)
+
+
+def test_observers_and_override_are_per_call():
+    engine, _ = _engine("qwen3_moe", 2)
+    seen = []
+    out = engine.generate([[5, 9, 13]], 4, stop_at_eos=False, observers=[seen.append])
+    assert out.stats["decode_path"] == "onejit" and len(seen) == 4 * engine.cfg.num_moe_layers  # prefill + 3 steps
+    assert engine.routing_hooks == []
+    forced = engine.generate([[5, 9, 13]], 4, stop_at_eos=False, routing_override=lambda step: None)
+    assert forced.stats["decode_path"] == "staged" and engine.routing_override is None
+    assert forced.tokens == out.tokens

@@ -134,14 +134,11 @@ class OffloadedEngine:
         self.source = source
         self.device = jax.devices()[0]
         # With every expert in host memory and a pinned_host memory kind, the host tier is one
-        # stacked array per layer in pinned memory, which the one-jit step fetches from in-graph.
+        # stacked array per layer in pinned memory, which the one-jit step fetches from in-graph;
+        # it is filled on the first generate call (a damaged store fails there, naming the expert).
         self._host_layers = None
-        if host_count == e * lm and decode_path != "staged" and has_pinned_host(self.device):
-            stacks = HostExpertStacks(source, lm, e, dtype, self.device)
-            self._host_layers = stacks.layers
-            self.host = StackedHostTier(stacks, source)
-        else:
-            self.host = HostTier(source, host_count, host_policy)
+        self._stackable = host_count == e * lm and decode_path != "staged" and has_pinned_host(self.device)
+        self.host = HostTier(source, host_count, host_policy)
         self.device_cache = DeviceSlotCache(lm, e, self.slots, cfg.hidden_size, cfg.moe_intermediate_size,
                                             dtype, policy)
         self.device_cache.link_gbps = link_gbps
@@ -323,7 +320,7 @@ class OffloadedEngine:
         if self.decode_path == "staged":
             return "staged", "decode_path='staged' was asked for"
         why = None
-        if self._host_layers is None:
+        if not self._stackable:
             why = ("the host tier holds only part of the experts (the disk tier serves the rest)"
                    if self.host.capacity < self.cfg.num_experts * self.cfg.num_moe_layers
                    else f"the {self.device.platform} backend has no pinned_host memory kind")
@@ -367,13 +364,28 @@ class OffloadedEngine:
                  on_token: Callable[[int, np.ndarray], None] | None = None,
                  return_logits: bool = False, tasks: Sequence[str] | None = None,
                  texts: Sequence[str] | None = None,
-                 teacher_tokens: Sequence[Sequence[int]] | None = None) -> GenerationResult:
+                 teacher_tokens: Sequence[Sequence[int]] | None = None,
+                 observers: Sequence[Callable[[StepRouting], None]] = (),
+                 routing_override: RoutingOverride | None = None) -> GenerationResult:
         """Generate for a batch of token-id prompts. Greedy when temperature == 0.
         `tasks`/`texts` (per prompt) are metadata for task-aware predictors (eMoE).
         `teacher_tokens` (per prompt, >= max_new_tokens - 1 ids): teacher forcing. Decode step s is
         fed teacher_tokens[i][s] instead of the model's own pick, so logits can be compared with
-        another model's position by position on the same prefix; `tokens` still holds the picks."""
+        another model's position by position on the same prefix; `tokens` still holds the picks.
+        `observers` see every step's routing (like `routing_hooks`, for this call only; on the one-jit
+        path one step behind); `routing_override` replaces the router's choice for this call (it
+        needs the staged path)."""
         self._validate(prompts, max_new_tokens)
+        if observers or routing_override is not None:
+            saved = (list(self.routing_hooks), self.routing_override)
+            self.routing_hooks = [*self.routing_hooks, *observers]
+            self.routing_override = routing_override if routing_override is not None else self.routing_override
+            try:
+                return self.generate(prompts, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                     stop_at_eos=stop_at_eos, on_token=on_token, return_logits=return_logits,
+                                     tasks=tasks, texts=texts, teacher_tokens=teacher_tokens)
+            finally:
+                self.routing_hooks, self.routing_override = saved
         teacher = None
         if teacher_tokens is not None:
             if len(teacher_tokens) != len(prompts) or any(len(t) < max_new_tokens - 1 for t in teacher_tokens):
@@ -400,6 +412,13 @@ class OffloadedEngine:
         self.host.stats = TierStats()
         if self.prefetcher is not None:
             self.prefetcher.reset_stats()
+        if self._stackable and self._host_layers is None:
+            stacks = HostExpertStacks(self.source, self.cfg.num_moe_layers, self.cfg.num_experts, self.dtype,
+                                      self.device)
+            self._host_layers = stacks.layers
+            self.host = StackedHostTier(stacks, self.source)
+            if self.prefetcher is not None:
+                self.prefetcher.host = self.host
         if isinstance(self.host, StackedHostTier):
             self.host.count_load()
         path = self.decode_path_for()

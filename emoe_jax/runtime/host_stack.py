@@ -39,10 +39,8 @@ def _slice_to_device(stacks: ExpertSlots, expert):
 
 
 def _read_layer(source: ExpertSource, layer: int, num_experts: int) -> dict[str, np.ndarray]:
-    read_layer = getattr(source, "read_layer", None)
-    if read_layer is not None:
-        return read_layer(layer)
-    parts = [source.read(layer, e) for e in range(num_experts)]
+    """All experts of one layer, read in one batch; the disk tier checks each against its crc32."""
+    parts = [f.result() for f in source.read_async([(layer, e) for e in range(num_experts)])]
     return {w: np.stack([p[w] for p in parts]) for w in WEIGHTS}
 
 
