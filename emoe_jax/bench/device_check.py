@@ -43,6 +43,7 @@ from jax import lax  # noqa: E402
 from jax.sharding import SingleDeviceSharding  # noqa: E402
 
 from ..config import PRESETS, tiny_config  # noqa: E402
+from ..train.checkpointing import write_json_atomic  # noqa: E402
 from .timing import median_time  # noqa: E402
 
 FETCH_FORMS = ("unrolled", "cond", "fori_loop")
@@ -528,10 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_check(sizes, sections, args.profile)
     result["failures"] = failures(result)
     if args.out:
-        out = Path(args.out)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(out)
+        write_json_atomic(Path(args.out), result)
     if args.json:
         print(json.dumps(result))
     else:

@@ -11,8 +11,9 @@ For each model:
      `staged` (the per-layer loop, one host sync per MoE layer), `onejit` (the whole
      decode step in one executable), `onejit+NAME` for each in-graph predictor
      (`--in-graph`), and `staged+NAME` for a host predictor (`--predictor`);
-     a warm-up generation compiles everything, then `--repeats` generations on
-     different prompts are timed and the median decode rate kept.
+     each is warmed up (compiled), then `--repeats` rounds on different prompts
+     time the fused step and every configuration in turn (round-robin, so load
+     drift hits all alike); medians, ratios to the same rounds' fused median.
 All figures of a run come from one process, so their ratios are comparable.
 `--json` prints one object: `rows` holds one entry per (model, fraction, config)
 with `decode_tokens_per_s`, `ratio_to_fused`, `device_hit_rate`, `decode_path`.
@@ -37,6 +38,7 @@ from ..model.random_init import random_model
 from ..model.resident import ResidentModel, fused_step_fn, greedy_next, left_pad
 from ..runtime.engine import OffloadedEngine
 from ..runtime.tiers import InMemoryExperts
+from ..train.checkpointing import write_json_atomic
 
 MODELS = {
     # name: (family, overrides) -- random weights; shapes chosen to fit a 2-core CPU run.
@@ -113,35 +115,25 @@ def _in_graph(name: str, cfg):
     raise ValueError(f"no in-graph predictor {name!r}; choose from {', '.join([*IN_GRAPH, 'learned'])}")
 
 
-def _timed(engine, warm, vocab: int, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    """Stats of the median-rate generation among `repeats`, after a compiling warm-up."""
-    engine.generate(warm, new_tokens, stop_at_eos=False)
-    results = [engine.generate(_prompts(vocab, batch, prompt_len, r + 1), new_tokens, stop_at_eos=False).stats
-               for r in range(repeats)]
-    rates = [s["decode_tokens_per_s"] for s in results]
-    return results[int(np.argsort(rates)[len(rates) // 2])]
-
-
 def bench_model(name: str, fractions, batch: int, prompt_len: int, new_tokens: int, repeats: int, dtype,
                 predictor: str | None = None, in_graph: tuple[str, ...] = ()) -> dict:
+    """Rows of one model. Per fraction every configuration (and the fused baseline) is warmed up,
+    then the repeats go round-robin over them on the same prompts, so a drift in machine load hits
+    all of them alike; medians per configuration, ratios to that fraction's fused median."""
     cfg, graphdef, params, experts, dtype = _model(name, dtype)
     rm = ResidentModel(cfg, graphdef, params, experts, dtype)
     warm = _prompts(cfg.vocab_size, batch, prompt_len, 0)
-    fused_decode_rate(rm, warm, new_tokens)  # compile
-    fused = float(np.median([fused_decode_rate(rm, _prompts(cfg.vocab_size, batch, prompt_len, r + 1), new_tokens)
-                             for r in range(repeats)]))
     expert_bytes = int(sum(a.nbytes for a in experts[0])) // cfg.num_experts
     all_bytes = expert_bytes * cfg.num_experts * cfg.num_moe_layers
-    rows = [{"model": name, "config": "fused", "fraction": 1.0, "slots": cfg.num_experts,
-             "decode_tokens_per_s": fused, "ratio_to_fused": 1.0, "device_expert_bytes": all_bytes,
-             "device_hit_rate": 1.0, "stall_s": 0.0, "decode_path": "fused"}]
     configs = [("staged", "staged", None), ("onejit", "onejit", None)]
     configs += [(f"onejit+{p}", "onejit", p) for p in in_graph]
     if predictor not in (None, "none"):
         configs.append((f"staged+{predictor}", "staged", predictor))
-    skipped = []
+    skipped, rows, fused_all = [], [], []
     source = InMemoryExperts(experts)  # one host copy of the experts for every engine
+    fused_decode_rate(rm, warm, new_tokens)  # compile
     for frac in fractions:
+        engines = {}
         for label, path, pred in configs:
             if pred is None:
                 chosen = None
@@ -152,18 +144,33 @@ def bench_model(name: str, fractions, batch: int, prompt_len: int, new_tokens: i
                     continue
             else:
                 chosen = _predictor(pred, name, cfg)
-            engine = OffloadedEngine(cfg, graphdef, params, source, device_experts=frac, dtype=dtype,
-                                     predictor=chosen, decode_path=path)
-            mid = _timed(engine, warm, cfg.vocab_size, batch, prompt_len, new_tokens, repeats)
+            engines[label] = OffloadedEngine(cfg, graphdef, params, source, device_experts=frac, dtype=dtype,
+                                             predictor=chosen, decode_path=path)
+            engines[label].generate(warm, new_tokens, stop_at_eos=False)  # compile every shape
+        fused, stats = [], {label: [] for label in engines}
+        for r in range(repeats):
+            prompts = _prompts(cfg.vocab_size, batch, prompt_len, r + 1)
+            fused.append(fused_decode_rate(rm, prompts, new_tokens))
+            for label, engine in engines.items():
+                stats[label].append(engine.generate(prompts, new_tokens, stop_at_eos=False).stats)
+        fused_all += fused
+        base = float(np.median(fused))
+        for label, engine in engines.items():
+            rates = [s["decode_tokens_per_s"] for s in stats[label]]
+            mid = stats[label][int(np.argsort(rates)[len(rates) // 2])]
             rows.append({"model": name, "config": label, "fraction": frac, "slots": engine.num_slots,
                          "decode_tokens_per_s": mid["decode_tokens_per_s"],
-                         "ratio_to_fused": mid["decode_tokens_per_s"] / fused,
+                         "ratio_to_fused": mid["decode_tokens_per_s"] / base, "fused_tokens_per_s": base,
                          "device_expert_bytes": mid["device_expert_bytes"], "device_hit_rate": mid["device_hit_rate"],
                          "stall_s": mid["stall_s"], "compiles_after_warmup": mid["compiles"],
                          "decode_path": mid["decode_path"], "prefetch": mid["prefetch"]})
+    fused_row = {"model": name, "config": "fused", "fraction": 1.0, "slots": cfg.num_experts,
+                 "decode_tokens_per_s": float(np.median(fused_all)), "ratio_to_fused": 1.0,
+                 "device_expert_bytes": all_bytes, "device_hit_rate": 1.0, "stall_s": 0.0, "decode_path": "fused"}
     return {"model": name, "family": cfg.family, "layers": cfg.num_layers, "experts": cfg.num_experts,
             "top_k": cfg.top_k, "expert_bytes": expert_bytes, "all_expert_bytes": all_bytes, "batch": batch,
-            "prompt_len": prompt_len, "new_tokens": new_tokens, "rows": rows, "skipped": sorted(set(skipped))}
+            "prompt_len": prompt_len, "new_tokens": new_tokens, "rows": [fused_row, *rows],
+            "skipped": sorted(set(skipped))}
 
 
 def to_markdown(result: dict) -> str:
@@ -228,10 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = {"meta": meta, "rows": [r for m in models for r in m["rows"]], "models": models}
     if args.out:
-        out = Path(args.out)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(out)
+        write_json_atomic(Path(args.out), results)
     if args.json:
         print(json.dumps(results))
     else:

@@ -458,7 +458,8 @@ class OffloadedEngine:
             if self._ingraph_predictor is not None:
                 ids = np.stack([self._step_routing[ml][0] for ml in range(lm)], axis=2)  # [B, t, Lm, k]
                 prefill = PrefillRouting(tokens, ids, valid, positions.astype(np.int32))
-            decoder.start(caches, prefill, temperature=temperature, top_p=top_p, return_logits=return_logits)
+            decoder.start(caches, prefill, temperature=temperature, top_p=top_p, return_logits=return_logits,
+                          first_index=t, pad_len=pad_len, steps=max_new_tokens - 1, key=key, teacher=teacher)
             caches = None
         self._step_routing.clear()
         self._timers.prefill_s = time.perf_counter() - t0
@@ -469,11 +470,10 @@ class OffloadedEngine:
         done = np.zeros(b, bool)
         lengths = np.full(b, max_new_tokens)
         ones = np.ones((b, 1), bool)
-        pad_dev = jnp.asarray(pad_len)
         t1 = time.perf_counter()
         try:
             self._decode_loop(decoder, nxt, out, done, lengths, eos, teacher, on_token, kept_logits, caches,
-                              t, pad_len, pad_dev, ones, key, temperature, top_p, max_new_tokens)
+                              t, pad_len, ones, key, temperature, top_p, max_new_tokens)
         finally:
             if decoder is not None:
                 decoder.finish()
@@ -483,7 +483,7 @@ class OffloadedEngine:
                                 np.stack(kept_logits, axis=1) if return_logits else None)
 
     def _decode_loop(self, decoder, nxt, out, done, lengths, eos, teacher, on_token, kept_logits, caches, t,
-                     pad_len, pad_dev, ones, key, temperature, top_p, max_new_tokens) -> None:
+                     pad_len, ones, key, temperature, top_p, max_new_tokens) -> None:
         """Feed each picked token back until EOS or max_new_tokens: one jitted step per token on
         the one-jit path (`decoder`), the staged per-layer forward otherwise."""
         for step in range(max_new_tokens):
@@ -496,10 +496,10 @@ class OffloadedEngine:
                 break
             if teacher is not None:
                 nxt = teacher[:, step]
-            positions = t - pad_len + step  # [B] index of the fed token in its sequence
             if decoder is not None:
-                logits, nxt = decoder.advance(step, nxt, t + step, pad_dev, positions, key)
+                logits, nxt = decoder.advance(step, nxt)
             else:
+                positions = t - pad_len + step  # [B] index of the fed token in its sequence
                 if self.driver is not None:
                     self.driver.begin_token(step, nxt, done)
                 logits, caches = self._forward(nxt[:, None], caches, t + step, pad_len, ones, positions[:, None],

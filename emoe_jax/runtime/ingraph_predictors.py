@@ -42,15 +42,16 @@ def _multi_hot(ids, num_experts: int):
     return jnp.zeros((ids.shape[0], num_experts), jnp.float32).at[jnp.arange(ids.shape[0])[:, None], ids].set(1.0)
 
 
-class SpecGatingInGraph:
-    """Speculative gating: softmax(router of layer ml+1 (normed input of layer ml))."""
+class InGraphPredictor:
+    """Defaults of the interface: no parameters, no state, no prediction at the token start."""
 
-    name = "spec-gating"
+    name = "in-graph"
 
     def __init__(self, cfg: MoEConfig):
         self.cfg = cfg
 
     def cache_key(self):
+        """Equal keys share one compiled decode step (the step closes over the predictor)."""
         return (self.name, self.cfg)
 
     def params(self):
@@ -60,33 +61,34 @@ class SpecGatingInGraph:
         return ()
 
     def begin_step(self, model, pparams, pstate, tokens, positions):
-        return None, pstate  # layer 0 of a new token has no router input yet
+        return None, pstate
+
+    def after_routing(self, model, pparams, pstate, ml, normed, ids):
+        raise NotImplementedError
+
+    def end_step(self, pparams, pstate, ids):
+        return pstate
+
+
+class SpecGatingInGraph(InGraphPredictor):
+    """Speculative gating: softmax(router of layer ml+1 (normed input of layer ml)). Layer 0 of a
+    new token has no router input yet, so nothing is predicted at the token start."""
+
+    name = "spec-gating"
 
     def after_routing(self, model, pparams, pstate, ml, normed, ids):
         nxt = model.layers[self.cfg.moe_layers[ml + 1]].mlp
         return jax.nn.softmax(nxt.router_logits(normed), axis=-1), pstate
-
-    def end_step(self, pparams, pstate, ids):
-        return pstate
 
 
 class PrevTokenState(NamedTuple):
     prev: jax.Array  # [Lm, B, k] int32 the previous token's experts per MoE layer
 
 
-class PrevTokenInGraph:
+class PrevTokenInGraph(InGraphPredictor):
     """The experts the previous token used at the predicted layer."""
 
     name = "prev-token"
-
-    def __init__(self, cfg: MoEConfig):
-        self.cfg = cfg
-
-    def cache_key(self):
-        return (self.name, self.cfg)
-
-    def params(self):
-        return ()
 
     def init_state(self, prefill: PrefillRouting):
         # Left padding: the last position is each row's last prompt token.
@@ -124,4 +126,4 @@ def in_graph_predictor(predictor: Any, cfg: MoEConfig):
     return None if cls is None else cls(cfg)
 
 
-__all__ = ["PrefillRouting", "SpecGatingInGraph", "PrevTokenInGraph", "in_graph_predictor", "is_in_graph", "IN_GRAPH"]
+__all__ = ["PrefillRouting", "InGraphPredictor", "SpecGatingInGraph", "PrevTokenInGraph", "in_graph_predictor", "is_in_graph", "IN_GRAPH"]

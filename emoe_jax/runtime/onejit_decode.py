@@ -1,11 +1,15 @@
 """Host side of the one-jit decode path: hand the device cache to the step, book its reports.
 
 `OneJitDecoder.start` converts the engine's `DeviceSlotCache` (NumPy tables, LRU
-order) into per-layer `SlotState`s on the device; `advance` dispatches one step and
-reads only the next token; the previous step's report (routing, hits, misses,
-prefetches), copied to the host asynchronously, is booked into the engine's stats,
-routing hooks and prefetch counters one step behind; `finish` books the last report
-and writes the tables, LRU order and slot buffers back, so the staged path (the next
+order) into per-layer `SlotState`s on the device. `advance(step)` keeps one step in
+flight: before it blocks on step s's token it has already dispatched step s+1, fed
+with step s's token *on the device*, so the host's reading, EOS check, streaming and
+bookkeeping overlap the device's next step. The cost: when every row ends at EOS,
+the step in flight was one too many (its output is dropped; its fetches happened
+and are booked). Each step's report (routing, hits, misses, prefetches), copied to
+the host asynchronously, is booked into the engine's stats, routing hooks and
+prefetch counters when its token is read; `finish` books what is still in flight and
+writes the tables, LRU order and slot buffers back, so the staged path (the next
 prefill) continues from the same residency.
 """
 
@@ -37,7 +41,10 @@ class OneJitDecoder:
 
     # ---- device cache <-> slot states --------------------------------------------
     def start(self, caches: list, prefill: PrefillRouting | None, *, temperature: float, top_p: float,
-              return_logits: bool) -> None:
+              return_logits: bool, first_index: int, pad_len: np.ndarray, steps: int, key,
+              teacher: np.ndarray | None = None) -> None:
+        """first_index: cache index of decode step 0's token; steps: decode steps this call may run
+        (max_new_tokens - 1); teacher [B, >= steps]: tokens fed instead of the model's picks."""
         cache = self.engine.device_cache
         states = []
         for ml in range(cache.num_layers):
@@ -62,24 +69,39 @@ class OneJitDecoder:
             self.pstate = jax.device_put(self.predictor.init_state(prefill), device)
         self.fn = self._step_fn(temperature <= 0, top_p < 1.0, return_logits)
         self.temperature, self.top_p = np.float32(max(temperature, 1e-6)), np.float32(top_p)
-        self.pending = None
         self.prefetch_stats = PrefetchStats()  # per generate call, like the engine's other stats
+        self.first_index, self.steps, self.key, self.teacher = first_index, steps, key, teacher
+        self.base_positions = (first_index - np.asarray(pad_len)).astype(np.int32)  # [B] step 0's positions
+        self.device = device
+        self.pad_dev = jax.device_put(np.asarray(pad_len, np.int32), device)
+        self.inflight: list[tuple[int, object]] = []  # (step, StepOut) dispatched, not yet read
 
-    def advance(self, step: int, tokens: np.ndarray, write_index: int, pad_len, positions: np.ndarray, key):
-        """Run decode step `step` on tokens [B]; returns (logits [B, V] or None, next tokens [B] np.int32)."""
+    def _dispatch(self, step: int, tokens) -> None:
         e = self.engine
         self.clock += 1
-        out = self.fn(e._params, e._host_layers, self.caches, self.states, self.pparams, self.pstate,
-                      np.asarray(tokens, np.int32), np.int32(write_index), pad_len, np.asarray(positions, np.int32),
-                      np.int32(self.clock), key, np.int32(step + 1), self.temperature, self.top_p)
+        out = self.fn(e._params, e._host_layers, self.caches, self.states, self.pparams, self.pstate, tokens,
+                      np.int32(self.first_index + step), self.pad_dev, self.base_positions + np.int32(step),
+                      np.int32(self.clock), self.key, np.int32(step + 1), self.temperature, self.top_p)
         self.caches, self.states, self.pstate = out.caches, out.slot_states, out.predictor_state
         if out.report is not None:
             for a in out.report:
                 a.copy_to_host_async()
-        if self.pending is not None:  # book the previous step while this one runs
-            self._book(*self.pending)
-        self.pending = (out.report, positions)
+        self.inflight.append((step, out))
+
+    def advance(self, step: int, tokens: np.ndarray):
+        """Decode step `step` on tokens [B] (the host's copy of what is fed); returns (logits [B, V]
+        or None, next tokens [B] np.int32)."""
+        # Host tokens go in committed to the device, like the step's own output tokens: one jit signature.
+        if not self.inflight:  # nothing speculative in flight (the first step)
+            self._dispatch(step, jax.device_put(np.asarray(tokens, np.int32), self.device))
+        done_step, out = self.inflight[0]
+        assert done_step == step, (done_step, step)
+        if step + 1 < self.steps:  # the next step, fed on the device, runs while we read this one
+            feed = out.tokens if self.teacher is None else jax.device_put(self.teacher[:, step + 1], self.device)
+            self._dispatch(step + 1, feed)
+        self.inflight.pop(0)
         nxt = np.asarray(out.tokens)  # the one blocking read of the step
+        self._book(out.report, self.base_positions + step)
         return (None if out.logits is None else np.asarray(out.logits)), nxt
 
     def _book(self, report, positions) -> None:
@@ -113,10 +135,10 @@ class OneJitDecoder:
                     hook(step)
 
     def finish(self) -> list:
-        """Book the last report and give the device cache back to the engine; returns the KV caches."""
-        if self.pending is not None:
-            self._book(*self.pending)
-            self.pending = None
+        """Book the step still in flight (if any) and give the device cache back to the engine."""
+        for step, out in self.inflight:  # dispatched ahead, then every row ended: its fetches happened
+            self._book(out.report, self.base_positions + step)
+        self.inflight = []
         cache = self.engine.device_cache
         for ml, st in enumerate(self.states):
             table, owner, last_use = (np.asarray(a) for a in (st.table, st.owner, st.last_use))
