@@ -53,8 +53,19 @@ class SlotState(NamedTuple):
     prefetched: jax.Array  # [S] bool: filled by a prefetch and not yet looked at by its layer
 
 
+COUNTERS = ("hits", "misses", "evictions", "prefetched", "timely", "wasted", "waves")
+
+
+class StepReport(NamedTuple):
+    """What the MoE layers did in one step: three arrays, so the host copies three things back."""
+
+    ids: jax.Array  # [Lm, B, k] int32 routed experts
+    weights: jax.Array  # [Lm, B, k] float32
+    counters: jax.Array  # [Lm, len(COUNTERS)] int32, columns named by COUNTERS
+
+
 class LayerReport(NamedTuple):
-    """What one MoE layer did in one step (stacked to [Lm, ...] in the step's output)."""
+    """What one MoE layer did in one step (packed into a StepReport)."""
 
     ids: jax.Array  # [B, k] int32 routed experts
     weights: jax.Array  # [B, k] float32
@@ -157,8 +168,14 @@ def _moe_layer(layer, residual, normed, routing: Routing, state: SlotState, host
     waves = num_waves(flat.shape[0], num_experts, num_slots)
     per_wave = min(num_slots, flat.shape[0], num_experts)  # static bound on a wave's misses
     if waves == 1:
-        missing = jnp.nonzero(needed & ~resident, size=per_wave, fill_value=-1)[0].astype(jnp.int32)
-        state, _, evicted = _fetch_list(state, host, missing, needed, clock, prefetch=False)
+        def fetch_misses(st):
+            missing = jnp.nonzero(needed & ~resident, size=per_wave, fill_value=-1)[0].astype(jnp.int32)
+            st, _, ev = _fetch_list(st, host, missing, needed, clock, prefetch=False)
+            return st, ev
+
+        # One predicate for the whole layer: with every needed expert resident (the common case at
+        # high residency) the step skips all the per-expert guards.
+        state, evicted = jax.lax.cond(misses > 0, fetch_misses, lambda st: (st, jnp.int32(0)), state)
         state = _touch(state, needed, clock)
         out = layer.ffn(residual, normed, routing, state.slots, state.table, method)
         return out, state, (hits, misses, evicted, timely, wasted, jnp.int32(1))
@@ -201,8 +218,10 @@ def _prefetch(state: SlotState, host: ExpertSlots, scores, clock, prefetch_k: in
     num_experts = state.table.shape[0]
     wanted = jnp.zeros(num_experts, bool).at[jnp.where(candidates >= 0, candidates, num_experts)].set(
         True, mode="drop")  # [E]
-    state, fetched, evicted = _fetch_list(state, host, candidates, wanted, clock, prefetch=True)
-    return state, fetched, evicted
+    # Skip every guard at once when all wanted experts are resident already (common for good predictors).
+    return jax.lax.cond(jnp.any(wanted & (state.table < 0)),
+                        lambda st: _fetch_list(st, host, candidates, wanted, clock, prefetch=True),
+                        lambda st: (st, jnp.int32(0), jnp.int32(0)), state)
 
 
 class StepOut(NamedTuple):
@@ -210,7 +229,7 @@ class StepOut(NamedTuple):
     caches: list
     slot_states: list  # per MoE layer SlotState
     predictor_state: Any
-    report: LayerReport  # fields stacked [Lm, ...]
+    report: StepReport | None  # None for a model without MoE layers
     logits: jax.Array | None  # [B, V] float32 when asked for
 
 
@@ -294,10 +313,14 @@ def _make_step(cfg, graphdef, method, restricted, greedy, top_p_enabled, return_
         else:
             nxt = stages.sample(logits, jax.random.fold_in(key, sample_index), temperature, top_p,
                                 top_p_enabled=top_p_enabled)
-        report = jax.tree.map(lambda *a: jnp.stack(a), *reports) if reports else None
+        report = None
+        if reports:
+            counters = jnp.stack([jnp.stack([getattr(r, c) for c in COUNTERS]) for r in reports])  # [Lm, C]
+            report = StepReport(jnp.stack([r.ids for r in reports]), jnp.stack([r.weights for r in reports]),
+                                counters.astype(jnp.int32))
         return StepOut(nxt, caches, slot_states, pstate, report, logits if return_logits else None)
 
     return jax.jit(step, donate_argnums=(2, 3, 5))
 
 
-__all__ = ["SlotState", "LayerReport", "StepOut", "build_decode_step", "num_waves"]
+__all__ = ["SlotState", "StepReport", "COUNTERS", "StepOut", "build_decode_step", "num_waves"]

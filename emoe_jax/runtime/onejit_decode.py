@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .ingraph_predictors import PrefillRouting
-from .onejit import SlotState, build_decode_step
+from .onejit import COUNTERS, SlotState, build_decode_step
 from .prefetch import PrefetchStats
 
 
@@ -83,8 +83,8 @@ class OneJitDecoder:
                       np.int32(self.first_index + step), self.pad_dev, self.base_positions + np.int32(step),
                       np.int32(self.clock), self.key, np.int32(step + 1), self.temperature, self.top_p)
         self.caches, self.states, self.pstate = out.caches, out.slot_states, out.predictor_state
-        if out.report is not None:
-            for a in out.report:
+        if out.report is not None:  # routing only travels when somebody looks at it
+            for a in (out.report if self.engine.routing_hooks else out.report[2:]):
                 a.copy_to_host_async()
         self.inflight.append((step, out))
 
@@ -108,28 +108,29 @@ class OneJitDecoder:
         if report is None:
             return
         e = self.engine
-        r = jax.tree.map(np.asarray, report)
+        c = dict(zip(COUNTERS, np.asarray(report.counters).T))  # name -> [Lm]
         stats, pf = e.device_cache.stats, self.prefetch_stats
-        misses, prefetched = int(r.misses.sum()), int(r.prefetched.sum())
-        stats.hits += int(r.hits.sum())
+        misses, prefetched = int(c["misses"].sum()), int(c["prefetched"].sum())
+        stats.hits += int(c["hits"].sum())
         stats.misses += misses
-        stats.evictions += int(r.evictions.sum())
+        stats.evictions += int(c["evictions"].sum())
         stats.bytes_in += (misses + prefetched) * e.device_cache.slot_bytes
         e.host.stats.hits += misses + prefetched  # every copy is served by the host stacks
-        e._timers.waves += int(r.waves[r.waves > 1].sum())
+        e._timers.waves += int(c["waves"][c["waves"] > 1].sum())
         pf.issued += prefetched
         pf.started += prefetched
         pf.completed += prefetched
-        pf.timely += int(r.timely.sum())
-        pf.wasted += int(r.wasted.sum())
+        pf.timely += int(c["timely"].sum())
+        pf.wasted += int(c["wasted"].sum())
         pf.bytes += prefetched * e.device_cache.slot_bytes
         if e.routing_hooks:
             from .engine import StepRouting
 
-            b = r.ids.shape[1]
+            ids, weights = np.asarray(report.ids), np.asarray(report.weights, np.float32)  # [Lm, B, k]
+            b = ids.shape[1]
             valid = np.ones((b, 1), bool)
-            for ml in range(r.ids.shape[0]):
-                step = StepRouting(ml, r.ids[ml][:, None], r.weights[ml][:, None].astype(np.float32), valid, None,
+            for ml in range(ids.shape[0]):
+                step = StepRouting(ml, ids[ml][:, None], weights[ml][:, None], valid, None,
                                    np.asarray(positions).reshape(b, 1))
                 for hook in e.routing_hooks:
                     hook(step)
