@@ -15,7 +15,7 @@ from emoe_jax.checkpoint import (
 )
 from emoe_jax.config import MoEConfig, from_hf_config, get_preset, tiny_config
 from emoe_jax.model.resident import ResidentModel
-from emoe_jax.runtime.engine import GenerationResult, OffloadedEngine
+from emoe_jax.runtime.engine import EngineConfig, GenerationResult, OffloadedEngine
 from emoe_jax.tokenizer import load_tokenizer
 
 load = load_checkpoint
@@ -23,7 +23,7 @@ load = load_checkpoint
 __version__ = "0.1.0"
 
 __all__ = [
-    "Checkpoint", "CheckpointError", "GenerationResult", "MoEConfig", "OffloadedEngine", "ResidentModel",
+    "Checkpoint", "CheckpointError", "EngineConfig", "GenerationResult", "MoEConfig", "OffloadedEngine", "ResidentModel",
     "convert_hf_checkpoint", "from_hf_config", "get_preset", "load", "load_checkpoint", "load_tokenizer",
     "tiny_config", "write_checkpoint",
 ]

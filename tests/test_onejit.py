@@ -195,3 +195,20 @@ def test_observers_and_override_are_per_call():
     forced = engine.generate([[5, 9, 13]], 4, stop_at_eos=False, routing_override=lambda step: None)
     assert forced.stats["decode_path"] == "staged" and engine.routing_override is None
     assert forced.tokens == out.tokens
+
+
+def test_engine_config_is_one_frozen_value():
+    import dataclasses
+
+    from emoe_jax import EngineConfig
+
+    cfg, g, p, ex, _ = model("mixtral")
+    base = EngineConfig(device_experts=2, decode_path="staged")
+    engine = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), base, host_experts=5)
+    assert engine.config == dataclasses.replace(base, host_experts=5) and engine.slots == [2, 2]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        engine.config.mode = "restricted"
+    with pytest.raises(TypeError, match="unknown engine option"):
+        OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_expert=2)
+    with pytest.raises(ValueError, match="decode_path"):
+        EngineConfig(decode_path="fast")

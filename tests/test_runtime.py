@@ -24,8 +24,9 @@ def test_exact_mode_equals_all_resident(family, slots, host, policy, prompts):
     cfg, g, p, ex, resident = model(family)
     new = 6
     ref_tokens = resident.generate(prompts, new)
+    # The staged loop (the one-jit step has its own property test in test_onejit.py).
     engine = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=slots, host_experts=host,
-                             policy=policy, host_policy=policy)
+                             policy=policy, host_policy=policy, decode_path="staged")
     out = engine.generate(prompts, new, stop_at_eos=False, return_logits=True)
     for i, prompt in enumerate(prompts):
         assert out.tokens[i] == ref_tokens[i].tolist()

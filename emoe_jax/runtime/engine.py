@@ -31,6 +31,7 @@ from ..model.resident import left_pad
 from . import stages
 from .budget import parse_expert_count, parse_per_layer_counts
 from .compile_count import compile_count
+from .engine_config import DECODE_PATHS, MODES, EngineConfig
 from .predictor_driver import PredictorDriver
 from .prefetch import Prefetcher, wait_for
 from .host_stack import HostExpertStacks, StackedHostTier, has_pinned_host
@@ -38,8 +39,6 @@ from .ingraph_predictors import PrefillRouting, in_graph_predictor, is_in_graph
 from .onejit_decode import OneJitDecoder
 from .tiers import DeviceSlotCache, ExpertSource, HostTier, TierStats
 
-MODES = ("exact", "restricted")
-DECODE_PATHS = ("auto", "onejit", "staged")
 
 
 class GenerationError(ValueError):
@@ -92,27 +91,18 @@ def _bucket(n: int, minimum: int = 8) -> int:
 
 
 class OffloadedEngine:
-    def __init__(self, cfg: MoEConfig, graphdef, params, source: ExpertSource, *,
-                 device_experts: str | float | int | None = None, host_experts: str | float | int | None = None,
-                 policy: str = "lru", host_policy: str = "lru", mode: str = "exact", dtype=jnp.float32,
-                 method: str = "auto", pad_id: int | None = None, predictor=None, prefetch_k: int | None = None,
-                 min_score: float = 0.0, reuse: bool = True, link_gbps: float | None = None,
-                 decode_path: str = "auto"):
-        """`predictor`: a Predictor (emoe_jax.predict) whose scores drive background prefetching
-        (exact mode only); `prefetch_k` experts per predicted layer (default top-k) with score above
-        `min_score`. `reuse=False` keeps nothing resident from one step to the next: naive
-        on-demand offloading, the baseline every cache and predictor must beat. `link_gbps`
-        emulates a host->device link of that bandwidth (each expert copy also waits bytes/bandwidth
-        on one serial link), for CPU runs that model a PCIe-class transfer. `decode_path`: "auto"
-        runs decode as one jitted executable per step where it applies (see `decode_path_for`),
-        else the staged per-layer loop; "onejit" insists (error when it cannot), "staged" forces
-        the per-layer loop."""
-        if link_gbps is not None and link_gbps <= 0:
-            raise ValueError(f"link_gbps must be positive, got {link_gbps}")
-        if decode_path not in DECODE_PATHS:
-            raise ValueError(f"unknown decode_path {decode_path!r}; choose {', '.join(DECODE_PATHS)}")
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose exact or restricted")
+    def __init__(self, cfg: MoEConfig, graphdef, params, source: ExpertSource, config: EngineConfig | None = None,
+                 *, dtype=jnp.float32, predictor=None, **options):
+        """`config` (an `EngineConfig`; keyword `options` replace its fields, e.g. device_experts=0.25)
+        says how to offload. `predictor`: a Predictor (emoe_jax.predict) or an in-graph predictor whose
+        scores drive prefetching (exact mode only): in-graph inside the one-jit decode step, else a
+        background worker on the staged path. `decode_path="auto"` runs decode as one jitted executable
+        per step where it applies (see `decode_path_for`), else the staged per-layer loop."""
+        self.config = config = EngineConfig.build(config, **options)
+        mode, method, decode_path = config.mode, config.method, config.decode_path
+        policy, host_policy, link_gbps = config.policy, config.host_policy, config.link_gbps
+        prefetch_k, min_score, pad_id = config.prefetch_k, config.min_score, config.pad_id
+        device_experts, host_experts, reuse = config.device_experts, config.host_experts, config.reuse
         if predictor is not None and mode != "exact":
             raise ValueError("a predictor drives prefetching, which only exact mode does; restricted mode "
                              "moves nothing during generation (choose its resident set with preload)")
@@ -598,4 +588,5 @@ class OffloadedEngine:
         return report
 
 
-__all__ = ["OffloadedEngine", "GenerationResult", "GenerationError", "StepRouting", "RoutingOverride", "MODES"]
+__all__ = ["OffloadedEngine", "EngineConfig", "GenerationResult", "GenerationError", "StepRouting", "RoutingOverride",
+           "MODES", "DECODE_PATHS"]
