@@ -28,6 +28,7 @@ static, so swapping experts never recompiles.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Any, NamedTuple
 
 import jax
@@ -233,8 +234,10 @@ class StepOut(NamedTuple):
     logits: jax.Array | None  # [B, V] float32 when asked for
 
 
-# key -> (graphdef, predictor, step); the first two are kept alive so their ids stay unique.
-_STEPS: dict[tuple, tuple[Any, Any, Any]] = {}
+# key -> (graphdef, predictor, step); the first two are kept alive so their ids stay unique. Bounded:
+# each compiled step holds memory mappings and buffers, and a process may build many engines.
+_STEPS: "OrderedDict[tuple, tuple[Any, Any, Any]]" = OrderedDict()
+MAX_CACHED_STEPS = 16
 
 
 def build_decode_step(cfg: MoEConfig, graphdef, *, method: str = "auto", restricted: bool = False,
@@ -256,6 +259,9 @@ def build_decode_step(cfg: MoEConfig, graphdef, *, method: str = "auto", restric
     if key not in _STEPS:
         _STEPS[key] = (graphdef, predictor, _make_step(cfg, graphdef, method, restricted, greedy, top_p_enabled,
                                                        return_logits, predictor, prefetch_k, min_score))
+        while len(_STEPS) > MAX_CACHED_STEPS:
+            _STEPS.popitem(last=False)
+    _STEPS.move_to_end(key)
     return _STEPS[key][2]
 
 
