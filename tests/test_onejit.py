@@ -71,7 +71,7 @@ def _engine(family, slots, predictor="none", **kw):
 prompt_lists = st.lists(st.lists(st.integers(3, 120), min_size=1, max_size=9), min_size=1, max_size=3)
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(family=st.sampled_from(["mixtral", "deepseek_v2", "qwen3_moe"]), data=st.data(),
        predictor=st.sampled_from(sorted(PREDICTORS)), prompts=prompt_lists)
 def test_onejit_equals_all_resident(family, data, predictor, prompts):
