@@ -33,11 +33,12 @@ from .budget import parse_expert_count, parse_per_layer_counts
 from .compile_count import compile_count
 from .engine_config import DECODE_PATHS, MODES, EngineConfig
 from .predictor_driver import PredictorDriver
-from .prefetch import Prefetcher, wait_for
-from .host_stack import HostExpertStacks, StackedHostTier, has_pinned_host
+from .prefetch import Prefetcher
+from .host_stack import has_pinned_host
 from .ingraph_predictors import PrefillRouting, in_graph_predictor, is_in_graph
 from .onejit_decode import OneJitDecoder
-from .tiers import DeviceSlotCache, ExpertSource, HostTier, TierStats
+from .residency import Residency
+from .tiers import DeviceSlotCache, ExpertSource, HostTier
 
 
 
@@ -125,31 +126,40 @@ class OffloadedEngine:
         self.device = jax.devices()[0]
         # With every expert in host memory and a pinned_host memory kind, the host tier is one
         # stacked array per layer in pinned memory, which the one-jit step fetches from in-graph;
-        # it is filled on the first generate call (a damaged store fails there, naming the expert).
-        self._host_layers = None
-        self._stackable = host_count == e * lm and decode_path != "staged" and has_pinned_host(self.device)
-        self.host = HostTier(source, host_count, host_policy)
-        self.device_cache = DeviceSlotCache(lm, e, self.slots, cfg.hidden_size, cfg.moe_intermediate_size,
-                                            dtype, policy)
-        self.device_cache.link_gbps = link_gbps
+        # it is filled before the first copy (first generate or preload).
+        stack_host = host_count == e * lm and decode_path != "staged" and has_pinned_host(self.device)
+        self.residency = Residency(source, num_moe_layers=lm, num_experts=e, slots=self.slots,
+                                   hidden=cfg.hidden_size, inter=cfg.moe_intermediate_size, dtype=dtype,
+                                   policy=policy, host_capacity=host_count, host_policy=host_policy,
+                                   link_gbps=link_gbps, stack_host=stack_host, device=self.device)
         self.routing_hooks: list[Callable[[StepRouting], None]] = []
         self.routing_override: RoutingOverride | None = None
         self.record_router_inputs = False
         self.reuse = reuse
         self._timers = _Timers()
-        # Guards the tiers: the prefetch worker and this thread both write slots.
-        self._lock = threading.Lock()
         # A host predictor (emoe_jax.predict) drives the prefetch worker on the staged path; one with an
         # in-graph version prefetches inside the one-jit step; an in-graph-only object only there.
         host_predictor = predictor if predictor is not None and not is_in_graph(predictor) else None
         self.driver = None if host_predictor is None else PredictorDriver(
             host_predictor, lm, e, cfg.top_k, prefetch_k, min_score)
-        self.prefetcher = None if host_predictor is None else Prefetcher(self.device_cache, self.host, self._lock)
-        self._step_routing: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._capture_prefill = False
+        self.prefetcher = None if host_predictor is None else Prefetcher(self.device_cache, self.host,
+                                                                           self.residency.lock)
         self._ingraph_predictor = in_graph_predictor(predictor, cfg)
         self._onejit = None  # OneJitDecoder, built on first use
         self._last_path: tuple[str, str | None] = ("staged", None)
+
+    # The residency's parts, by the names callers and stats use.
+    @property
+    def device_cache(self) -> DeviceSlotCache:
+        return self.residency.device_cache
+
+    @property
+    def host(self) -> HostTier:
+        return self.residency.host
+
+    @property
+    def _lock(self) -> threading.Lock:
+        return self.residency.lock
 
     @property
     def predictor_name(self) -> str | None:
@@ -178,44 +188,25 @@ class OffloadedEngine:
     # ---- residency ----------------------------------------------------------
     def preload(self, moe_layer: int, experts: Sequence[int]) -> None:
         """Make `experts` resident in `moe_layer` (restricted mode's resident set, warm starts)."""
-        experts = list(dict.fromkeys(int(x) for x in experts))[: self.slots[moe_layer]]
-        with self._lock:
-            self._make_resident(moe_layer, experts, count=False)
+        self._fill_host_stacks()
+        self.residency.preload(moe_layer, experts)
 
-    def _make_resident(self, ml: int, experts: Sequence[int], count: bool = True) -> None:
-        """Caller holds `_lock`. With a prefetcher, needed experts still in flight are waited for
-        (lock released meanwhile): stall time, and a miss, not a hit."""
-        cache = self.device_cache
-        late: set[int] = set()
-        if count and self.prefetcher is not None:
-            events = self.prefetcher.begin_layer(ml, list(experts))
-            if events:
-                late = {int(e) for e in experts if cache.slot_of_expert[ml, e] < 0}
-                self._lock.release()
-                try:
-                    waited = wait_for(events)
-                finally:
-                    self._lock.acquire()
-                self._timers.stall_s += waited
-                self.prefetcher.settle_late(ml, late)
-                self.prefetcher.stats.late += len(events)
-                self.prefetcher.stats.late_wait_s += waited
-        missing = cache.lookup(ml, experts, late) if count else [e for e in experts if cache.slot_of_expert[ml, e] < 0]
-        if not missing:
-            return
-        t0 = time.perf_counter()
-        host_copies = self.host.get_many([(ml, e) for e in missing])
-        for e, weights in zip(missing, host_copies):
-            cache.load(ml, e, weights, protected=experts)
-        jax.block_until_ready(cache.buffers[ml])
-        self._timers.stall_s += time.perf_counter() - t0
+    def _fill_host_stacks(self) -> None:
+        if self.residency.fill_host_stacks() and self.prefetcher is not None:
+            self.prefetcher.host = self.host
+
+    def _make_resident(self, ml: int, experts: Sequence[int]) -> None:
+        """Caller holds the residency lock; waits and copies are charged as stall time."""
+        waited, fetching = self.residency.make_resident(ml, experts, prefetcher=self.prefetcher)
+        self._timers.stall_s += waited + fetching
 
     # ---- one forward over new tokens -----------------------------------------
     def _forward(self, tokens: np.ndarray, caches: list, write_index: int, pad_len: np.ndarray,
                  valid: np.ndarray, positions: np.ndarray | None = None, decode_step: int | None = None,
-                 done: np.ndarray | None = None) -> tuple[jax.Array, list]:
+                 done: np.ndarray | None = None, captured: dict | None = None) -> tuple[jax.Array, list]:
         """tokens [B, T]; valid [B, T] bool; positions [B, T] (index in prompt, -1 padding);
-        decode_step: index of the decode step (None in prefill). Returns last-position logits [B, V]."""
+        decode_step: index of the decode step (None in prefill); captured: filled with each MoE
+        layer's routing (ids, weights) [B, T, k] when given. Returns last-position logits [B, V]."""
         if not self.reuse:
             with self._lock:
                 for ml in range(self.cfg.num_moe_layers):
@@ -245,9 +236,9 @@ class OffloadedEngine:
                 x = self._moe_ffn(gdef, state, ml, residual, normed, routing, ids, valid)
                 if self.prefetcher is not None:
                     self.prefetcher.end_layer(ml)
-            if decode_step is None and self._capture_prefill:
+            if captured is not None:
                 b, t = tokens.shape
-                self._step_routing[ml] = (ids.reshape(b, t, -1), np.asarray(routing.weights).reshape(b, t, -1))
+                captured[ml] = (ids.reshape(b, t, -1), np.asarray(routing.weights).reshape(b, t, -1))
             elif self.driver is not None and decode_step is not None:
                 b, t = tokens.shape
                 step_ids = ids.reshape(b, t, -1)
@@ -310,7 +301,7 @@ class OffloadedEngine:
         if self.decode_path == "staged":
             return "staged", "decode_path='staged' was asked for"
         why = None
-        if not self._stackable:
+        if not self.residency.stack_host:
             why = ("the host tier holds only part of the experts (the disk tier serves the rest)"
                    if self.host.capacity < self.cfg.num_experts * self.cfg.num_moe_layers
                    else f"the {self.device.platform} backend has no pinned_host memory kind")
@@ -386,8 +377,6 @@ class OffloadedEngine:
             return self._generate(prompts, max_new_tokens, temperature, top_p, seed, stop_at_eos, on_token,
                                   return_logits, tasks, texts, teacher)
         finally:
-            self._capture_prefill = False
-            self._step_routing.clear()
             if self.prefetcher is not None:
                 self.prefetcher.drain()
             if self.driver is not None and self.driver.rows:
@@ -398,24 +387,16 @@ class OffloadedEngine:
         compiles0 = compile_count()
         # Stats are per call: a warm cache from earlier calls shows up as hits, not as old misses.
         self._timers = _Timers()
-        self.device_cache.stats = TierStats()
-        self.host.stats = TierStats()
+        self._fill_host_stacks()
+        self.residency.reset_stats()
         if self.prefetcher is not None:
             self.prefetcher.reset_stats()
-        if self._stackable and self._host_layers is None:
-            stacks = HostExpertStacks(self.source, self.cfg.num_moe_layers, self.cfg.num_experts, self.dtype,
-                                      self.device)
-            self._host_layers = stacks.layers
-            self.host = StackedHostTier(stacks, self.source)
-            if self.prefetcher is not None:
-                self.prefetcher.host = self.host
-        if isinstance(self.host, StackedHostTier):
-            self.host.count_load()
         path = self.decode_path_for()
         self._last_path = path
         onejit = path[0] == "onejit"
         host_driver = self.driver is not None and not onejit
-        self._capture_prefill = host_driver or (onejit and self._ingraph_predictor is not None)
+        # The prefill's routing per MoE layer, (ids, weights) [B, t, k], when a predictor replays it.
+        prefill_routing = {} if host_driver or (onejit and self._ingraph_predictor is not None) else None
         if host_driver:
             self.driver.begin(prompts, tasks, texts)
         ctx = self.cfg.max_position_embeddings
@@ -432,13 +413,13 @@ class OffloadedEngine:
 
         t0 = time.perf_counter()
         positions = np.where(valid, np.arange(t)[None, :] - pad_len[:, None], -1)  # [B, t]
-        logits, caches = self._forward(tokens, caches, 0, pad_len, valid, positions)
+        logits, caches = self._forward(tokens, caches, 0, pad_len, valid, positions, captured=prefill_routing)
         kept_logits = [np.asarray(logits)] if return_logits else None
         nxt = self._pick(logits, temperature, top_p, key, 0)
         lm = self.cfg.num_moe_layers
         if host_driver:
-            self.driver.replay_prefill(prompts, [self._step_routing[ml][0] for ml in range(lm)],
-                                       [self._step_routing[ml][1] for ml in range(lm)], pad_len)
+            self.driver.replay_prefill(prompts, [prefill_routing[ml][0] for ml in range(lm)],
+                                       [prefill_routing[ml][1] for ml in range(lm)], pad_len)
         decoder = None
         if onejit:
             if self._onejit is None:
@@ -446,12 +427,11 @@ class OffloadedEngine:
             decoder = self._onejit
             prefill = None
             if self._ingraph_predictor is not None:
-                ids = np.stack([self._step_routing[ml][0] for ml in range(lm)], axis=2)  # [B, t, Lm, k]
+                ids = np.stack([prefill_routing[ml][0] for ml in range(lm)], axis=2)  # [B, t, Lm, k]
                 prefill = PrefillRouting(tokens, ids, valid, positions.astype(np.int32))
             decoder.start(caches, prefill, temperature=temperature, top_p=top_p, return_logits=return_logits,
                           first_index=t, pad_len=pad_len, steps=max_new_tokens - 1, key=key, teacher=teacher)
             caches = None
-        self._step_routing.clear()
         self._timers.prefill_s = time.perf_counter() - t0
         self._timers.prefill_tokens = int(valid.sum())
 

@@ -15,7 +15,6 @@ prefill) continues from the same residency.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Callable
 
 import jax
@@ -45,22 +44,13 @@ class OneJitDecoder:
               teacher: np.ndarray | None = None) -> None:
         """first_index: cache index of decode step 0's token; steps: decode steps this call may run
         (max_new_tokens - 1); teacher [B, >= steps]: tokens fed instead of the model's picks."""
-        cache = self.engine.device_cache
-        states = []
-        for ml in range(cache.num_layers):
-            owner = cache.expert_in_slot[ml]
-            order = list(cache.policies[ml]._order)  # LRU: oldest first
-            last_use = np.zeros(len(owner), np.int32)
-            for rank, expert in enumerate(order):
-                last_use[cache.slot_of_expert[ml, expert]] = rank
-            states.append(SlotState(cache.buffers[ml], cache.slot_of_expert[ml], owner, last_use,
-                                    np.zeros(len(owner), bool)))
-            cache.buffers[ml] = None  # donated to the step from now on
-        self.clock = max(cache.slots)  # above every rank given above
+        residency = self.engine.residency
+        states = residency.to_slot_states()
+        self.clock = residency.lru_clock  # above every LRU rank the states start with
         # Committed to the device like the step's outputs: an uncommitted argument (NumPy, jnp.zeros,
         # a KV cache prefill left untouched) has another jit signature, so the second step would
         # compile the whole step again.
-        device = cache.device
+        device = residency.device_cache.device
         self.states, self.caches = jax.device_put(states, device), jax.device_put(caches, device)
         self.pstate = None
         self.pparams = ()
@@ -79,7 +69,7 @@ class OneJitDecoder:
     def _dispatch(self, step: int, tokens) -> None:
         e = self.engine
         self.clock += 1
-        out = self.fn(e._params, e._host_layers, self.caches, self.states, self.pparams, self.pstate, tokens,
+        out = self.fn(e._params, e.residency.host_layers, self.caches, self.states, self.pparams, self.pstate, tokens,
                       np.int32(self.first_index + step), self.pad_dev, self.base_positions + np.int32(step),
                       np.int32(self.clock), self.key, np.int32(step + 1), self.temperature, self.top_p)
         self.caches, self.states, self.pstate = out.caches, out.slot_states, out.predictor_state
@@ -140,16 +130,7 @@ class OneJitDecoder:
         for step, out in self.inflight:  # dispatched ahead, then every row ended: its fetches happened
             self._book(out.report, self.base_positions + step)
         self.inflight = []
-        cache = self.engine.device_cache
-        for ml, st in enumerate(self.states):
-            table, owner, last_use = (np.asarray(a) for a in (st.table, st.owner, st.last_use))
-            cache.buffers[ml] = st.slots
-            cache.slot_of_expert[ml] = table
-            cache.expert_in_slot[ml][:] = owner
-            cache._device_maps[ml] = None
-            held = np.flatnonzero(owner >= 0)
-            order = held[np.lexsort((held, last_use[held]))]  # oldest first, ties by slot (the step's argmin)
-            cache.policies[ml]._order = OrderedDict((int(owner[s]), None) for s in order)
+        self.engine.residency.from_slot_states(self.states)
         self.states = []
         caches, self.caches = self.caches, None
         return caches

@@ -27,6 +27,14 @@ class EvictionPolicy:
         """The key to evict next, never one in `protected`."""
         raise NotImplementedError
 
+    def order(self) -> list[Hashable]:
+        """The held keys, least recently used first (the one-jit step keeps recency as clocks)."""
+        raise NotImplementedError
+
+    def restore(self, keys: Iterable[Hashable]) -> None:
+        """Hold exactly `keys`, least recently used first (the one-jit step hands recency back)."""
+        raise NotImplementedError
+
 
 class LRUPolicy(EvictionPolicy):
     name = "lru"
@@ -52,6 +60,12 @@ class LRUPolicy(EvictionPolicy):
                 return key
         raise LookupError("every resident entry is protected; nothing can be evicted")
 
+    def order(self):
+        return list(self._order)
+
+    def restore(self, keys):
+        self._order = OrderedDict((k, None) for k in keys)
+
 
 class LFUPolicy(EvictionPolicy):
     """Least frequently used; ties broken by least recent use. Counts survive eviction,
@@ -73,6 +87,12 @@ class LFUPolicy(EvictionPolicy):
 
     def remove(self, key):
         self._lru.remove(key)
+
+    def order(self):
+        return self._lru.order()
+
+    def restore(self, keys):
+        self._lru.restore(keys)
 
     def victim(self, protected=()):
         protected = set(protected)
@@ -109,6 +129,12 @@ class ScorePolicy(EvictionPolicy):
 
     def remove(self, key):
         self._lru.remove(key)
+
+    def order(self):
+        return self._lru.order()
+
+    def restore(self, keys):
+        self._lru.restore(keys)
 
     def victim(self, protected=()):
         protected = set(protected)
