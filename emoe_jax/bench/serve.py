@@ -275,8 +275,7 @@ def warm_up(engine, prompts: Sequence[Sequence[int]], max_new: int, max_batch: i
             for b in range(1, max_batch + 1):
                 batch = [list(group[int(i)]) for i in rng.integers(0, len(group), b)]
                 engine.generate(batch, max_new, stop_at_eos=False)
-    for layer in range(engine.cfg.num_moe_layers):
-        cache.evict_all(layer)
+    engine.residency.evict_all()
 
 
 def markdown(results: dict) -> str:

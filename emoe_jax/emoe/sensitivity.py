@@ -106,12 +106,8 @@ def profile_sensitivity(engine, prompts: Mapping[str, Sequence[Sequence[int]]], 
     owner = np.array([tasks.index(t) for t, _ in rows])  # [B] task index of each row
 
     def run(override):
-        saved = engine.routing_override
-        engine.routing_override = override
-        try:
-            return engine.generate(batch, max_new_tokens, stop_at_eos=False, return_logits=True)
-        finally:
-            engine.routing_override = saved
+        return engine.generate(batch, max_new_tokens, stop_at_eos=False, return_logits=True,
+                               routing_override=override)
 
     t0 = time.perf_counter()
     ref = run(None)

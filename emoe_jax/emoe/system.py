@@ -80,7 +80,6 @@ class EMoESystem:
         self.reloads = ReloadStats()
         self.selected: np.ndarray | None = None  # [L, E] bool: the resident set chosen last
         self._rows: list[tuple[int, np.ndarray]] | None = None  # per batch row: (token limit, counts [L, E])
-        engine.routing_hooks.append(self._record)
 
     # -- tasks and Eq. 2 ----------------------------------------------------------------
     def task_of(self, text: str) -> str:
@@ -180,7 +179,8 @@ class EMoESystem:
         limits = output_limits if output_limits is not None else [max_new_tokens] * len(prompts)
         self._rows = [(len(p) + int(g), np.zeros((self.num_layers, self.num_experts))) for p, g in zip(prompts, limits)]
         try:
-            result = self.engine.generate(prompts, max_new_tokens, **kwargs)
+            observers = [*kwargs.pop("observers", ()), self._record]
+            result = self.engine.generate(prompts, max_new_tokens, observers=observers, **kwargs)
         finally:
             rows, self._rows = self._rows, None
         for limit, counts in rows:

@@ -91,6 +91,25 @@ def _bucket(n: int, minimum: int = 8) -> int:
     return max(minimum, 1 << (n - 1).bit_length())
 
 
+def batch_bucket(rows: int) -> int:
+    """Batch size the one-jit step compiles for: the next power of two (1, 2, 4, 8, ...)."""
+    return 1 << (rows - 1).bit_length()
+
+
+def _pad_batch(tokens, pad_len, teacher, size: int, pad_id: int):
+    """Append dummy rows up to `size`: all padding (pad_len = T), so the prefill gives them no
+    expert; the one-jit step is told they are not live. tokens [B, T], pad_len [B], teacher [B, n]."""
+    extra = size - tokens.shape[0]
+    if extra <= 0:
+        return tokens, pad_len, teacher
+    t = tokens.shape[1]
+    tokens = np.concatenate([tokens, np.full((extra, t), pad_id, np.int32)])
+    pad_len = np.concatenate([pad_len, np.full(extra, t, np.int32)])
+    if teacher is not None:
+        teacher = np.concatenate([teacher, np.zeros((extra, teacher.shape[1]), np.int32)])
+    return tokens, pad_len, teacher
+
+
 class OffloadedEngine:
     def __init__(self, cfg: MoEConfig, graphdef, params, source: ExpertSource, config: EngineConfig | None = None,
                  *, dtype=jnp.float32, predictor=None, **options):
@@ -203,14 +222,14 @@ class OffloadedEngine:
     # ---- one forward over new tokens -----------------------------------------
     def _forward(self, tokens: np.ndarray, caches: list, write_index: int, pad_len: np.ndarray,
                  valid: np.ndarray, positions: np.ndarray | None = None, decode_step: int | None = None,
-                 done: np.ndarray | None = None, captured: dict | None = None) -> tuple[jax.Array, list]:
+                 done: np.ndarray | None = None, captured: dict | None = None,
+                 rows: int | None = None) -> tuple[jax.Array, list]:
         """tokens [B, T]; valid [B, T] bool; positions [B, T] (index in prompt, -1 padding);
         decode_step: index of the decode step (None in prefill); captured: filled with each MoE
-        layer's routing (ids, weights) [B, T, k] when given. Returns last-position logits [B, V]."""
+        layer's routing (ids, weights) [B, T, k] when given; rows: the real rows, which observers
+        see (the rest pad the batch to its bucket). Returns last-position logits [B, V]."""
         if not self.reuse:
-            with self._lock:
-                for ml in range(self.cfg.num_moe_layers):
-                    self.device_cache.evict_all(ml)
+            self.residency.evict_all()
         # numpy in, not jnp.asarray/jnp.int32: the jitted call transfers them, eager ones dispatch an op each
         x = stages.embed(self._embed[0], self._embed[1], np.asarray(tokens, np.int32))
         wi, pad = np.int32(write_index), np.asarray(pad_len, np.int32)
@@ -226,8 +245,10 @@ class OffloadedEngine:
             ids = np.asarray(routing.ids)  # [B*T, k]: the one host sync of the layer
             if self.routing_override is not None or self.routing_hooks:
                 b, t = tokens.shape
-                step = StepRouting(ml, ids.reshape(b, t, -1), np.asarray(routing.weights).reshape(b, t, -1),
-                                   valid, normed if self.record_router_inputs else None, positions)
+                r = b if rows is None else rows
+                step = StepRouting(ml, ids.reshape(b, t, -1)[:r], np.asarray(routing.weights).reshape(b, t, -1)[:r],
+                                   valid[:r], normed[:r] if self.record_router_inputs else None,
+                                   None if positions is None else positions[:r])
                 if self.routing_override is not None:
                     ids, routing, step = self._apply_override(step, routing)
                 for hook in self.routing_hooks:
@@ -347,26 +368,29 @@ class OffloadedEngine:
                  texts: Sequence[str] | None = None,
                  teacher_tokens: Sequence[Sequence[int]] | None = None,
                  observers: Sequence[Callable[[StepRouting], None]] = (),
-                 routing_override: RoutingOverride | None = None) -> GenerationResult:
+                 routing_override: RoutingOverride | None = None,
+                 record_router_inputs: bool | None = None) -> GenerationResult:
         """Generate for a batch of token-id prompts. Greedy when temperature == 0.
         `tasks`/`texts` (per prompt) are metadata for task-aware predictors (eMoE).
         `teacher_tokens` (per prompt, >= max_new_tokens - 1 ids): teacher forcing. Decode step s is
         fed teacher_tokens[i][s] instead of the model's own pick, so logits can be compared with
         another model's position by position on the same prefix; `tokens` still holds the picks.
-        `observers` see every step's routing (like `routing_hooks`, for this call only; on the one-jit
-        path one step behind); `routing_override` replaces the router's choice for this call (it
-        needs the staged path)."""
+        For this call only: `observers` see every step's routing (like `routing_hooks`; on the
+        one-jit path one step behind); `routing_override` replaces the router's choice (it needs the
+        staged path); `record_router_inputs` hands observers the router input too (staged path)."""
         self._validate(prompts, max_new_tokens)
-        if observers or routing_override is not None:
-            saved = (list(self.routing_hooks), self.routing_override)
+        if observers or routing_override is not None or record_router_inputs is not None:
+            saved = (list(self.routing_hooks), self.routing_override, self.record_router_inputs)
             self.routing_hooks = [*self.routing_hooks, *observers]
             self.routing_override = routing_override if routing_override is not None else self.routing_override
+            if record_router_inputs is not None:
+                self.record_router_inputs = bool(record_router_inputs)
             try:
                 return self.generate(prompts, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                      stop_at_eos=stop_at_eos, on_token=on_token, return_logits=return_logits,
                                      tasks=tasks, texts=texts, teacher_tokens=teacher_tokens)
             finally:
-                self.routing_hooks, self.routing_override = saved
+                self.routing_hooks, self.routing_override, self.record_router_inputs = saved
         teacher = None
         if teacher_tokens is not None:
             if len(teacher_tokens) != len(prompts) or any(len(t) < max_new_tokens - 1 for t in teacher_tokens):
@@ -405,6 +429,9 @@ class OffloadedEngine:
         if t + max_new_tokens > ctx:
             t = longest
         tokens, pad_len = left_pad(prompts, self.pad_id, length=t)
+        rows = tokens.shape[0]  # real rows; the rest (one-jit path) pad the batch to its bucket
+        if onejit:
+            tokens, pad_len, teacher = _pad_batch(tokens, pad_len, teacher, batch_bucket(rows), self.pad_id)
         b = tokens.shape[0]
         max_len = min(-(-(t + max_new_tokens) // 64) * 64, max(ctx, t + max_new_tokens))
         caches = init_kv_caches(self.cfg, b, max_len, self.dtype)
@@ -413,7 +440,8 @@ class OffloadedEngine:
 
         t0 = time.perf_counter()
         positions = np.where(valid, np.arange(t)[None, :] - pad_len[:, None], -1)  # [B, t]
-        logits, caches = self._forward(tokens, caches, 0, pad_len, valid, positions, captured=prefill_routing)
+        logits, caches = self._forward(tokens, caches, 0, pad_len, valid, positions, captured=prefill_routing,
+                                       rows=rows)
         kept_logits = [np.asarray(logits)] if return_logits else None
         nxt = self._pick(logits, temperature, top_p, key, 0)
         lm = self.cfg.num_moe_layers
@@ -430,36 +458,37 @@ class OffloadedEngine:
                 ids = np.stack([prefill_routing[ml][0] for ml in range(lm)], axis=2)  # [B, t, Lm, k]
                 prefill = PrefillRouting(tokens, ids, valid, positions.astype(np.int32))
             decoder.start(caches, prefill, temperature=temperature, top_p=top_p, return_logits=return_logits,
-                          first_index=t, pad_len=pad_len, steps=max_new_tokens - 1, key=key, teacher=teacher)
+                          first_index=t, pad_len=pad_len, steps=max_new_tokens - 1, key=key, teacher=teacher,
+                          live_rows=rows)
             caches = None
         self._timers.prefill_s = time.perf_counter() - t0
         self._timers.prefill_tokens = int(valid.sum())
 
         eos = set(self.cfg.eos_ids) if stop_at_eos else set()
         out = np.zeros((b, max_new_tokens), np.int32)
-        done = np.zeros(b, bool)
+        done = np.arange(b) >= rows  # dummy rows are done from the start
         lengths = np.full(b, max_new_tokens)
         ones = np.ones((b, 1), bool)
         t1 = time.perf_counter()
         try:
             self._decode_loop(decoder, nxt, out, done, lengths, eos, teacher, on_token, kept_logits, caches,
-                              t, pad_len, ones, key, temperature, top_p, max_new_tokens)
+                              t, pad_len, ones, key, temperature, top_p, max_new_tokens, rows)
         finally:
             if decoder is not None:
                 decoder.finish()
         self._timers.decode_s = time.perf_counter() - t1
-        tokens_out = [out[i, : lengths[i]].tolist() for i in range(b)]
+        tokens_out = [out[i, : lengths[i]].tolist() for i in range(rows)]
         return GenerationResult(tokens_out, self.stats(compile_count() - compiles0),
-                                np.stack(kept_logits, axis=1) if return_logits else None)
+                                np.stack(kept_logits, axis=1)[:rows] if return_logits else None)
 
     def _decode_loop(self, decoder, nxt, out, done, lengths, eos, teacher, on_token, kept_logits, caches, t,
-                     pad_len, ones, key, temperature, top_p, max_new_tokens) -> None:
+                     pad_len, ones, key, temperature, top_p, max_new_tokens, rows) -> None:
         """Feed each picked token back until EOS or max_new_tokens: one jitted step per token on
         the one-jit path (`decoder`), the staged per-layer forward otherwise."""
         for step in range(max_new_tokens):
             out[:, step] = nxt
             if on_token is not None:
-                on_token(step, np.where(done, -1, nxt))
+                on_token(step, np.where(done, -1, nxt)[:rows])
             for i in np.flatnonzero(~done & np.isin(nxt, list(eos))):
                 done[i], lengths[i] = True, step
             if done.all() or step == max_new_tokens - 1:

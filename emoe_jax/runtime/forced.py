@@ -369,8 +369,7 @@ def _warm_up(engine: OffloadedEngine, routing: TraceRouting) -> None:
     short.decode_tokens = min(2, routing.decode_tokens)
     with forced_routing(engine, short):
         engine.generate(short.prompts, short.max_new_tokens, stop_at_eos=False)
-    for layer in range(engine.cfg.num_moe_layers):
-        engine.device_cache.evict_all(layer)
+    engine.residency.evict_all()
 
 
 def choose_prompts(traces: TraceSet | Sequence[PromptTrace], n_prompts: int, min_tokens: int) -> list[int]:

@@ -146,14 +146,17 @@ def _shared(moe, x):
     return shared
 
 
-def _moe_layer(layer, residual, normed, routing: Routing, state: SlotState, host: ExpertSlots, clock, *,
+def _moe_layer(layer, residual, normed, routing: Routing, state: SlotState, host: ExpertSlots, clock, live, *,
                method: str, restricted: bool):
-    """Make the step's experts resident (waves if needed) and run the layer's FFN."""
+    """Make the step's experts resident (waves if needed) and run the layer's FFN. live [B] bool:
+    rows that are real (a batch padded up to its bucket has dummy rows, which need no expert:
+    their pairs fall on non-resident slots and add 0, and only their own output is affected)."""
     b, t, h = normed.shape
     num_experts = state.table.shape[0]
     num_slots = state.owner.shape[0]
     flat = routing.ids.reshape(-1)  # [N*k]
-    needed = jnp.zeros(num_experts, bool).at[flat].set(True)  # [E]
+    pair_live = jnp.repeat(live, flat.shape[0] // b)  # [N*k]
+    needed = jnp.zeros(num_experts, bool).at[jnp.where(pair_live, flat, num_experts)].set(True, mode="drop")  # [E]
     resident = state.table >= 0
     held = state.owner >= 0
     used_slot = held & needed[jnp.maximum(state.owner, 0)]  # [S]
@@ -209,10 +212,12 @@ def _moe_layer(layer, residual, normed, routing: Routing, state: SlotState, host
     return residual + out.reshape(b, t, h), state, (hits, misses, evictions, timely, wasted, ran)
 
 
-def _prefetch(state: SlotState, host: ExpertSlots, scores, clock, prefetch_k: int, min_score: float):
+def _prefetch(state: SlotState, host: ExpertSlots, scores, clock, prefetch_k: int, min_score: float, live):
     """Copy the top `prefetch_k` experts per row of scores [B, E] into this layer's slots.
-    Highest scores first over the batch; a prefetch never evicts another of the round."""
-    top_scores, top_ids = jax.lax.top_k(scores.astype(jnp.float32), prefetch_k)  # [B, pk]
+    Highest scores first over the batch; a prefetch never evicts another of the round. Dummy rows
+    (live [B] False) prefetch nothing."""
+    scores = jnp.where(live[:, None], scores.astype(jnp.float32), -jnp.inf)
+    top_scores, top_ids = jax.lax.top_k(scores, prefetch_k)  # [B, pk]
     flat_scores, flat_ids = top_scores.reshape(-1), top_ids.reshape(-1).astype(jnp.int32)
     order = jnp.argsort(-flat_scores, stable=True)
     candidates = jnp.where(flat_scores[order] > min_score, flat_ids[order], -1)  # [B*pk]
@@ -250,8 +255,8 @@ def build_decode_step(cfg: MoEConfig, graphdef, *, method: str = "auto", restric
     keyed by its identity, so engines built on one (graphdef, params) pair reuse one
     compiled step per shape. Returns
     step(params, host_layers, caches, slot_states, predictor_params, predictor_state,
-         tokens [B] int32, write_index, pad_len [B], positions [B], clock, key, sample_index,
-         temperature, top_p) -> StepOut,
+         tokens [B] int32, live [B] bool, write_index, pad_len [B], positions [B], clock, key,
+         sample_index, temperature, top_p) -> StepOut,
     with caches, slot_states and predictor_state donated."""
     pkey = None if predictor is None else getattr(predictor, "cache_key", lambda: id(predictor))()
     key = (id(graphdef), cfg, method, restricted, greedy, top_p_enabled, return_logits, pkey, prefetch_k,
@@ -272,8 +277,8 @@ def _make_step(cfg, graphdef, method, restricted, greedy, top_p_enabled, return_
     pk = cfg.top_k if prefetch_k is None else int(prefetch_k)
     prefetching = predictor is not None and not restricted and pk > 0
 
-    def step(params, host_layers, caches, slot_states, pparams, pstate, tokens, write_index, pad_len, positions,
-             clock, key, sample_index, temperature, top_p):
+    def step(params, host_layers, caches, slot_states, pparams, pstate, tokens, live, write_index, pad_len,
+             positions, clock, key, sample_index, temperature, top_p):
         model = nnx.merge(graphdef, params)
         slot_states, caches = list(slot_states), list(caches)
         b = tokens.shape[0]
@@ -284,7 +289,8 @@ def _make_step(cfg, graphdef, method, restricted, greedy, top_p_enabled, return_
         if prefetching and num_moe:
             scores, pstate = predictor.begin_step(model, pparams, pstate, tokens, positions)
             if scores is not None:
-                slot_states[0], n0, ev0 = _prefetch(slot_states[0], host_layers[0], scores, clock, pk, min_score)
+                slot_states[0], n0, ev0 = _prefetch(slot_states[0], host_layers[0], scores, clock, pk, min_score,
+                                                        live)
                 issued[0] = (n0, ev0)
         reports = []
         for li, layer in enumerate(model.layers):
@@ -302,10 +308,10 @@ def _make_step(cfg, graphdef, method, restricted, greedy, top_p_enabled, return_
                                                          routing.ids.reshape(b, -1))
                 if scores is not None:
                     slot_states[ml + 1], n, ev = _prefetch(slot_states[ml + 1], host_layers[ml + 1], scores, clock,
-                                                           pk, min_score)
+                                                           pk, min_score, live)
                     n_prefetched, pf_evicted = n_prefetched + n, pf_evicted + ev
             x, slot_states[ml], (hits, misses, evicted, timely, wasted, waves) = _moe_layer(
-                layer, residual, normed, routing, slot_states[ml], host_layers[ml], clock, method=method,
+                layer, residual, normed, routing, slot_states[ml], host_layers[ml], clock, live, method=method,
                 restricted=restricted)
             reports.append(LayerReport(routing.ids.reshape(b, -1), routing.weights.reshape(b, -1), hits, misses,
                                        evicted + pf_evicted, n_prefetched, timely, wasted, waves))

@@ -41,9 +41,10 @@ class OneJitDecoder:
     # ---- device cache <-> slot states --------------------------------------------
     def start(self, caches: list, prefill: PrefillRouting | None, *, temperature: float, top_p: float,
               return_logits: bool, first_index: int, pad_len: np.ndarray, steps: int, key,
-              teacher: np.ndarray | None = None) -> None:
+              teacher: np.ndarray | None = None, live_rows: int | None = None) -> None:
         """first_index: cache index of decode step 0's token; steps: decode steps this call may run
-        (max_new_tokens - 1); teacher [B, >= steps]: tokens fed instead of the model's picks."""
+        (max_new_tokens - 1); teacher [B, >= steps]: tokens fed instead of the model's picks;
+        live_rows: the first rows are real, the rest pad the batch to its bucket (default: all real)."""
         residency = self.engine.residency
         states = residency.to_slot_states()
         self.clock = residency.lru_clock  # above every LRU rank the states start with
@@ -64,13 +65,16 @@ class OneJitDecoder:
         self.base_positions = (first_index - np.asarray(pad_len)).astype(np.int32)  # [B] step 0's positions
         self.device = device
         self.pad_dev = jax.device_put(np.asarray(pad_len, np.int32), device)
+        rows = len(pad_len)
+        self.live_rows = rows if live_rows is None else int(live_rows)
+        self.live_dev = jax.device_put(np.arange(rows) < self.live_rows, device)  # [B] bool
         self.inflight: list[tuple[int, object]] = []  # (step, StepOut) dispatched, not yet read
 
     def _dispatch(self, step: int, tokens) -> None:
         e = self.engine
         self.clock += 1
         out = self.fn(e._params, e.residency.host_layers, self.caches, self.states, self.pparams, self.pstate, tokens,
-                      np.int32(self.first_index + step), self.pad_dev, self.base_positions + np.int32(step),
+                      self.live_dev, np.int32(self.first_index + step), self.pad_dev, self.base_positions + np.int32(step),
                       np.int32(self.clock), self.key, np.int32(step + 1), self.temperature, self.top_p)
         self.caches, self.states, self.pstate = out.caches, out.slot_states, out.predictor_state
         if out.report is not None:  # routing only travels when somebody looks at it
@@ -116,12 +120,14 @@ class OneJitDecoder:
         if e.routing_hooks:
             from .engine import StepRouting
 
-            ids, weights = np.asarray(report.ids), np.asarray(report.weights, np.float32)  # [Lm, B, k]
+            live = self.live_rows  # observers see the real rows only
+            ids = np.asarray(report.ids)[:, :live]  # [Lm, B, k]
+            weights = np.asarray(report.weights, np.float32)[:, :live]
             b = ids.shape[1]
             valid = np.ones((b, 1), bool)
             for ml in range(ids.shape[0]):
                 step = StepRouting(ml, ids[ml][:, None], weights[ml][:, None], valid, None,
-                                   np.asarray(positions).reshape(b, 1))
+                                   np.asarray(positions)[:live].reshape(b, 1))
                 for hook in e.routing_hooks:
                     hook(step)
 

@@ -67,6 +67,12 @@ class Residency:
         if isinstance(self.host, StackedHostTier):
             self.host.count_load()
 
+    def evict_all(self) -> None:
+        """Empty every device slot (a cold start for the next measurement)."""
+        with self.lock:
+            for ml in range(self.num_moe_layers):
+                self.device_cache.evict_all(ml)
+
     # ---- staged path: make experts resident ---------------------------------------------
     def preload(self, moe_layer: int, experts: Sequence[int]) -> None:
         """Make `experts` resident in `moe_layer` (restricted mode's resident set, warm starts);

@@ -7,10 +7,10 @@ Steps of `iter_traces` (the Python API; `collect_traces` returns a list):
   1. encode each prompt (text with the checkpoint's tokenizer, or token ids as
      given), cut it to `prompt_tokens` tokens, and check that prompt + generated
      tokens fit the model's context;
-  2. per batch, register a `_StepRecorder` in `engine.routing_hooks`; the engine
+  2. per batch, pass a `_StepRecorder` to `engine.generate(observers=...)`; the engine
      calls it once per MoE layer per forward step (the prefill step, then one
      decode step per generated token) with that layer's top-k ids and weights
-     [B, T, k] and, when `engine.record_router_inputs` is set, the router input
+     [B, T, k] and, with `record_router_inputs=True`, the router input
      [B, T, H]. The recorder only copies them to host memory, so generation is
      unchanged;
   3. generate `max_new_tokens + 1` tokens: the engine runs a forward pass over a
@@ -178,20 +178,14 @@ def iter_traces(engine: OffloadedEngine, prompts: Sequence[PromptSpec], tokenize
                 f"Cut prompts to at most {room} tokens (prompt_tokens / --prompt-tokens) or generate fewer")
 
     num_layers = engine.cfg.num_moe_layers
-    saved_flag = engine.record_router_inputs
     with tqdm(total=len(encoded), unit="prompt", desc="tracing", disable=not progress) as bar:
         for start in range(0, len(encoded), batch_size):
             batch = encoded[start : start + batch_size]
             recorder = _StepRecorder(num_layers)
-            engine.routing_hooks.append(recorder)
-            engine.record_router_inputs = router_inputs
-            try:
-                result = engine.generate([ids for _, _, ids in batch], max_new_tokens + 1,
-                                         temperature=temperature, top_p=top_p, seed=seed + start,
-                                         stop_at_eos=stop_at_eos)
-            finally:
-                engine.routing_hooks.remove(recorder)
-                engine.record_router_inputs = saved_flag
+            result = engine.generate([ids for _, _, ids in batch], max_new_tokens + 1,
+                                     temperature=temperature, top_p=top_p, seed=seed + start,
+                                     stop_at_eos=stop_at_eos, observers=[recorder],
+                                     record_router_inputs=router_inputs)
             for i, (task, text, ids) in enumerate(batch):
                 generated = result.tokens[i][:max_new_tokens]
                 experts, weights, hidden = recorder.prompt_rows(i, len(ids), len(generated))
