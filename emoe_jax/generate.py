@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m emoe_jax.generate",
         description="Generate with an MoE model whose experts are offloaded: only --device-experts of each "
                     "layer's experts live on the accelerator, the rest are fetched from host memory or disk "
-                    "on demand. In exact mode (default) the output equals the all-resident model's.",
+                    "on demand. In exact mode (default) the output equals the all-resident model's. "
+                    "Compiled steps are cached on disk (~/.cache/emoe_jax/xla, or $EMOE_JAX_CACHE/xla; "
+                    "EMOE_JAX_COMPILE_CACHE=0 turns it off), so a repeated configuration starts fast.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_MODEL),
                    help="converted checkpoint directory (python -m emoe_jax.convert HF_DIR OUT_DIR makes one)")
@@ -107,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     _check_model(model_dir)
 
     import jax.numpy as jnp
+
+    from .compile_cache import enable_compile_cache
+
+    enable_compile_cache()  # a second run of a configuration loads its compiled steps from disk
 
     from .checkpoint import CheckpointError
     from .runtime.budget import BudgetError
