@@ -49,6 +49,7 @@ import numpy as np
 
 from emoe_jax.emoe.latency import LatencyModel
 from emoe_jax.emoe.scheduler import Request, check_fits, fcfs, slo_admit
+from emoe_jax.runtime.engine import prompt_bucket
 
 CONFIGS = ("fcfs-lru", "slo-lru", "emoe-fcfs", "emoe-slo")
 MIXES = ("uniform", "multitenant")
@@ -250,11 +251,6 @@ def agreement(run: dict, reference: dict) -> tuple[float, float]:
             float(np.mean([x[0] == y[0] for x, y in pairs])))  # fmt: skip
 
 
-def _bucket(n: int) -> int:
-    """The engine's prompt-length bucket (a power of two, at least 8): one compilation per bucket."""
-    return max(8, 1 << (n - 1).bit_length())
-
-
 def warm_up(engine, prompts: Sequence[Sequence[int]], max_new: int, max_batch: int, repeats: int = 2,
             seed: int = 0) -> None:
     """Compile before the clock starts: every batch size with every prompt-length bucket of the workload
@@ -269,7 +265,7 @@ def warm_up(engine, prompts: Sequence[Sequence[int]], max_new: int, max_batch: i
             engine.preload(layer, range(cache.slots[layer]))
     groups: dict[int, list[Sequence[int]]] = {}
     for ids in prompts:
-        groups.setdefault(_bucket(len(ids)), []).append(ids)
+        groups.setdefault(prompt_bucket(len(ids)), []).append(ids)
     for _ in range(repeats):
         for group in groups.values():
             for b in range(1, max_batch + 1):

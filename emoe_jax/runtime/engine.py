@@ -38,29 +38,13 @@ from .host_stack import has_pinned_host
 from .ingraph_predictors import PrefillRouting, in_graph_predictor, is_in_graph
 from .onejit_decode import OneJitDecoder
 from .residency import Residency
+from .step_routing import RoutingOverride, StepRouting
 from .tiers import DeviceSlotCache, ExpertSource, HostTier
 
 
 
 class GenerationError(ValueError):
     """Bad generation input (empty prompt, too long, ...); the message says what to change."""
-
-
-@dataclasses.dataclass
-class StepRouting:
-    """Routing of one step at one MoE layer, handed to trace recorders."""
-
-    moe_layer: int
-    ids: np.ndarray  # [B, T, k] int32
-    weights: np.ndarray  # [B, T, k] float32
-    valid: np.ndarray  # [B, T] bool: real tokens (not padding)
-    router_input: jax.Array | None  # [B, T, H] normed hidden state the router saw (device)
-    positions: np.ndarray | None = None  # [B, T] int: index of each token in its prompt (-1: padding)
-
-
-# A routing override sees a step's routing and returns replacement (ids, weights), both [B, T, k],
-# or None to keep it: forced-routing replay of traces and sensitivity profiling use it.
-RoutingOverride = Callable[[StepRouting], "tuple[np.ndarray, np.ndarray] | None"]
 
 
 @dataclasses.dataclass
@@ -87,7 +71,8 @@ def _split(module):
     return canonical(graphdef), state
 
 
-def _bucket(n: int, minimum: int = 8) -> int:
+def prompt_bucket(n: int, minimum: int = 8) -> int:
+    """Prompt length the prefill compiles for: the next power of two, at least `minimum`."""
     return max(minimum, 1 << (n - 1).bit_length())
 
 
@@ -425,7 +410,7 @@ class OffloadedEngine:
             self.driver.begin(prompts, tasks, texts)
         ctx = self.cfg.max_position_embeddings
         longest = max(len(p) for p in prompts)
-        t = _bucket(longest)
+        t = prompt_bucket(longest)
         if t + max_new_tokens > ctx:
             t = longest
         tokens, pad_len = left_pad(prompts, self.pad_id, length=t)

@@ -24,6 +24,7 @@ import numpy as np
 from .ingraph_predictors import PrefillRouting
 from .onejit import COUNTERS, SlotState, build_decode_step
 from .prefetch import PrefetchStats
+from .step_routing import StepRouting
 
 
 class OneJitDecoder:
@@ -118,8 +119,6 @@ class OneJitDecoder:
         pf.wasted += int(c["wasted"].sum())
         pf.bytes += prefetched * e.device_cache.slot_bytes
         if e.routing_hooks:
-            from .engine import StepRouting
-
             live = self.live_rows  # observers see the real rows only
             ids = np.asarray(report.ids)[:, :live]  # [Lm, B, k]
             weights = np.asarray(report.weights, np.float32)[:, :live]
