@@ -47,7 +47,7 @@ def _read_layer(source: ExpertSource, layer: int, num_experts: int) -> dict[str,
 class HostExpertStacks:
     """Per MoE layer `ExpertSlots` gate/up [E, H, I], down [E, I, H] in `pinned_host` memory."""
 
-    def __init__(self, source: ExpertSource, num_layers: int, num_experts: int, dtype,
+    def __init__(self, source: ExpertSource, num_moe_layers: int, num_experts: int, dtype,
                  device: jax.Device | None = None, progress: bool | None = None):
         self.device = device or jax.devices()[0]
         if not has_pinned_host(self.device):
@@ -55,8 +55,8 @@ class HostExpertStacks:
         sharding = SingleDeviceSharding(self.device, memory_kind=PINNED)
         self.layers: list[ExpertSlots] = []
         self.bytes_read = 0
-        total = source.expert_bytes * num_experts * num_layers
-        bar = tqdm(range(num_layers), desc="experts -> pinned host", unit="layer", leave=False,
+        total = source.expert_bytes * num_experts * num_moe_layers
+        bar = tqdm(range(num_moe_layers), desc="experts -> pinned host", unit="layer", leave=False,
                    disable=(total < 2**30) if progress is None else not progress)  # a bar only for long loads
         for layer in bar:
             arrays = _read_layer(source, layer, num_experts)

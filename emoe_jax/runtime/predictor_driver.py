@@ -26,13 +26,13 @@ from ..predict.base import BasePredictor, PromptInfo
 
 
 class PredictorDriver:
-    def __init__(self, predictor, num_layers: int, num_experts: int, top_k: int,
+    def __init__(self, predictor, num_moe_layers: int, num_experts: int, top_k: int,
                  prefetch_k: int | None = None, min_score: float = 0.0):
         if getattr(predictor, "oracle", False):
             raise ValueError(f"predictor {predictor.name!r} is an oracle (it reads the future); it exists only "
                              "in the simulator. Choose a causal predictor for the runtime.")
         self.predictor = predictor
-        self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+        self.num_moe_layers, self.num_experts, self.top_k = num_moe_layers, num_experts, top_k
         self.prefetch_k = top_k if prefetch_k is None else int(prefetch_k)
         self.min_score = float(min_score)
         hook = getattr(type(predictor), "observe_router_input", None)
@@ -52,7 +52,7 @@ class PredictorDriver:
         for i, (row, prompt) in enumerate(zip(self.rows, prompts)):
             row.begin_prompt(PromptInfo(
                 prompt_id=i, task=(tasks[i] if tasks else "") or "", text=(texts[i] if texts else "") or "",
-                n_prefill=len(prompt), num_layers=self.num_layers, num_experts=self.num_experts,
+                n_prefill=len(prompt), num_layers=self.num_moe_layers, num_experts=self.num_experts,
                 top_k=self.top_k))
 
     def replay_prefill(self, prompts: Sequence[Sequence[int]], ids: list[np.ndarray],
@@ -62,7 +62,7 @@ class PredictorDriver:
             off = int(pad_len[i])
             for p, tok in enumerate(prompt):
                 row.begin_token(p, int(tok))
-                for ml in range(self.num_layers):
+                for ml in range(self.num_moe_layers):
                     row.observe(p, ml, ids[ml][i, off + p], weights[ml][i, off + p])
 
     def begin_token(self, step: int, tokens: np.ndarray, done: np.ndarray) -> None:
@@ -75,7 +75,7 @@ class PredictorDriver:
         """Predict at (token, ml), then observe its routing. ids/weights [B, 1, k]; router_input
         [B, 1, H] (device) or None. Returns requests (target step, score, layer, expert), where a
         step counts token-major from the first decode token: step * L + layer."""
-        current = step * self.num_layers + ml
+        current = step * self.num_moe_layers + ml
         hidden = np.asarray(router_input, np.float32) if (self.wants_router_inputs and router_input is not None) else None
         best: dict[tuple[int, int], tuple[int, float]] = {}
         for i, row in enumerate(self.rows):
@@ -89,7 +89,7 @@ class PredictorDriver:
             if pred is None:
                 continue
             for (offset, layer), scores in zip(pred.targets, pred.scores):
-                target = (step + int(offset)) * self.num_layers + int(layer)
+                target = (step + int(offset)) * self.num_moe_layers + int(layer)
                 if target <= current:
                     continue  # that layer has routed already
                 top = np.argsort(-scores, kind="stable")[: self.prefetch_k]

@@ -69,7 +69,7 @@ class Prefetcher:
         self._inflight: dict[tuple[int, int], threading.Event] = {}
         # Guarded by `lock`: experts that arrived but whose layer has not run yet, and the
         # experts of the layer the main thread is running now.
-        self._arrived_unused: list[set[int]] = [set() for _ in range(cache.num_layers)]
+        self._arrived_unused: list[set[int]] = [set() for _ in range(cache.num_moe_layers)]
         self._protected: dict[int, set[int]] = {}
         self._thread: threading.Thread | None = None
         self._closed = False

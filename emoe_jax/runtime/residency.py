@@ -122,7 +122,7 @@ class Residency:
         device). The slot buffers move into the states: the step donates them from now on."""
         cache = self.device_cache
         states = []
-        for ml in range(cache.num_layers):
+        for ml in range(cache.num_moe_layers):
             owner = cache.expert_in_slot[ml]
             last_use = np.zeros(len(owner), np.int32)  # [S] rank in the LRU order, oldest 0
             for rank, expert in enumerate(cache.policies[ml].order()):
