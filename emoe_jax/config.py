@@ -484,6 +484,8 @@ def _check_fields(hf: Mapping[str, Any], family: str) -> None:
             refuse("shared_expert_intermediate_size", "Qwen3-MoE has no shared expert")
         if not hf.get("use_qk_norm", True):
             refuse("use_qk_norm", "Qwen3-MoE always applies RMSNorm to q and k")
+    if family in ("qwen2_moe", "qwen3_moe") and hf.get("decoder_sparse_step", 1) < 1:
+        refuse("decoder_sparse_step", "must be >= 1")
     _check_quantization(hf)
 
 
@@ -510,8 +512,6 @@ def _check_quantization(hf: Mapping[str, Any]) -> None:
         if qc.get("activation_scheme", "dynamic") != "dynamic":
             raise ConfigError(f"quantization_config.activation_scheme={qc.get('activation_scheme')!r} is not "
                               "supported: only 'dynamic' (no stored activation scales)")
-    if family in ("qwen2_moe", "qwen3_moe") and hf.get("decoder_sparse_step", 1) < 1:
-        refuse("decoder_sparse_step", "must be >= 1")
 
 
 def from_hf_config(hf: Mapping[str, Any] | str | Path) -> MoEConfig:
