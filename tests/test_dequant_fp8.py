@@ -159,3 +159,37 @@ def test_unsupported_quantization_is_refused_by_name(qc, named, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "emoe_jax.convert", str(tmp_path / "hf"), str(tmp_path / "out"),
                            "--no-progress"], capture_output=True, text=True)
     assert proc.returncode != 0 and named in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_converter_source_reads_fused_and_row_sliced_fp8(tmp_path):
+    """Fused [E, R, C] expert tensors are dequantized per expert slice, 2-D ones sliced after."""
+    from emoe_jax.checkpoint.dequant_fp8 import ConverterSource
+    from emoe_jax.checkpoint.safetensors_reader import HFSource
+
+    torch.manual_seed(0)
+    fused, fused_s = torch.randn(3, 40, 24).to(torch.float8_e4m3fn), torch.rand(3, 3, 2) + 0.5
+    flat, flat_s = torch.randn(40, 24).to(torch.float8_e4m3fn), torch.rand(3, 2) + 0.5
+    save_file({"a.weight": fused, "a.weight_scale_inv": fused_s, "b.weight": flat, "b.weight_scale_inv": flat_s,
+               "c.weight": torch.ones(4)}, tmp_path / "model.safetensors")
+    notes = []
+    source = ConverterSource(HFSource(tmp_path), {"quantization_config": {"quant_method": "fp8",
+                                                                          "weight_block_size": [16, 16]}},
+                             note=notes.append)
+    source.output_dtype = np.dtype(np.float32)
+    assert sorted(source.location) == ["a.weight", "b.weight", "c.weight"] and not notes
+    for name, q, s in (("a.weight", fused, fused_s), ("b.weight", flat, flat_s)):
+        ref = _dequantize_fp8_weight(q, s, [16, 16], torch.float32).numpy()
+        np.testing.assert_array_equal(source.read(name), ref)
+        np.testing.assert_array_equal(source.read(name, 1, 3), ref[1:3])
+    assert source.info("a.weight").dtype == np.float32 and source.read("c.weight").dtype == np.float32
+    source.close()
+
+
+def test_fp8_tensor_without_scale_is_refused(tmp_path):
+    from emoe_jax.checkpoint.dequant_fp8 import ConverterSource
+    from emoe_jax.checkpoint.safetensors_reader import HFSource
+
+    save_file({"w.weight": torch.randn(4, 4).to(torch.float8_e4m3fn)}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="has no 'w.weight_scale_inv'"):
+        ConverterSource(HFSource(tmp_path), {"quantization_config": {"quant_method": "fp8",
+                                                                     "weight_block_size": [128, 128]}})

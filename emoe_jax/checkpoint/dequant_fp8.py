@@ -120,17 +120,20 @@ class ConverterSource:
         return info
 
     def read(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """A tensor, or rows [start, stop) of its first axis; quantized weights come dequantized."""
         if name not in self.scale_of:
             return self._src.read(name, start, stop)
-        weight = self._src.read(name, start, stop)
-        scale = self._src.read(self.scale_of[name], start, stop) if weight.ndim > 2 else self._src.read(
-            self.scale_of[name])
-        if weight.ndim == 2 and (start is not None or stop is not None):  # rows of a 2-D weight: slice after
-            full = dequantize_fp8_blocks(self._src.read(name), scale, self.block, self.output_dtype, name)
-            return full[start:stop]
-        return dequantize_fp8_blocks(weight, scale, self.block, self.output_dtype, name)
+        scale_name = self.scale_of[name]
+        if len(self._src.info(name).shape) > 2:  # fused experts [E, R, C]: slice experts, then dequantize
+            return dequantize_fp8_blocks(self._src.read(name, start, stop), self._src.read(scale_name, start, stop),
+                                         self.block, self.output_dtype, name)
+        full = dequantize_fp8_blocks(self._src.read(name), self._src.read(scale_name), self.block,
+                                     self.output_dtype, name)
+        return full if start is None and stop is None else full[start:stop]
 
     def __getattr__(self, attr: str) -> Any:
+        if attr == "_src":  # not set yet (failed __init__, copies): do not recurse
+            raise AttributeError(attr)
         return getattr(self._src, attr)
 
 
