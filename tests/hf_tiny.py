@@ -39,13 +39,17 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
                   v_head_dim=8, first_k_dense_replace=1, n_group=1, topk_group=1, num_key_value_heads=4,
                   routed_scaling_factor=1.0)
     elif family == "deepseek_v3":
-        # The real config's structure at tiny size: q LoRA, interleaved rope, a leading dense layer,
+        # The real config's structure at tiny size: q LoRA, interleaved YaRN rope, a leading dense layer,
         # 4 groups of 4 experts with the best 2 groups kept, correction bias, shared expert.
         cls, cfg_cls = tf.DeepseekV3ForCausalLM, tf.DeepseekV3Config
         kw.update(n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=16, n_shared_experts=1,
                   kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
                   first_k_dense_replace=1, n_group=4, topk_group=2, num_key_value_heads=4,
-                  routed_scaling_factor=2.5, norm_topk_prob=True, rope_interleave=True)
+                  routed_scaling_factor=2.5, norm_topk_prob=True, rope_interleave=True,
+                  # YaRN as released (factor 40 over 4096, mscale_all_dim 1), scaled to the tiny context.
+                  rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 32.0,
+                                   "original_max_position_embeddings": 8, "beta_fast": 32.0, "beta_slow": 1.0,
+                                   "mscale": 1.0, "mscale_all_dim": 1.0})
     elif family == "glm4_moe":
         # GLM-4.5's structure: GQA with qkv bias, half-rotary heads, QK norm, a leading dense layer,
         # grouped sigmoid router with correction bias, shared expert.
