@@ -17,7 +17,13 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
+
+# Router variants (see model/router.py): how scores are made and how top-k is chosen.
+SCORING_FUNCS = ("softmax", "sigmoid")
+# greedy: top-k over all experts; group_limited_greedy (DeepSeek-V2): keep the topk_group groups with the
+# highest max score; noaux_tc (DeepSeek-V3, GLM-4.5): same with group score = sum of the top-2 scores.
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 
 class ConfigError(ValueError):
@@ -60,6 +66,13 @@ class MoEConfig:
     moe_intermediate_size: int
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
+    # Router: score function, top-k method with its expert groups, and DeepSeek-V3's
+    # `e_score_correction_bias` (added to the scores for choosing experts, not to the weights).
+    scoring_func: str = "softmax"
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    router_bias: bool = False
     # Layers that use a dense FFN instead of an MoE block.
     dense_layers: tuple[int, ...] = ()
     # Shared experts: Qwen2-MoE has one sigmoid-gated shared expert; DeepSeek has plain ones.
@@ -71,6 +84,8 @@ class MoEConfig:
     # 'none', 'head' (Qwen3: RMSNorm over head_dim), 'full' (OLMoE: RMSNorm over all heads).
     qk_norm: str = "none"
     clip_qkv: float | None = None
+    # GLM-4.5 rotates only the first head_dim * partial_rotary_factor dims of each head.
+    partial_rotary_factor: float = 1.0
     # MLA (DeepSeek-V2).
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
@@ -103,6 +118,29 @@ class MoEConfig:
         bad = [layer for layer in self.dense_layers if not 0 <= layer < self.num_layers]
         if bad:
             raise ConfigError(f"dense_layers {bad} outside [0, {self.num_layers})")
+        self._check_router()
+        rd = self.head_dim * self.partial_rotary_factor
+        if not 0 < self.partial_rotary_factor <= 1 or rd != int(rd) or int(rd) % 2:
+            raise ConfigError(f"partial_rotary_factor={self.partial_rotary_factor} must give an even number "
+                              f"of rotary dims in (0, head_dim={self.head_dim}]")
+
+    def _check_router(self) -> None:
+        if self.scoring_func not in SCORING_FUNCS:
+            raise ConfigError(f"scoring_func={self.scoring_func!r} must be one of {', '.join(SCORING_FUNCS)}")
+        if self.topk_method not in TOPK_METHODS:
+            raise ConfigError(f"topk_method={self.topk_method!r} must be one of {', '.join(TOPK_METHODS)}")
+        if self.n_group < 1 or self.num_experts % self.n_group:
+            raise ConfigError(f"n_group={self.n_group} must divide num_experts={self.num_experts}")
+        if not 1 <= self.topk_group <= self.n_group:
+            raise ConfigError(f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
+        if self.topk_method == "greedy" and self.n_group != 1:
+            raise ConfigError("n_group > 1 needs topk_method 'group_limited_greedy' or 'noaux_tc'")
+        per_group = self.num_experts // self.n_group
+        if self.topk_method == "noaux_tc" and self.n_group > 1 and per_group < 2:
+            raise ConfigError(f"noaux_tc scores each group by its top-2 experts; groups of {per_group} are too small")
+        if self.top_k > self.topk_group * per_group:
+            raise ConfigError(f"top_k={self.top_k} exceeds the experts of the topk_group={self.topk_group} "
+                              f"groups kept ({self.topk_group * per_group})")
 
     # ---- derived quantities -------------------------------------------------
     @property
@@ -119,6 +157,11 @@ class MoEConfig:
     def expert_params(self) -> int:
         """Parameters of one routed expert (gate, up and down projections)."""
         return 3 * self.hidden_size * self.moe_intermediate_size
+
+    @property
+    def rotary_dim(self) -> int:
+        """Rotated dims per head (GQA); the rest pass through unrotated."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def qk_head_dim(self) -> int:
@@ -195,6 +238,50 @@ PRESETS: dict[str, MoEConfig] = {
                         interleaved=True),
         max_position_embeddings=163840, bos_token_id=100000, eos_token_id=100001, add_bos=True,
     ),
+    # DeepSeek-V3 / R1 (same shape): 58 MoE layers x 256 experts, top-8 within 4 of 8 groups.
+    "deepseek-v3": MoEConfig(
+        family="deepseek_v3", vocab_size=129280, hidden_size=7168, num_layers=61, num_heads=128,
+        num_kv_heads=128, head_dim=64, intermediate_size=18432, num_experts=256, top_k=8,
+        moe_intermediate_size=2048, norm_topk_prob=True, routed_scaling_factor=2.5,
+        scoring_func="sigmoid", topk_method="noaux_tc", n_group=8, topk_group=4, router_bias=True,
+        dense_layers=(0, 1, 2), shared_expert_intermediate_size=2048, attention="mla",
+        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        rope=RopeConfig(theta=10000.0, kind="yarn", factor=40.0, original_max_position_embeddings=4096,
+                        beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, interleaved=True),
+        max_position_embeddings=163840, bos_token_id=0, eos_token_id=1, add_bos=True,
+    ),
+    # Kimi-K2 (DeepSeek-V3 architecture): 60 MoE layers x 384 experts, one group, 64 heads.
+    "kimi-k2": MoEConfig(
+        family="deepseek_v3", vocab_size=163840, hidden_size=7168, num_layers=61, num_heads=64,
+        num_kv_heads=64, head_dim=64, intermediate_size=18432, num_experts=384, top_k=8,
+        moe_intermediate_size=2048, norm_topk_prob=True, routed_scaling_factor=2.827,
+        scoring_func="sigmoid", topk_method="noaux_tc", n_group=1, topk_group=1, router_bias=True,
+        dense_layers=(0,), shared_expert_intermediate_size=2048, attention="mla",
+        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        rope=RopeConfig(theta=50000.0, kind="yarn", factor=32.0, original_max_position_embeddings=4096,
+                        beta_fast=1.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, interleaved=True),
+        max_position_embeddings=131072, bos_token_id=163584, eos_token_id=163585, add_bos=True,
+    ),
+    # GLM-4.5: 89 MoE layers x 160 experts, top-8, half-rotary GQA with qkv bias and QK norm.
+    "glm-4.5": MoEConfig(
+        family="glm4_moe", vocab_size=151552, hidden_size=5120, num_layers=92, num_heads=96,
+        num_kv_heads=8, head_dim=128, intermediate_size=12288, num_experts=160, top_k=8,
+        moe_intermediate_size=1536, norm_topk_prob=True, routed_scaling_factor=2.5,
+        scoring_func="sigmoid", topk_method="noaux_tc", router_bias=True, dense_layers=(0, 1, 2),
+        shared_expert_intermediate_size=1536, qkv_bias=True, qk_norm="head", partial_rotary_factor=0.5,
+        rope=RopeConfig(theta=1e6), rms_norm_eps=1e-5, max_position_embeddings=131072,
+        pad_token_id=151329, eos_token_id=(151329, 151336, 151338),
+    ),
+    # GLM-4.5-Air: 45 MoE layers x 128 experts, top-8, no QK norm.
+    "glm-4.5-air": MoEConfig(
+        family="glm4_moe", vocab_size=151552, hidden_size=4096, num_layers=46, num_heads=96,
+        num_kv_heads=8, head_dim=128, intermediate_size=10944, num_experts=128, top_k=8,
+        moe_intermediate_size=1408, norm_topk_prob=True, routed_scaling_factor=1.0,
+        scoring_func="sigmoid", topk_method="noaux_tc", router_bias=True, dense_layers=(0,),
+        shared_expert_intermediate_size=1408, qkv_bias=True, partial_rotary_factor=0.5,
+        rope=RopeConfig(theta=1e6), rms_norm_eps=1e-5, max_position_embeddings=131072,
+        pad_token_id=151329, eos_token_id=(151329, 151336, 151338),
+    ),
 }
 
 
@@ -218,6 +305,19 @@ def tiny_config(family: str, **overrides: Any) -> MoEConfig:
             attention="mla", dense_layers=(0,), kv_lora_rank=16, qk_nope_head_dim=8,
             qk_rope_head_dim=8, v_head_dim=8, head_dim=8, num_kv_heads=4,
             shared_expert_intermediate_size=32, rope=RopeConfig(interleaved=True),
+        )
+    elif family == "deepseek_v3":
+        base.update(
+            attention="mla", dense_layers=(0,), kv_lora_rank=16, qk_nope_head_dim=8, q_lora_rank=24,
+            qk_rope_head_dim=8, v_head_dim=8, head_dim=8, num_kv_heads=4, norm_topk_prob=True,
+            shared_expert_intermediate_size=16, rope=RopeConfig(interleaved=True), scoring_func="sigmoid",
+            topk_method="noaux_tc", n_group=4, topk_group=2, router_bias=True, routed_scaling_factor=2.5,
+        )
+    elif family == "glm4_moe":
+        base.update(
+            dense_layers=(0,), qkv_bias=True, qk_norm="head", partial_rotary_factor=0.5, norm_topk_prob=True,
+            shared_expert_intermediate_size=16, scoring_func="sigmoid", topk_method="noaux_tc", n_group=2,
+            topk_group=1, router_bias=True, routed_scaling_factor=1.5,
         )
     base.update(overrides)
     return MoEConfig(**base)
@@ -248,19 +348,30 @@ _IGNORED = {
     "intermediate_size", "num_experts_per_tok", "head_dim", "max_window_layers",
     "layer_types", "use_sliding_window", "sliding_window", "norm_topk_prob",
     "generation_config", "use_return_dict", "moe_intermediate_size", "mlp_bias",
-    "attention_bias",
+    "attention_bias", "quantization_config",
 }
+
+_DEEPSEEK_MLA_FIELDS = {"n_routed_experts", "n_shared_experts", "first_k_dense_replace", "moe_layer_freq",
+                        "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                        "qk_head_dim", "topk_method", "n_group", "topk_group", "routed_scaling_factor",
+                        "scoring_func", "num_experts"}
+# The multi-token-prediction layers some checkpoints carry after num_hidden_layers: the converter skips them.
+_MTP_FIELDS = {"num_nextn_predict_layers", "num_mtp_layers"}
 
 _FAMILY_FIELDS: dict[str, set[str]] = {
     "mixtral": {"num_local_experts"},
     "qwen2_moe": {"num_experts", "decoder_sparse_step", "mlp_only_layers",
                   "shared_expert_intermediate_size", "qkv_bias"},
-    "qwen3_moe": {"num_experts", "num_local_experts", "decoder_sparse_step", "mlp_only_layers"},
+    # qkv_bias / shared_expert_intermediate_size / use_qk_norm: Qwen3-Coder-480B carries them with values
+    # that change nothing (checked in _check_fields).
+    "qwen3_moe": {"num_experts", "num_local_experts", "decoder_sparse_step", "mlp_only_layers",
+                  "qkv_bias", "shared_expert_intermediate_size", "use_qk_norm"},
     "olmoe": {"num_experts", "clip_qkv"},
-    "deepseek_v2": {"n_routed_experts", "n_shared_experts", "first_k_dense_replace",
-                    "moe_layer_freq", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim",
-                    "qk_rope_head_dim", "v_head_dim", "qk_head_dim", "topk_method", "n_group",
-                    "topk_group", "routed_scaling_factor", "scoring_func", "num_experts"},
+    "deepseek_v2": _DEEPSEEK_MLA_FIELDS,
+    "deepseek_v3": _DEEPSEEK_MLA_FIELDS | _MTP_FIELDS | {"num_local_experts", "rope_interleave"},
+    "glm4_moe": {"n_routed_experts", "n_shared_experts", "first_k_dense_replace", "n_group", "topk_group",
+                 "routed_scaling_factor", "partial_rotary_factor", "use_qk_norm", "num_local_experts"}
+    | _MTP_FIELDS,
 }
 
 _ARCH_TO_FAMILY = {
@@ -269,7 +380,21 @@ _ARCH_TO_FAMILY = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "OlmoeForCausalLM": "olmoe",
     "DeepseekV2ForCausalLM": "deepseek_v2",
+    # Kimi-K2 ships model_type 'kimi_k2' with the DeepSeek-V3 architecture.
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+    "Glm4MoeForCausalLM": "glm4_moe",
 }
+
+# transformers' config defaults where they matter and differ from our generic fallbacks.
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "deepseek_v3": dict(n_shared_experts=1, routed_scaling_factor=2.5, n_group=8, topk_group=4,
+                        first_k_dense_replace=3, norm_topk_prob=True, q_lora_rank=1536),
+    "glm4_moe": dict(n_shared_experts=1, routed_scaling_factor=1.0, n_group=1, topk_group=1,
+                     first_k_dense_replace=1, norm_topk_prob=True),
+}
+
+# Weight quantizations the converter dequantizes while streaming (checkpoint/dequant_fp8.py).
+SUPPORTED_QUANTIZATION = ("fp8",)
 
 
 def _family_of(hf: Mapping[str, Any]) -> str:
@@ -293,7 +418,7 @@ def _rope_from_hf(hf: Mapping[str, Any], family: str) -> RopeConfig:
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     merged = {**scaling, **params}
-    interleaved = family == "deepseek_v2"
+    interleaved = family == "deepseek_v2" or (family == "deepseek_v3" and bool(hf.get("rope_interleave", True)))
     if kind == "default":
         return RopeConfig(theta=float(theta), interleaved=interleaved)
     if kind == "yarn":
@@ -336,16 +461,57 @@ def _check_fields(hf: Mapping[str, Any], family: str) -> None:
     if hf.get("mlp_bias"):
         refuse("mlp_bias", "biased MLPs are not implemented")
     if family == "deepseek_v2":
-        if hf.get("topk_method", "greedy") != "greedy":
-            refuse("topk_method", "only 'greedy' top-k routing (DeepSeek-V2-Lite) is implemented")
+        if hf.get("topk_method", "greedy") not in ("greedy", "group_limited_greedy"):
+            refuse("topk_method", "DeepSeek-V2 routes with 'greedy' or 'group_limited_greedy'")
         if hf.get("scoring_func", "softmax") != "softmax":
-            refuse("scoring_func", "only softmax router scores are implemented")
-        if hf.get("moe_layer_freq", 1) != 1:
-            refuse("moe_layer_freq", "only every-layer MoE after first_k_dense_replace is implemented")
+            refuse("scoring_func", "DeepSeek-V2 routes with softmax scores")
         if hf.get("norm_topk_prob"):
             refuse("norm_topk_prob", "transformers' DeepSeek-V2 does not renormalise top-k weights")
+    if family == "deepseek_v3":
+        if hf.get("topk_method", "noaux_tc") != "noaux_tc":
+            refuse("topk_method", "DeepSeek-V3 routes with 'noaux_tc' (sigmoid scores, correction bias, groups)")
+        if hf.get("scoring_func", "sigmoid") != "sigmoid":
+            refuse("scoring_func", "DeepSeek-V3 routes with sigmoid scores")
+    if family in ("deepseek_v2", "deepseek_v3") and hf.get("moe_layer_freq", 1) != 1:
+        refuse("moe_layer_freq", "only every-layer MoE after first_k_dense_replace is implemented")
+    if family == "qwen3_moe":
+        # Accepted only with the values that change nothing: transformers' Qwen3-MoE has no qkv bias
+        # (biases come from attention_bias), no shared expert, and always normalises q and k.
+        if hf.get("qkv_bias", False):
+            refuse("qkv_bias", "Qwen3-MoE has no q/k/v bias switch (set attention_bias for biases); "
+                               "a checkpoint with this set cannot be run faithfully")
+        if hf.get("shared_expert_intermediate_size") or 0:
+            refuse("shared_expert_intermediate_size", "Qwen3-MoE has no shared expert")
+        if not hf.get("use_qk_norm", True):
+            refuse("use_qk_norm", "Qwen3-MoE always applies RMSNorm to q and k")
     if family in ("qwen2_moe", "qwen3_moe") and hf.get("decoder_sparse_step", 1) < 1:
         refuse("decoder_sparse_step", "must be >= 1")
+    _check_quantization(hf)
+
+
+def _check_quantization(hf: Mapping[str, Any]) -> None:
+    """Weight quantization is accepted only where the converter dequantizes it exactly."""
+    qc = hf.get("quantization_config")
+    if qc is None:
+        return
+    method = qc.get("quant_method") if isinstance(qc, Mapping) else None
+    if method not in SUPPORTED_QUANTIZATION:
+        raise ConfigError(
+            f"quantization_config.quant_method={method!r} is not supported: emoe_jax dequantizes "
+            f"{', '.join(SUPPORTED_QUANTIZATION)} checkpoints (block-scaled FP8 with weight_scale_inv); "
+            "convert an unquantized (bf16) release instead"
+        )
+    if method == "fp8":
+        fmt = qc.get("fmt", "e4m3")
+        if fmt != "e4m3":
+            raise ConfigError(f"quantization_config.fmt={fmt!r} is not supported: FP8 weights must be e4m3")
+        block = qc.get("weight_block_size")
+        if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(int(b) > 0 for b in block)):
+            raise ConfigError(f"quantization_config.weight_block_size={block!r} is not supported: "
+                              "need [rows, cols] blocks (DeepSeek-V3: [128, 128])")
+        if qc.get("activation_scheme", "dynamic") != "dynamic":
+            raise ConfigError(f"quantization_config.activation_scheme={qc.get('activation_scheme')!r} is not "
+                              "supported: only 'dynamic' (no stored activation scales)")
 
 
 def from_hf_config(hf: Mapping[str, Any] | str | Path) -> MoEConfig:
@@ -362,6 +528,8 @@ def from_hf_config(hf: Mapping[str, Any] | str | Path) -> MoEConfig:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
     family = _family_of(hf)
     _check_fields(hf, family)
+    # Absent fields take transformers' defaults for the family (they differ from the other families').
+    hf = {**_HF_DEFAULTS.get(family, {}), **hf}
 
     def need(*names: str) -> Any:
         for name in names:
@@ -432,4 +600,51 @@ def from_hf_config(hf: Mapping[str, Any] | str | Path) -> MoEConfig:
             add_bos=True,
         )
         kw["head_dim"] = kw["qk_rope_head_dim"]
+        if hf.get("topk_method") == "group_limited_greedy":
+            kw.update(topk_method="group_limited_greedy", n_group=int(need("n_group")),
+                      topk_group=int(need("topk_group")))
+    elif family == "deepseek_v3":
+        moe_inter = int(need("moe_intermediate_size"))
+        q_lora = hf.get("q_lora_rank")
+        kw.update(
+            num_experts=int(need("n_routed_experts", "num_local_experts", "num_experts")),
+            moe_intermediate_size=moe_inter,
+            dense_layers=tuple(range(min(int(hf.get("first_k_dense_replace") or 0), layers))),
+            shared_expert_intermediate_size=moe_inter * int(hf.get("n_shared_experts") or 0),
+            attention="mla",
+            qkv_bias=bool(hf.get("attention_bias", False)),
+            q_lora_rank=int(q_lora) if q_lora else None,
+            kv_lora_rank=int(need("kv_lora_rank")),
+            qk_nope_head_dim=int(need("qk_nope_head_dim")),
+            qk_rope_head_dim=int(need("qk_rope_head_dim")),
+            v_head_dim=int(need("v_head_dim")),
+            **_sigmoid_router_fields(hf),
+            add_bos=True,
+        )
+        kw["head_dim"] = kw["qk_rope_head_dim"]
+    elif family == "glm4_moe":
+        moe_inter = int(need("moe_intermediate_size"))
+        params = hf.get("rope_parameters") or {}
+        # transformers 5 keeps it in rope_parameters; older configs at the top level; GLM's default is 0.5.
+        prf = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))
+        kw.update(
+            num_experts=int(need("n_routed_experts", "num_local_experts")),
+            moe_intermediate_size=moe_inter,
+            dense_layers=tuple(range(min(int(hf.get("first_k_dense_replace") or 0), layers))),
+            shared_expert_intermediate_size=moe_inter * int(hf.get("n_shared_experts") or 0),
+            qkv_bias=bool(hf.get("attention_bias", False)),
+            qk_norm="head" if hf.get("use_qk_norm") else "none",
+            partial_rotary_factor=float(prf),
+            **_sigmoid_router_fields(hf),
+        )
     return MoEConfig(**kw)
+
+
+def _sigmoid_router_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """DeepSeek-V3 / GLM-4.5 router: sigmoid scores, correction bias, noaux_tc group selection."""
+    return dict(
+        scoring_func="sigmoid", topk_method="noaux_tc", router_bias=True,
+        n_group=int(hf.get("n_group") or 1), topk_group=int(hf.get("topk_group") or 1),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+    )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
+# Families whose router scores are sigmoids (saturate if widened too much) and carry a correction bias.
+SIGMOID_ROUTED = ("deepseek_v3", "glm4_moe")
 
 _COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -36,6 +38,25 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
                   kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
                   v_head_dim=8, first_k_dense_replace=1, n_group=1, topk_group=1, num_key_value_heads=4,
                   routed_scaling_factor=1.0)
+    elif family == "deepseek_v3":
+        # The real config's structure at tiny size: q LoRA, interleaved YaRN rope, a leading dense layer,
+        # 4 groups of 4 experts with the best 2 groups kept, correction bias, shared expert.
+        cls, cfg_cls = tf.DeepseekV3ForCausalLM, tf.DeepseekV3Config
+        kw.update(n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=16, n_shared_experts=1,
+                  kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                  first_k_dense_replace=1, n_group=4, topk_group=2, num_key_value_heads=4,
+                  routed_scaling_factor=2.5, norm_topk_prob=True, rope_interleave=True,
+                  # YaRN as released (factor 40 over 4096, mscale_all_dim 1), scaled to the tiny context.
+                  rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 32.0,
+                                   "original_max_position_embeddings": 8, "beta_fast": 32.0, "beta_slow": 1.0,
+                                   "mscale": 1.0, "mscale_all_dim": 1.0})
+    elif family == "glm4_moe":
+        # GLM-4.5's structure: GQA with qkv bias, half-rotary heads, QK norm, a leading dense layer,
+        # grouped sigmoid router with correction bias, shared expert.
+        cls, cfg_cls = tf.Glm4MoeForCausalLM, tf.Glm4MoeConfig
+        kw.update(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                  first_k_dense_replace=1, n_group=2, topk_group=1, head_dim=16, attention_bias=True,
+                  use_qk_norm=True, partial_rotary_factor=0.5, routed_scaling_factor=1.5, norm_topk_prob=True)
     else:
         raise ValueError(family)
     kw.update(overrides)
@@ -48,10 +69,15 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
     # Random init of transformers uses std 0.02, which makes routers nearly uniform;
     # widen router weights so top-k choices are well separated (ties would make
     # the comparison depend on tie-breaking, not on the implementation).
+    # Sigmoid routers saturate (ties at 1.0) if widened as much; their correction bias (zero at init)
+    # gets random values large enough to change some choices.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("gate.weight") and p.shape[0] in (8,):
-                p.mul_(20.0)
+            if name.endswith("gate.weight") and p.shape[0] in (8, 16):
+                p.mul_(5.0 if family in SIGMOID_ROUTED else 20.0)
             elif "norm" in name:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.05 * torch.randn_like(b))
     return model

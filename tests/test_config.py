@@ -62,9 +62,14 @@ def test_unsupported_fields_are_named(field, value):
         from_hf_config({**MIXTRAL, field: value})
 
 
-def test_deepseek_group_routing_refused():
+def test_deepseek_v2_group_routing():
+    # DeepSeek-V2 (236B) / V2-Chat route group-limited (parity: tests/test_parity.py); noaux_tc is V3's.
+    cfg = from_hf_config({**DEEPSEEK_V2_LITE, "topk_method": "group_limited_greedy", "n_group": 8,
+                          "topk_group": 2})
+    assert (cfg.topk_method, cfg.n_group, cfg.topk_group, cfg.scoring_func) == ("group_limited_greedy", 8, 2,
+                                                                                 "softmax")
     with pytest.raises(ConfigError, match="topk_method"):
-        from_hf_config({**DEEPSEEK_V2_LITE, "topk_method": "group_limited_greedy"})
+        from_hf_config({**DEEPSEEK_V2_LITE, "topk_method": "noaux_tc"})
 
 
 def test_unknown_model_type(tmp_path):

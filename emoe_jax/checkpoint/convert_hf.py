@@ -24,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from emoe_jax.checkpoint.dense_store import set_nested
+from emoe_jax.checkpoint.dequant_fp8 import open_converter_source
 from emoe_jax.checkpoint.errors import CheckpointError
 from emoe_jax.checkpoint.manifest import FORMAT_VERSION, MANIFEST, read_manifest
 from emoe_jax.checkpoint.names import ExpertPiece, dense_path, group_of, parse_expert_name
@@ -127,7 +128,7 @@ def convert_hf_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, dtype: str
     if not hf_config.is_file():
         raise FileNotFoundError(f"{hf_config} not found: a Hugging Face checkpoint needs its config.json")
     cfg = from_hf_config(hf_config)
-    source = HFSource(hf_dir)
+    source = open_converter_source(hf_dir)  # FP8 weights dequantized on read, MTP layers skipped
     try:
         plan = _plan(source, cfg)
         if dtype == "auto":
@@ -136,6 +137,7 @@ def convert_hf_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, dtype: str
             dt = target_dtype(dt.name if dt.name in ("bfloat16", "float32", "float16") else "float32")
         else:
             dt = target_dtype(dtype)
+        source.output_dtype = dt  # FP8 weights dequantize straight to the target dtype (one rounding)
         fingerprint = {"format_version": FORMAT_VERSION, "files": source.file_list(), "dtype": dt.name}
         prepare_out_dir(out_dir, overwrite)
         if (out_dir / MANIFEST).exists():

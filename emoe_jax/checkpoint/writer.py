@@ -113,7 +113,7 @@ class CheckpointWriter:
         return (moe_layer, expert) in self.progress.experts_done
 
     def save_dense_group(self, group: str, tree: dict[str, Any]) -> None:
-        tree = _map_leaves(tree, lambda x: cast(x, self.dtype))
+        tree = _map_leaves(tree, lambda x: cast(x, self.dtype), keep=KEEP_FLOAT32)
         dense_store.save_group(self.out_dir / "dense", group, tree)
         self.progress.dense(group)
         self._tick()
@@ -190,8 +190,14 @@ class CheckpointWriter:
         return manifest
 
 
-def _map_leaves(tree: Mapping[str, Any], fn) -> dict[str, Any]:
-    return {k: _map_leaves(v, fn) if isinstance(v, Mapping) else fn(v) for k, v in tree.items()}
+# Leaves stored in float32 whatever the target dtype: DeepSeek-V3's router correction bias only ranks
+# experts, and transformers keeps it in float32 (rounding it to bf16 would change some choices).
+KEEP_FLOAT32 = ("e_score_correction_bias",)
+
+
+def _map_leaves(tree: Mapping[str, Any], fn, keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {k: _map_leaves(v, fn, keep) if isinstance(v, Mapping)
+            else (cast(v, np.dtype(np.float32)) if k in keep else fn(v)) for k, v in tree.items()}
 
 
 def write_checkpoint(out_dir: str | Path, config: MoEConfig, dense: Mapping[str, Any],

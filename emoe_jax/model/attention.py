@@ -85,9 +85,10 @@ class GQAttention(nnx.Module):
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope_cos_sin(cfg.rope, cfg.head_dim, positions_for(t, write_index, pad_len))
-        q = apply_rope(q, cos, sin, cfg.rope.interleaved)
-        k = apply_rope(k, cos, sin, cfg.rope.interleaved)
+        rd = cfg.rotary_dim  # GLM-4.5 rotates the first half of each head; the rest passes through
+        cos, sin = rope_cos_sin(cfg.rope, rd, positions_for(t, write_index, pad_len))
+        q = jnp.concatenate([apply_rope(q[..., :rd], cos, sin, cfg.rope.interleaved), q[..., rd:]], axis=-1)
+        k = jnp.concatenate([apply_rope(k[..., :rd], cos, sin, cfg.rope.interleaved), k[..., rd:]], axis=-1)
         if cache is None:  # training / one-shot forward: attend over the new tokens only
             keys, values, new_cache = k, v, None
         else:

@@ -38,7 +38,9 @@ def _hf_name(cfg: MoEConfig, path: tuple) -> tuple[str, bool]:
         if p == "mlp" and cfg.family == "mixtral":
             p = "block_sparse_moe"
         elif p == "shared":
-            p = "shared_experts" if cfg.family == "deepseek_v2" else "shared_expert"
+            p = "shared_experts" if cfg.family in ("deepseek_v2", "deepseek_v3", "glm4_moe") else "shared_expert"
+        elif p == "e_score_correction_bias":  # a router buffer in transformers: mlp.gate.e_score_correction_bias
+            renamed.append("gate")
         elif p == "shared_gate":
             p = "shared_expert_gate"
         renamed.append(p)

@@ -25,6 +25,7 @@ from flax import nnx
 
 from ..config import MoEConfig
 from .layers import SwiGLU
+from .router import route_sigmoid_or_grouped
 
 
 class ExpertSlots(NamedTuple):
@@ -40,12 +41,17 @@ class Routing(NamedTuple):
     weights: jax.Array  # [N, k] float32 combine weights
 
 
-def route(logits: jax.Array, cfg: MoEConfig, resident: jax.Array | None = None) -> Routing:
+def route(logits: jax.Array, cfg: MoEConfig, resident: jax.Array | None = None,
+          bias: jax.Array | None = None) -> Routing:
     """Top-k routing from router logits [N, E] (float32).
 
     resident: optional [E] bool; when given (restricted mode), experts that are
     not resident cannot be chosen, so tokens go to their next-best resident expert.
+    bias: DeepSeek-V3's [E] e_score_correction_bias; sigmoid scores and expert groups
+    are routed by router.py.
     """
+    if cfg.scoring_func != "softmax" or cfg.topk_method != "greedy":
+        return Routing(*route_sigmoid_or_grouped(logits, cfg, resident, bias))
     if resident is not None:
         logits = jnp.where(resident[None, :], logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
@@ -182,6 +188,8 @@ class MoEBlock(nnx.Module):
     def __init__(self, cfg: MoEConfig, *, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         self.gate = nnx.Linear(cfg.hidden_size, cfg.num_experts, use_bias=False, param_dtype=dtype, rngs=rngs)
+        if cfg.router_bias:  # DeepSeek-V3 / GLM-4.5; float32 as in transformers (it only ranks experts)
+            self.e_score_correction_bias = nnx.Param(jnp.zeros((cfg.num_experts,), jnp.float32))
         if cfg.shared_expert_intermediate_size:
             self.shared = SwiGLU(cfg.hidden_size, cfg.shared_expert_intermediate_size, dtype=dtype, rngs=rngs)
             if cfg.shared_expert_gated:
@@ -193,7 +201,8 @@ class MoEBlock(nnx.Module):
         return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
 
     def route(self, x: jax.Array, resident: jax.Array | None = None) -> Routing:
-        return route(self.router_logits(x), self.cfg, resident)
+        bias = self.e_score_correction_bias[...] if self.cfg.router_bias else None
+        return route(self.router_logits(x), self.cfg, resident, bias)
 
     def combine(self, x, routing: Routing, experts: ExpertSlots, slot_of_expert, method="auto"):
         """Routed experts plus shared experts for x [N, H] with a routing already decided."""

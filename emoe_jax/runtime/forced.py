@@ -330,7 +330,7 @@ def random_dense_params(cfg: MoEConfig, seed: int = 0, dtype=jnp.bfloat16):
             value = np.ones(spec.shape, np.float32)
         elif name in ("kernel", "embedding"):
             value = _random_bf16(rng, spec.shape, spec.shape[0] if name == "kernel" else 1)
-        elif name == "bias":
+        elif name in ("bias", "e_score_correction_bias"):  # the router's correction bias: neutral
             value = np.zeros(spec.shape, np.float32)
         else:
             raise ConfigError(f"random_dense_params does not know how to fill parameter {'/'.join(map(str, path))}")

