@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"emoe_jax.convert: {kind}: {e}", file=sys.stderr)
         return 2
     summary["seconds"] = round(time.perf_counter() - t0, 3)
+    for w in summary.get("warnings", []):
+        print(f"emoe_jax.convert: warning: {w}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary))
     else:

@@ -30,6 +30,7 @@ from ..model.jit_cache import canonical
 from ..model.resident import left_pad
 from . import stages
 from .budget import parse_expert_count, parse_per_layer_counts
+from ..sampling import check_sampling
 from .compile_count import compile_count
 from .engine_config import DECODE_PATHS, MODES, EngineConfig
 from .predictor_driver import PredictorDriver
@@ -366,6 +367,7 @@ class OffloadedEngine:
         path one step behind); `routing_override` replaces the router's choice for this call (it
         needs the staged path)."""
         self._validate(prompts, max_new_tokens)
+        check_sampling(temperature, top_p)  # negative temperature / top_p outside [0, 1]: SamplingError
         if observers or routing_override is not None:
             saved = (list(self.routing_hooks), self.routing_override)
             self.routing_hooks = [*self.routing_hooks, *observers]
