@@ -121,7 +121,7 @@ class OffloadedEngine:
         self._proj = _split(model.embed_tokens if cfg.tie_word_embeddings else model.lm_head)
         e, lm = cfg.num_experts, cfg.num_moe_layers
         self.slots = parse_per_layer_counts(device_experts, e, lm, "--device-experts")
-        host_count = parse_expert_count(host_experts, e * lm, "--host-experts")
+        host_count = parse_expert_count(host_experts, e * lm, "--host-experts", per="over all MoE layers")
         self.source = source
         self.device = jax.devices()[0]
         # With every expert in host memory and a pinned_host memory kind, the host tier is one
