@@ -20,17 +20,18 @@ class SamplingError(ValueError):
     """A temperature or top-p the sampler cannot honour; the message says what is allowed."""
 
 
-def check_sampling(temperature: float, top_p: float) -> None:
-    """Raise SamplingError for a temperature < 0 (or NaN/inf) or a top_p outside [0, 1]."""
+def check_sampling(temperature: float, top_p: float, names: tuple[str, str] = ("temperature", "top_p")) -> None:
+    """Raise SamplingError for a temperature < 0 (or NaN/inf) or a top_p outside [0, 1].
+    `names`: how the caller spells the two (e.g. the CLI flags), for the message."""
     try:
         t, p = float(temperature), float(top_p)
     except (TypeError, ValueError):
-        raise SamplingError(f"temperature={temperature!r} and top_p={top_p!r} must be numbers") from None
+        raise SamplingError(f"{names[0]}={temperature!r} and {names[1]}={top_p!r} must be numbers") from None
     if not math.isfinite(t) or t < 0:
         raise SamplingError(
-            f"temperature={temperature} is invalid: use 0 for greedy decoding or a positive value "
+            f"{names[0]}={temperature} is invalid: use 0 for greedy decoding or a positive value "
             "(e.g. 0.7) to sample")
     if not math.isfinite(p) or not 0 <= p <= 1:
         raise SamplingError(
-            f"top_p={top_p} is invalid: it is a probability mass in [0, 1] (1 keeps every token, "
+            f"{names[1]}={top_p} is invalid: it is a probability mass in [0, 1] (1 keeps every token, "
             "0 keeps only the most probable one)")
