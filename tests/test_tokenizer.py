@@ -148,3 +148,12 @@ def test_sentencepiece_runs_of_spaces_match_sentencepiece_itself(tmp_path, keep_
     for text in code + [" hello", "x\n    y", "    indented"]:
         assert tok.encode(text) == [1, *ref.encode(text)], repr(text)
         assert tok.decode(tok.encode(text)) == ref.decode(ref.encode(text))
+
+
+def test_add_bos_token_wins_over_a_post_processor_without_bos(tmp_path):
+    """DeepSeek-V2's case (docs/checkpoint.md): add_bos_token true, post-processor adds no BOS."""
+    d = _save_raw(tmp_path, template=False, tok_cfg={"bos_token": "<s>", "add_bos_token": True})
+    backend = Backend.from_file(str(d / "tokenizer.json"))
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)  # a post-processor that adds nothing
+    backend.save(str(d / "tokenizer.json"))
+    assert load_tokenizer(d).encode("hello world")[0] == 1
