@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = convert_hf_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
                                         progress=not args.no_progress, verify=args.verify)
+    except KeyboardInterrupt:
+        print("emoe_jax.convert: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, OSError) as e:  # CheckpointError, ConfigError are ValueErrors
         kind = "config error" if isinstance(e, ConfigError) else "error"
         if args.json:
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"emoe_jax.convert: {kind}: {e}", file=sys.stderr)
         return 2
     summary["seconds"] = round(time.perf_counter() - t0, 3)
+    for w in summary.get("warnings", []):
+        print(f"emoe_jax.convert: warning: {w}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary))
     else:

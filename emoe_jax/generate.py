@@ -2,6 +2,7 @@
 
     python -m emoe_jax.generate --prompt "def fibonacci(n):"
     python -m emoe_jax.generate --model out/olmoe --prompt "Hello" --device-experts 0.1 --json
+    python -m emoe_jax.generate --model ~/models/OLMoE-1B-7B-Instruct --chat --prompt "Hi"   # HF folder
 
 Steps: load the converted checkpoint (default: the embedded model in
 checkpoints/embedded), tokenize the prompts with the checkpoint's tokenizer,
@@ -28,18 +29,32 @@ def build_parser() -> argparse.ArgumentParser:
                     "EMOE_JAX_COMPILE_CACHE=0 turns it off), so a repeated configuration starts fast.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_MODEL),
-                   help="converted checkpoint directory (python -m emoe_jax.convert HF_DIR OUT_DIR makes one)")
+                   help="converted checkpoint directory (python -m emoe_jax.convert HF_DIR OUT_DIR makes one), or "
+                        "a Hugging Face model folder (config.json + *.safetensors), converted once into the cache")
+    p.add_argument("--cache-dir", default=None,
+                   help="where a Hugging Face --model is converted to (default: $EMOE_JAX_CACHE, else "
+                        "~/.cache/emoe_jax); the folder is named <model>-<source fingerprint>")
     p.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for a batch")
+    p.add_argument("--chat", action="store_true",
+                   help="each prompt is a user message, rendered with the checkpoint's chat template (instruct "
+                        "models) as transformers' apply_chat_template does")
+    p.add_argument("--system", default=None, help="system message for --chat")
     p.add_argument("--prompts-file", help="file with one prompt per line (added to --prompt)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 means greedy; > 0 samples (negative is an error)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass in [0, 1] (with temperature > 0), as in transformers: the most "
+                        "probable tokens whose mass reaches top-p are kept, and always the top token (0 = argmax)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device-experts", default="0.25",
-                   help="experts per MoE layer on the device: a fraction (0.25) or a count (16), for every "
-                        "layer, or a comma list with one value per MoE layer (4,8,8,16)")
+                   help="experts per MoE layer on the device, for every layer or as a comma list with one value per "
+                        "MoE layer (4,8,8,16). Rule: a value with a decimal point is a fraction (0.25; 1.0 = all), "
+                        "N%% a percentage (25%%, 100%%), 'all' every expert, and an integer a COUNT (16), so 1 "
+                        "means one expert per layer")
     p.add_argument("--host-experts", default=None,
-                   help="experts held in host memory over all layers: fraction or count (default: all)")
+                   help="experts held in host memory in total over all MoE layers, same forms as --device-experts "
+                        "(default: all)")
     p.add_argument("--mode", choices=["exact", "restricted"], default="exact",
                    help="exact: fetch every routed expert (output unchanged); restricted: eMoE's lossy mode, "
                         "tokens go to their best resident expert and nothing is fetched")
@@ -47,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor", default="none",
                    help="prefetch experts this predictor expects (exact mode): spec-gating, prev-token and learned "
                         "run inside the one-jit decode step; the others (static-freq, moe-infinity, emoe, ...) on "
-                        "the host, in a background thread, on the staged path (--predictor list shows all); "
-                        "outputs never change, only speed")
+                        "the host, in a background thread, on the staged path (--predictor list shows those "
+                        "generate can run and what each needs); outputs never change, only speed")
     p.add_argument("--train-traces", default=None,
                    help="trace set of this model for predictors fitted on traces (static-freq, moe-infinity, emoe)")
     p.add_argument("--predictor-checkpoint", default=None, help="learned predictor checkpoint directory")
@@ -93,20 +108,96 @@ def _check_model(path: Path) -> None:
             f"error: the embedded default model is missing at {path}. Reinstall from a full clone of the "
             "repository, or pass --model DIR with a checkpoint converted by python -m emoe_jax.convert.")
     raise SystemExit(f"error: --model {path} does not exist; convert a Hugging Face checkpoint with "
-                     "python -m emoe_jax.convert HF_DIR OUT_DIR")
+                     "python -m emoe_jax.convert HF_DIR OUT_DIR, or give the Hugging Face folder itself")
+
+
+# Predictors generate can run, in generate's terms (the registry also lists simulator-only oracles).
+_IN_GRAPH = ("prev-token", "spec-gating", "learned")
+
+
+def runnable_predictors() -> dict[str, str]:
+    """name -> what it is and what generate needs for it; oracles (simulator only) left out."""
+    from .predict import available_predictors
+    from .runtime.predictors import NEEDS_TRACES
+
+    out = {"none": "no prefetch: fetch each expert when routed (default)"}
+    for name, desc in available_predictors().items():
+        if desc.startswith("ORACLE"):
+            continue
+        if name == "spec-gating":
+            desc = "next layers' routers applied to the current router input (uses this model's own router weights)"
+        if name == "learned":
+            desc += "; or --predictor-checkpoint DIR"
+        if name in NEEDS_TRACES:
+            desc += "; needs --train-traces DIR (python -m emoe_jax.traces collect --model MODEL ...)"
+        where = "in-graph" if name in _IN_GRAPH else "host thread, staged path"
+        out[name] = f"[{where}] {desc}"
+    return out
+
+
+def note_device_experts(spec: str) -> str | None:
+    """The one form users misread: `1` is one expert per layer, not all of them."""
+    if any(x.strip() == "1" for x in str(spec).split(",")):
+        return ("note: --device-experts 1 means ONE expert per MoE layer on the device (an integer is a count); "
+                "write 1.0, 100% or all for every expert")
+    return None
+
+
+def encode_prompts(tokenizer, prompts: list[str], chat: bool, system: str | None = None) -> list[list[int]]:
+    """Token ids per prompt: plain text with the checkpoint's BOS rule, or (chat) one user message
+    rendered with the chat template, whose BOS is the template's own (no second one)."""
+    if not chat:
+        return [tokenizer.encode(p) for p in prompts]
+    head = [{"role": "system", "content": system}] if system else []
+    return [tokenizer.apply_chat_template([*head, {"role": "user", "content": p}], add_generation_prompt=True)
+            for p in prompts]
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise  # argparse's own exits (--help: 0, bad flags: 2)
+        print(e.code, file=sys.stderr)  # our "error: ..." messages
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)  # one line, no traceback; 130 = 128 + SIGINT, as shells report
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.predictor == "list":
-        from .predict import available_predictors
-
-        for name, desc in available_predictors().items():
+        for name, desc in runnable_predictors().items():
             print(f"{name:22s} {desc}")
         return 0
+    from .sampling import SamplingError, check_sampling
+
+    try:
+        check_sampling(args.temperature, args.top_p, names=("--temperature", "--top-p"))
+    except SamplingError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.system and not args.chat:
+        raise SystemExit("error: --system is a chat message; add --chat")
     prompts = _prompts(args)
-    model_dir = Path(args.model)
-    _check_model(model_dir)
+    note = note_device_experts(args.device_experts)
+    if note:
+        print(note, file=sys.stderr)
+    _check_model(Path(args.model))
+
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .checkpoint.resolve import resolve_model
+    from .tokenizer import TokenizerError
+
+    try:
+        model_dir = resolve_model(args.model, cache_dir=args.cache_dir, progress=not args.json)
+        # The tokenizer before the engine: a checkpoint without one fails in a second, not after loading.
+        tokenizer = load_checkpoint(model_dir).tokenizer
+        ids = encode_prompts(tokenizer, prompts, args.chat, args.system)
+    except (CheckpointError, TokenizerError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     import jax.numpy as jnp
 
@@ -114,9 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
     enable_compile_cache()  # a second run of a configuration loads its compiled steps from disk
 
-    from .checkpoint import CheckpointError
     from .runtime.budget import BudgetError
-    from .checkpoint import load_checkpoint
     from .runtime.engine import GenerationError, OffloadedEngine
     from .runtime.predictors import runtime_predictor
 
@@ -131,12 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                                                  policy=args.policy, predictor=predictor,
                                                  prefetch_k=args.prefetch_k, reuse=not args.no_reuse,
                                                  decode_path=args.decode_path)
-        tokenizer = engine.checkpoint.tokenizer
-        ids = [tokenizer.encode(p) for p in prompts]
-        if args.mode == "restricted":
-            _preload_restricted(engine)
+        preload_bytes = _preload_restricted(engine) if args.mode == "restricted" else 0
         stream = not args.json and not args.no_stream and len(prompts) == 1
-        printer = _StreamPrinter(tokenizer, prompts[0]) if stream else None
+        printer = _StreamPrinter(tokenizer, "" if args.chat else prompts[0]) if stream else None
         result = engine.generate(ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                  seed=args.seed, on_token=printer)
     except (CheckpointError, BudgetError, GenerationError, ValueError) as e:
@@ -144,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     texts = [tokenizer.decode(t) for t in result.tokens]
     stats = {**result.stats, "memory": engine.memory_report()}
+    if args.mode == "restricted":
+        stats["preload_h2d_bytes"] = preload_bytes
     if args.json:
         print(json.dumps({"text": texts, "tokens": result.tokens, "stats": stats}))
         return 0
@@ -151,18 +239,21 @@ def main(argv: list[str] | None = None) -> int:
         printer.finish(result.tokens[0])
     else:
         for prompt, text in zip(prompts, texts):
-            print(f"--- {prompt!r}\n{prompt}{text}\n")
+            print(f"--- {prompt!r}\n{'' if args.chat else prompt}{text}\n")
     print(format_stats(stats), file=sys.stderr)
     return 0
 
 
-def _preload_restricted(engine) -> None:
+def _preload_restricted(engine) -> int:
     """Restricted mode needs a resident set up front. Without a predictor (see
-    emoe_jax.predict) we keep the lowest-numbered experts and say so."""
+    emoe_jax.predict) we keep the lowest-numbered experts and say so. Returns the bytes
+    moved host -> device for it (the run's own stats start after, so they would say 0)."""
     print("note: restricted mode without a predictor keeps experts 0..S-1 of each layer resident",
           file=sys.stderr)
+    before = engine.device_cache.stats.bytes_in
     for ml in range(engine.cfg.num_moe_layers):
         engine.preload(ml, range(engine.slots[ml]))
+    return engine.device_cache.stats.bytes_in - before
 
 
 class _StreamPrinter:
@@ -201,7 +292,9 @@ def format_stats(s: dict) -> str:
         f"{s['device']['misses']} misses, {s['device']['evictions']} evictions, {s['waves']} waves)",
         f"host hit rate:   {100 * s['host_hit_rate']:.1f}% (capacity {s['host_capacity_experts']} experts, "
         f"{s['host']['misses']} disk reads)",
-        f"moved: host->device {s['h2d_bytes'] * mib:.1f} MiB, disk->host {s['disk_to_host_bytes'] * mib:.1f} MiB",
+        f"moved: host->device {s['h2d_bytes'] * mib:.1f} MiB, disk->host {s['disk_to_host_bytes'] * mib:.1f} MiB"
+        + (f", plus the resident set loaded up front: {s['preload_h2d_bytes'] * mib:.1f} MiB"
+           if "preload_h2d_bytes" in s else ""),
         f"stalled on misses: {s['stall_s']:.3f} s; compilations: {s['compiles']}; mode: {s['mode']}",
         f"decode path: {s['decode_path']}" + (f" ({s['decode_path_reason']})" if s.get("decode_path_reason") else ""),
     ]

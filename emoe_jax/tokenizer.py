@@ -3,8 +3,8 @@
 Steps of `load_tokenizer(path, config=None)`:
   1. find the tokenizer: `tokenizer.json` (a `tokenizers` file) in a checkpoint or
      Hugging Face directory, or that file itself; a directory with only a SentencePiece
-     `tokenizer.model` is converted through `transformers` (needs `sentencepiece` and
-     `protobuf`; the error says so when they are missing);
+     `tokenizer.model` is run by `sentencepiece` itself (the error says how to install it
+     when missing); converting it through transformers gave other ids on runs of spaces;
   2. read `tokenizer_config.json` (bos/eos/pad tokens, `add_bos_token`) and
      `generation_config.json` (extra EOS ids) when present;
   3. decide whether `encode` prepends BOS, first rule that applies:
@@ -15,14 +15,14 @@ Steps of `load_tokenizer(path, config=None)`:
        c. the family default `MoEConfig.add_bos`;
   4. `encode` tokenizes without the post-processor and prepends BOS itself, never
      twice (a text that already starts with the BOS token keeps a single one), and
-     never appends EOS.
+     never appends EOS;
+  5. the chat template (chat_template.jinja, or tokenizer_config.json's `chat_template`)
+     renders `messages` as transformers does (emoe_jax/chat_template.py).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,6 +31,14 @@ from emoe_jax.config import ConfigError, MoEConfig, from_hf_config
 
 class TokenizerError(ValueError):
     """A missing or unreadable tokenizer; the message names the file and the fix."""
+
+
+class MissingTokenizerError(TokenizerError, FileNotFoundError):
+    """No tokenizer.json or tokenizer.model where one was expected."""
+
+
+class ChatTemplateError(TokenizerError):
+    """No chat template, or one that fails to render; the message says which and why."""
 
 
 def _token_str(value: Any) -> str | None:
@@ -64,8 +72,11 @@ class Tokenizer:
     """encode/decode with the family's BOS convention; ids as plain Python ints."""
 
     def __init__(self, backend, *, add_bos: bool, bos_id: int | None, eos_ids: Sequence[int],
-                 pad_id: int | None, source: str):
-        self.backend = backend  # tokenizers.Tokenizer
+                 pad_id: int | None, source: str, chat_template: str | None = None,
+                 special_tokens: dict[str, str] | None = None):
+        self.backend = backend  # tokenizers.Tokenizer, or _SentencePieceBackend
+        self.chat_template = chat_template
+        self.special_tokens = dict(special_tokens or {})  # bos_token, eos_token, ... as strings
         self.add_bos = add_bos
         self.bos_id = bos_id
         self.eos_ids = tuple(dict.fromkeys(eos_ids))  # unique, order kept
@@ -95,35 +106,84 @@ class Tokenizer:
     def token_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
+    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                    **kwargs: Any) -> str:
+        """The chat as text, rendered with the checkpoint's chat template (see chat_template.py)."""
+        from emoe_jax.chat_template import render_chat
+
+        if self.chat_template is None:
+            raise ChatTemplateError(
+                f"{self.source}: this tokenizer has no chat template (neither chat_template.jinja nor a "
+                "chat_template in tokenizer_config.json); it is probably a base model: prompt it with plain "
+                "text instead of --chat / messages=")
+        return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           special_tokens=self.special_tokens, **kwargs)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                            tokenize: bool = True, **kwargs: Any) -> list[int] | str:
+        """Like transformers' `apply_chat_template`: render, then encode with no special tokens
+        added (the template writes BOS itself where the model wants one, so never a second BOS)."""
+        text = self.render_chat(messages, add_generation_prompt, **kwargs)
+        return self.encode(text, add_bos=False) if tokenize else text
+
     def __repr__(self) -> str:
         return (f"Tokenizer({self.source!r}, vocab={self.vocab_size}, bos={self.bos_id}, "
                 f"eos={self.eos_ids}, pad={self.pad_id}, add_bos={self.add_bos})")
 
 
+class _SentencePieceBackend:
+    """`sentencepiece` itself behind the few `tokenizers.Tokenizer` methods `Tokenizer` uses.
+
+    Why not convert tokenizer.model to a `tokenizers` object (what transformers does): the
+    converted Metaspace pre-tokenizer does not reproduce SentencePiece's normalizer, so
+    runs of spaces (code indentation), leading spaces and tabs got other ids than the
+    model was trained on. The model file is the ground truth, so we run it.
+    """
+
+    post_processor = None  # no template: `load_tokenizer` decides BOS from tokenizer_config / the family
+
+    def __init__(self, model_file: Path):
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        self._unk = self.sp.unk_id()
+
+    class _Encoding:
+        def __init__(self, ids: list[int]):
+            self.ids = ids
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> "_SentencePieceBackend._Encoding":
+        return self._Encoding(list(self.sp.encode(text)))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        if not skip_special_tokens:
+            return "".join(self.sp.id_to_piece(i) if self.sp.is_control(i) else self.sp.decode([i]) for i in ids)
+        return self.sp.decode([i for i in ids if not self.sp.is_control(i)])
+
+    def token_to_id(self, token: str) -> int | None:
+        tid = self.sp.piece_to_id(token)
+        return None if tid == self._unk and token != self.sp.id_to_piece(self._unk) else tid
+
+    def id_to_token(self, tid: int) -> str | None:
+        return self.sp.id_to_piece(tid) if 0 <= tid < self.sp.get_piece_size() else None
+
+    def get_vocab_size(self, with_added_tokens: bool = True) -> int:
+        return self.sp.get_piece_size()
+
+
 def _from_sentencepiece(directory: Path):
-    """Convert a SentencePiece tokenizer.model to a `tokenizers` object via transformers."""
+    """A SentencePiece tokenizer.model, run by `sentencepiece` (see _SentencePieceBackend)."""
     try:
         import sentencepiece  # noqa: F401
-        import google.protobuf  # noqa: F401
-        from transformers import AutoTokenizer
     except ImportError as e:
         raise TokenizerError(
-            f"{directory} has only a SentencePiece tokenizer.model; converting it needs "
-            f"`pip install sentencepiece protobuf transformers` ({e})"
+            f"{directory} has only a SentencePiece tokenizer.model; reading it needs "
+            f"`pip install sentencepiece protobuf` ({e})"
         ) from None
-    # Work on a copy: AutoTokenizer may look at config.json, which in a converted
-    # checkpoint is ours, not Hugging Face's.
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
-            if (directory / name).is_file():
-                shutil.copyfile(directory / name, Path(tmp) / name)
-        cfg = _read_json(Path(tmp) / "tokenizer_config.json")
-        cfg.setdefault("tokenizer_class", "LlamaTokenizer")
-        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(cfg))
-        try:
-            return AutoTokenizer.from_pretrained(tmp).backend_tokenizer
-        except Exception as e:  # noqa: BLE001 - transformers raises many kinds
-            raise TokenizerError(f"cannot convert {directory / 'tokenizer.model'}: {e}") from None
+    try:
+        return _SentencePieceBackend(directory / "tokenizer.model")
+    except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError/OSError
+        raise TokenizerError(f"cannot read {directory / 'tokenizer.model'}: {e}") from None
 
 
 def _post_processor_adds_bos(backend, bos_id: int | None) -> bool | None:
@@ -157,9 +217,10 @@ def load_tokenizer(path: str | Path, config: MoEConfig | None = None) -> Tokeniz
         backend = _from_sentencepiece(directory)
         source = directory / "tokenizer.model"
     else:
-        raise FileNotFoundError(
-            f"no tokenizer.json or tokenizer.model in {directory}; copy the tokenizer files of the "
-            "Hugging Face checkpoint there (python -m emoe_jax.convert copies them)"
+        raise MissingTokenizerError(
+            f"no tokenizer.json or tokenizer.model in {directory}, so text cannot be encoded; copy the "
+            "tokenizer files of the Hugging Face checkpoint there (python -m emoe_jax.convert copies them when "
+            "the source has them), or pass token ids (engine.generate([[ids]], ...))"
         )
     if config is None:
         config = _config_in(directory)
@@ -187,4 +248,26 @@ def load_tokenizer(path: str | Path, config: MoEConfig | None = None) -> Tokeniz
     else:
         from_post = _post_processor_adds_bos(backend, bos_id)
         add_bos = from_post if from_post is not None else bool(config.add_bos if config else False)
-    return Tokenizer(backend, add_bos=add_bos, bos_id=bos_id, eos_ids=eos, pad_id=pad_id, source=str(source))
+    special_tokens = {}
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        token = _token_str(tok_cfg.get(name))
+        if token is None:
+            tid = {"bos_token": bos_id, "eos_token": eos_tok, "pad_token": pad_id}.get(name)
+            token = backend.id_to_token(tid) if tid is not None else None
+        if token is not None:
+            special_tokens[name] = token
+    return Tokenizer(backend, add_bos=add_bos, bos_id=bos_id, eos_ids=eos, pad_id=pad_id, source=str(source),
+                     chat_template=_chat_template(directory, tok_cfg), special_tokens=special_tokens)
+
+
+def _chat_template(directory: Path, tok_cfg: dict[str, Any]) -> str | None:
+    """chat_template.jinja (newer checkpoints) or tokenizer_config.json's chat_template (older;
+    a string, or a list of named templates of which transformers uses 'default')."""
+    path = directory / "chat_template.jinja"
+    if path.is_file():
+        return path.read_text()
+    tpl = tok_cfg.get("chat_template")
+    if isinstance(tpl, list):
+        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+        tpl = named.get("default")
+    return tpl if isinstance(tpl, str) else None

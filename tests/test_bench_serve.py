@@ -59,7 +59,7 @@ def test_driver_serves_every_request_once_with_consistent_times(tiny):
         for x in reqs:
             assert x["start"] >= x["arrival"] - 1e-9 and 0 < x["ttft"] <= x["e2e"]
             assert len(x["tokens"]) == {"a": 2, "b": 4}[x["task"]]
-        assert 0.0 <= r["slo_attainment"] <= 1.0 and r["compiles_while_serving"] >= 0
+        assert 0.0 <= r["slo_attainment"] <= 1.0
         assert r["generated_tokens"] == sum(len(x["tokens"]) for x in reqs)
         if name.startswith("emoe"):
             assert r["forecasts"] >= 2 and r["experts_loaded"] >= 2 * 3  # cold start + a re-forecast

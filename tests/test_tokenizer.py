@@ -132,3 +132,28 @@ def test_checkpoint_tokenizer_is_copied_and_lazy(tmp_path):
     shutil.rmtree(src)
     tok = load_checkpoint(tmp_path / "ck").tokenizer
     assert tok.encode("hello world")[0] == 1 and tok.eos_ids == (2,)
+
+
+@pytest.mark.parametrize("keep_spaces", [False, True])  # spm's default normalizer, and Llama/Mixtral's
+def test_sentencepiece_runs_of_spaces_match_sentencepiece_itself(tmp_path, keep_spaces):
+    spm = pytest.importorskip("sentencepiece")
+    code = ["def f(x):\n    return  x  +  1", "if a:\n\tpass", "a   b    c", "  two leading", "trailing   "]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter((TEXTS[:4] + code) * 20),
+                                   model_prefix=str(tmp_path / "tokenizer"), vocab_size=70, model_type="bpe",
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2,
+                                   remove_extra_whitespaces=not keep_spaces)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "bos_token": "<s>"}))
+    tok = load_tokenizer(tmp_path)
+    ref = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    for text in code + [" hello", "x\n    y", "    indented"]:
+        assert tok.encode(text) == [1, *ref.encode(text)], repr(text)
+        assert tok.decode(tok.encode(text)) == ref.decode(ref.encode(text))
+
+
+def test_add_bos_token_wins_over_a_post_processor_without_bos(tmp_path):
+    """DeepSeek-V2's case (docs/checkpoint.md): add_bos_token true, post-processor adds no BOS."""
+    d = _save_raw(tmp_path, template=False, tok_cfg={"bos_token": "<s>", "add_bos_token": True})
+    backend = Backend.from_file(str(d / "tokenizer.json"))
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)  # a post-processor that adds nothing
+    backend.save(str(d / "tokenizer.json"))
+    assert load_tokenizer(d).encode("hello world")[0] == 1

@@ -26,10 +26,12 @@ from tqdm.auto import tqdm
 from emoe_jax.checkpoint.dense_store import set_nested
 from emoe_jax.checkpoint.dequant_fp8 import open_converter_source
 from emoe_jax.checkpoint.errors import CheckpointError
+from emoe_jax.checkpoint.fingerprint import describe_difference
+from emoe_jax.checkpoint.lock import conversion_lock
 from emoe_jax.checkpoint.manifest import FORMAT_VERSION, MANIFEST, read_manifest
 from emoe_jax.checkpoint.names import ExpertPiece, dense_path, group_of, parse_expert_name
 from emoe_jax.checkpoint.safetensors_reader import HFSource
-from emoe_jax.checkpoint.writer import CheckpointWriter, prepare_out_dir, target_dtype
+from emoe_jax.checkpoint.writer import TOKENIZER_CORE, CheckpointWriter, prepare_out_dir, target_dtype
 from emoe_jax.config import MoEConfig, from_hf_config
 
 
@@ -138,23 +140,26 @@ def convert_hf_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, dtype: str
         else:
             dt = target_dtype(dtype)
         source.output_dtype = dt  # FP8 weights dequantize straight to the target dtype (one rounding)
-        fingerprint = {"format_version": FORMAT_VERSION, "files": source.file_list(), "dtype": dt.name}
-        prepare_out_dir(out_dir, overwrite)
-        if (out_dir / MANIFEST).exists():
-            manifest = read_manifest(out_dir)
-            if manifest["source"].get("fingerprint") != fingerprint:
-                raise CheckpointError(
-                    f"{out_dir} already holds a finished conversion of another source or dtype; "
-                    "pass --overwrite to replace it"
-                )
-            return _summary(out_dir, manifest, cfg, written=0, status="already complete")
-        dense_names = {g: [".".join(p) for _, p in items] for g, items in plan.dense.items()}
-        writer = CheckpointWriter(out_dir, cfg, dt, fingerprint, dense_names)
-        _stream(source, plan, cfg, writer, progress)
-        manifest = writer.finish(source={"kind": "huggingface", "dir": str(hf_dir.resolve())},
-                                 hf_config=hf_config, tokenizer_dir=hf_dir, verify=verify)
-        return _summary(out_dir, manifest, cfg, written=writer.items_written,
-                        status="resumed and completed" if writer.progress.resumed else "completed")
+        fingerprint = {"format_version": FORMAT_VERSION, "source": source.fingerprint(), "dtype": dt.name}
+        with conversion_lock(out_dir):
+            prepare_out_dir(out_dir, overwrite)
+            if (out_dir / MANIFEST).exists():
+                manifest = read_manifest(out_dir)
+                old = manifest["source"].get("fingerprint")
+                if old != fingerprint:
+                    raise CheckpointError(
+                        f"{out_dir} already holds a finished conversion of another source or dtype "
+                        f"({describe_difference(old, fingerprint)}); pass --overwrite to replace it, or "
+                        "convert into another directory"
+                    )
+                return _summary(out_dir, manifest, cfg, written=0, status="already complete")
+            dense_names = {g: [".".join(p) for _, p in items] for g, items in plan.dense.items()}
+            writer = CheckpointWriter(out_dir, cfg, dt, fingerprint, dense_names)
+            _stream(source, plan, cfg, writer, progress)
+            manifest = writer.finish(source={"kind": "huggingface", "dir": str(hf_dir.resolve())},
+                                     hf_config=hf_config, tokenizer_dir=hf_dir, verify=verify)
+            return _summary(out_dir, manifest, cfg, written=writer.items_written,
+                            status="resumed and completed" if writer.progress.resumed else "completed")
     finally:
         source.close()
 
@@ -218,4 +223,14 @@ def _summary(out_dir: Path, manifest: dict[str, Any], cfg: MoEConfig, *, written
         "dense_groups": len(manifest["dense_groups"]),
         "items_written": written,
         "tokenizer_files": manifest["tokenizer_files"],
+        "warnings": checkpoint_warnings(manifest, out_dir),
     }
+
+
+def checkpoint_warnings(manifest: dict[str, Any], out_dir: Path) -> list[str]:
+    """What a user should know about a finished checkpoint (printed by the CLIs)."""
+    if any(f in manifest["tokenizer_files"] for f in TOKENIZER_CORE):
+        return []
+    return [f"the source has no tokenizer.json or tokenizer.model, so {out_dir} has no tokenizer: "
+            "text prompts will fail until you copy the model's tokenizer files into it (token-id "
+            "prompts still work through the API: engine.generate([[ids]], ...))"]

@@ -86,13 +86,27 @@ def remove_unfinished(dense_dir: Path, finished: set[str]) -> None:
 def load_groups(dense_dir: Path, groups: Iterable[str]) -> Nested:
     """Restore the named groups and merge them into one nested dict of numpy arrays."""
     ocp = _ocp()
+    dense_dir = Path(dense_dir).expanduser().resolve()  # Orbax refuses relative paths
     tree: Nested = {}
     for group in groups:
         path = dense_dir / group
         if not path.exists():
             raise CheckpointError(f"dense group {path} is missing; rerun python -m emoe_jax.convert --overwrite")
-        restored = ocp.load(path)
-        merge_nested(tree, _to_numpy(restored))
+        asyncio_log = logging.getLogger("asyncio")
+        level = asyncio_log.level
+        asyncio_log.setLevel(logging.CRITICAL)  # Orbax's failed reads also log "Task exception was never retrieved"
+        try:
+            restored = _to_numpy(ocp.load(path))
+        except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise ValueError, OSError, ZSTD errors...
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"dense group {group!r} ({path}) is damaged and cannot be read ({first}); convert the model "
+                "again (python -m emoe_jax.convert HF_DIR OUT_DIR --overwrite); python -m emoe_jax.verify "
+                f"{dense_dir.parent} checks every part"
+            ) from None
+        finally:
+            asyncio_log.setLevel(level)
+        merge_nested(tree, restored)
     return tree
 
 

@@ -2,7 +2,8 @@
 progress log that lets an interrupted conversion resume.
 
 Progress log `progress.jsonl`: the first line is a header with a fingerprint of the
-job (source files and sizes, target dtype, format version); each later line records
+job (source files, sizes and content fingerprints, see fingerprint.py; target dtype;
+format version); each later line records
 one finished item (`{"dense": group}` or `{"expert": [l, e], "crc32": c}`), flushed
 and fsynced after the item's data is written. A torn last line (crash mid-write) is
 ignored. A rerun with a different fingerprint refuses to mix two jobs.
@@ -90,9 +91,13 @@ class ProgressLog:
                     break
                 raise CheckpointError(f"{self.path} is corrupt at line {i + 1}; rerun with --overwrite") from None
         if not records or records[0].get("header") != fingerprint:
+            from emoe_jax.checkpoint.fingerprint import describe_difference
+
+            why = describe_difference(records[0].get("header") if records else None, fingerprint)
             raise CheckpointError(
-                f"{self.path.parent} holds a partial conversion of a different source or dtype; "
-                "rerun with --overwrite to start again"
+                f"{self.path.parent} holds a partial conversion of a different source or dtype ({why}); "
+                "resuming would mix two jobs. Rerun with --overwrite to start again, or convert into "
+                "another directory"
             )
         for r in records[1:]:
             if "dense" in r:

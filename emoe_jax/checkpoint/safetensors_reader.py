@@ -99,6 +99,7 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             raise self._bad("header is not a JSON object")
         data_start = 8 + n
+        self.data_start = data_start
         tensors: dict[str, TensorInfo] = {}
         last_end = 0
         for name, entry in header.items():
@@ -219,6 +220,13 @@ class HFSource:
 
     def file_list(self) -> list[dict]:
         return [{"name": n, "bytes": f.size} for n, f in self.files.items()]
+
+    def fingerprint(self) -> dict:
+        """Content fingerprint of the weights and config (see checkpoint/fingerprint.py)."""
+        from emoe_jax.checkpoint.fingerprint import source_fingerprint
+
+        return source_fingerprint([(f.path, f.data_start) for f in self.files.values()],
+                                  [self.dir / "config.json", self.dir / self.INDEX])
 
     def close(self) -> None:
         for f in self.files.values():

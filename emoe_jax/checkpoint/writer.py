@@ -23,6 +23,7 @@ import numpy as np
 
 from emoe_jax.checkpoint import dense_store, expert_store
 from emoe_jax.checkpoint.errors import CheckpointError
+from emoe_jax.checkpoint.lock import LOCK, conversion_lock
 from emoe_jax.checkpoint.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, PROGRESS, ProgressLog,
                                           write_json_atomic)
 from emoe_jax.checkpoint.names import group_of
@@ -30,8 +31,12 @@ from emoe_jax.config import MoEConfig
 
 DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32),
           "float16": np.dtype(np.float16)}
+# chat_template.jinja: where recent instruct checkpoints keep their chat template (older
+# ones keep it in tokenizer_config.json), copied so `generate --chat` can render it.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                   "special_tokens_map.json", "generation_config.json")
+                   "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
+# Without one of these, text cannot be encoded (token-id prompts through the API still work).
+TOKENIZER_CORE = ("tokenizer.json", "tokenizer.model")
 _ML_FLOATS = {"bfloat16", "float8_e4m3fn", "float8_e5m2"}
 # Entries a conversion creates; --overwrite removes only these.
 _OWN_ENTRIES = {"config.json", "hf_config.json", MANIFEST, PROGRESS, "dense", "experts", *TOKENIZER_FILES}
@@ -73,6 +78,8 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
                 f"({', '.join(foreign[:5])}); choose an empty or new directory"
             )
         for p in out_dir.iterdir():
+            if p.name == LOCK:
+                continue  # held by this conversion: deleting it would let a second one in
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         return
     if (out_dir / MANIFEST).exists():
@@ -211,6 +218,11 @@ def write_checkpoint(out_dir: str | Path, config: MoEConfig, dense: Mapping[str,
     None keeps the experts' dtype. Returns the manifest.
     """
     out_dir = Path(out_dir).expanduser().resolve()  # Orbax refuses relative paths
+    with conversion_lock(out_dir):
+        return _write_checkpoint(out_dir, config, dense, experts, dtype, tokenizer_dir, overwrite)
+
+
+def _write_checkpoint(out_dir, config, dense, experts, dtype, tokenizer_dir, overwrite) -> dict[str, Any]:
     prepare_out_dir(out_dir, overwrite)
     if (out_dir / MANIFEST).exists():
         raise CheckpointError(f"{out_dir} already holds a checkpoint; pass overwrite=True to replace it")

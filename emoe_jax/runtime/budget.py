@@ -1,4 +1,4 @@
-"""Parse expert budgets given as a fraction of all experts (0.25) or a count (16)."""
+"""Parse expert budgets given as a fraction (0.25), a percentage (25%), a count (16) or `all`."""
 
 from __future__ import annotations
 
@@ -7,20 +7,31 @@ class BudgetError(ValueError):
     """An impossible cache size; the message says what is allowed."""
 
 
-def parse_expert_count(spec: str | float | int | None, total: int, name: str, minimum: int = 1) -> int:
-    """Experts per layer for a flag like --device-experts.
+def parse_expert_count(spec: str | float | int | None, total: int, name: str, minimum: int = 1,
+                       per: str = "per layer") -> int:
+    """Experts for a flag like --device-experts (`per`: what `total` counts, for messages).
 
-    A value with a decimal point or below 1 is a fraction of `total` (rounded up,
-    so 0.1 of 64 is 7); an integer is a count. None means all.
+    The rule (stated in generate --help): `all` or `100%` is every expert; `N%` a
+    percentage; a value with a decimal point (or below 1) a fraction of `total`,
+    rounded up (0.1 of 64 is 7); an integer a count, so `1` is ONE expert, `1.0` all.
+    None means all.
     """
     if spec is None:
         return total
-    text = str(spec).strip()
+    text = str(spec).strip().lower()
+    if text == "all":
+        return total
+    percent = text.endswith("%")
     try:
-        value = float(text)
+        value = float(text[:-1] if percent else text)
     except ValueError:
-        raise BudgetError(f"{name}={spec!r} is neither a fraction (0.25) nor a count (16)") from None
-    if "." in text or "e" in text.lower() or not value.is_integer():
+        raise BudgetError(f"{name}={spec!r} is none of: a fraction (0.25), a percentage (25%), a count (16), "
+                          "or all") from None
+    if percent:
+        if not 0 < value <= 100:
+            raise BudgetError(f"{name}={spec} as a percentage must be in (0%, 100%]")
+        value, text = value / 100, "fraction"
+    if "." in text or "e" in text or text == "fraction" or not value.is_integer():
         if not 0 < value <= 1:
             raise BudgetError(f"{name}={spec} as a fraction must be in (0, 1]")
         count = -(-int(round(value * total * 1e6)) // 1_000_000)  # ceil without float noise
@@ -28,8 +39,8 @@ def parse_expert_count(spec: str | float | int | None, total: int, name: str, mi
         count = int(value)
     if count < minimum or count > total:
         raise BudgetError(
-            f"{name}={spec} gives {count} experts per layer; it must be between {minimum} and {total} "
-            f"(the model has {total} experts per layer). Use a fraction in (0, 1] or a count."
+            f"{name}={spec} gives {count} experts {per}; it must be between {minimum} and {total} "
+            f"(the model has {total} experts {per}). Use a fraction in (0, 1], a percentage, a count, or all."
         )
     return count
 

@@ -30,6 +30,7 @@ from ..model.jit_cache import canonical
 from ..model.resident import left_pad
 from . import stages
 from .budget import parse_expert_count, parse_per_layer_counts
+from ..sampling import check_sampling
 from .compile_count import compile_count
 from .engine_config import DECODE_PATHS, MODES, EngineConfig
 from .predictor_driver import PredictorDriver
@@ -125,7 +126,7 @@ class OffloadedEngine:
         self._proj = _split(model.embed_tokens if cfg.tie_word_embeddings else model.lm_head)
         e, lm = cfg.num_experts, cfg.num_moe_layers
         self.slots = parse_per_layer_counts(device_experts, e, lm, "--device-experts")
-        host_count = parse_expert_count(host_experts, e * lm, "--host-experts")
+        host_count = parse_expert_count(host_experts, e * lm, "--host-experts", per="over all MoE layers")
         self.source = source
         self.device = jax.devices()[0]
         # With every expert in host memory and a pinned_host memory kind, the host tier is one
@@ -364,6 +365,7 @@ class OffloadedEngine:
         one-jit path one step behind); `routing_override` replaces the router's choice (it needs the
         staged path); `record_router_inputs` hands observers the router input too (staged path)."""
         self._validate(prompts, max_new_tokens)
+        check_sampling(temperature, top_p)  # negative temperature / top_p outside [0, 1]: SamplingError
         if observers or routing_override is not None or record_router_inputs is not None:
             saved = (list(self.routing_hooks), self.routing_override, self.record_router_inputs)
             self.routing_hooks = [*self.routing_hooks, *observers]

@@ -135,8 +135,10 @@ def sample(logits, key, temperature, top_p, *, top_p_enabled):
         order = jnp.argsort(-scaled, axis=-1)
         sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
         probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+        # Keep the smallest prefix whose mass reaches top_p, and always the most probable
+        # token (transformers' min_tokens_to_keep=1), so top_p = 0 is the argmax, not -inf
+        # everywhere (which sampled token 0). Edges: emoe_jax/sampling.py.
+        keep_sorted = ((jnp.cumsum(probs, axis=-1) - probs) < top_p).at[:, 0].set(True)
         keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
         scaled = jnp.where(keep, scaled, -jnp.inf)
     return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
