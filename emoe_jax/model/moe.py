@@ -204,15 +204,19 @@ class MoEBlock(nnx.Module):
         bias = self.e_score_correction_bias[...] if self.cfg.router_bias else None
         return route(self.router_logits(x), self.cfg, resident, bias)
 
+    def add_shared(self, x, routed):
+        """routed [N, H] + the shared experts of x [N, H] (sigmoid-gated for Qwen2-MoE); the one place
+        the staged, one-jit, fused and training paths add them."""
+        if not self.cfg.shared_expert_intermediate_size:
+            return routed
+        shared = self.shared(x)
+        if self.cfg.shared_expert_gated:
+            shared = jax.nn.sigmoid(self.shared_gate(x)) * shared
+        return routed + shared
+
     def combine(self, x, routing: Routing, experts: ExpertSlots, slot_of_expert, method="auto"):
         """Routed experts plus shared experts for x [N, H] with a routing already decided."""
-        out = mix_experts(x, routing, experts, slot_of_expert, method)
-        if self.cfg.shared_expert_intermediate_size:
-            shared = self.shared(x)
-            if self.cfg.shared_expert_gated:
-                shared = jax.nn.sigmoid(self.shared_gate(x)) * shared
-            out = out + shared
-        return out
+        return self.add_shared(x, mix_experts(x, routing, experts, slot_of_expert, method))
 
     def __call__(self, x, experts: ExpertSlots, slot_of_expert, *, restricted=False, method="auto"):
         resident = (slot_of_expert >= 0) if restricted else None

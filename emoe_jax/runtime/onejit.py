@@ -138,14 +138,6 @@ def _touch(state: SlotState, used, clock) -> SlotState:
     return state._replace(last_use=jnp.where(hit, clock, state.last_use))
 
 
-def _shared(moe, x):
-    """Shared experts of an MoE block (sigmoid-gated for Qwen2-MoE), x [N, H]."""
-    shared = moe.shared(x)
-    if moe.cfg.shared_expert_gated:
-        shared = jax.nn.sigmoid(moe.shared_gate(x)) * shared
-    return shared
-
-
 def _moe_layer(layer, residual, normed, routing: Routing, state: SlotState, host: ExpertSlots, clock, live, *,
                method: str, restricted: bool):
     """Make the step's experts resident (waves if needed) and run the layer's FFN. live [B] bool:
@@ -206,9 +198,7 @@ def _moe_layer(layer, residual, normed, routing: Routing, state: SlotState, host
 
         state, acc, evictions = jax.lax.cond(jnp.any(in_wave), run, lambda c: c, (state, acc, evictions))
         ran = ran + jnp.any(in_wave).astype(jnp.int32)
-    out = acc.astype(normed.dtype)
-    if layer.mlp.cfg.shared_expert_intermediate_size:
-        out = out + _shared(layer.mlp, x)
+    out = layer.mlp.add_shared(x, acc.astype(normed.dtype))
     return residual + out.reshape(b, t, h), state, (hits, misses, evictions, timely, wasted, ran)
 
 

@@ -18,11 +18,10 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .ingraph_predictors import PrefillRouting
-from .onejit import COUNTERS, SlotState, build_decode_step
+from .onejit import COUNTERS, build_decode_step
 from .prefetch import PrefetchStats
 from .step_routing import StepRouting
 

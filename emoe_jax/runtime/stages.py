@@ -43,13 +43,7 @@ def _build_finish_waves(graphdef):
     def finish_waves(state, residual, normed, acc):
         moe = nnx.merge(graphdef, state)
         b, t, h = normed.shape
-        out = acc.astype(normed.dtype)
-        if moe.cfg.shared_expert_intermediate_size:
-            x = normed.reshape(-1, h)
-            shared = moe.shared(x)
-            if moe.cfg.shared_expert_gated:
-                shared = jax.nn.sigmoid(moe.shared_gate(x)) * shared
-            out = out + shared
+        out = moe.add_shared(normed.reshape(-1, h), acc.astype(normed.dtype))
         return residual + out.reshape(b, t, h)
     return jax.jit(finish_waves)
 

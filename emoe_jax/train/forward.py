@@ -41,13 +41,7 @@ def moe_output(layer, normed_flat: jax.Array, routing, experts: ExpertSlots, met
     else:
         identity = jnp.arange(experts.gate.shape[0], dtype=jnp.int32)
         out = mix_experts(normed_flat, routing, experts, identity, method)
-    block = layer.mlp
-    if block.cfg.shared_expert_intermediate_size:
-        shared = block.shared(normed_flat)
-        if block.cfg.shared_expert_gated:
-            shared = jax.nn.sigmoid(block.shared_gate(normed_flat)) * shared
-        out = out + shared
-    return out
+    return layer.mlp.add_shared(normed_flat, out)
 
 
 def train_forward(graphdef, params, experts: Sequence[ExpertSlots], tokens: jax.Array,
