@@ -72,7 +72,7 @@ class MoEConfig:
     topk_method: str = "greedy"
     n_group: int = 1
     topk_group: int = 1
-    router_bias: bool = False
+    score_correction_bias: bool = False
     # Layers that use a dense FFN instead of an MoE block.
     dense_layers: tuple[int, ...] = ()
     # Shared experts: Qwen2-MoE has one sigmoid-gated shared expert; DeepSeek has plain ones.
@@ -243,7 +243,7 @@ PRESETS: dict[str, MoEConfig] = {
         family="deepseek_v3", vocab_size=129280, hidden_size=7168, num_layers=61, num_heads=128,
         num_kv_heads=128, head_dim=64, intermediate_size=18432, num_experts=256, top_k=8,
         moe_intermediate_size=2048, norm_topk_prob=True, routed_scaling_factor=2.5,
-        scoring_func="sigmoid", topk_method="noaux_tc", n_group=8, topk_group=4, router_bias=True,
+        scoring_func="sigmoid", topk_method="noaux_tc", n_group=8, topk_group=4, score_correction_bias=True,
         dense_layers=(0, 1, 2), shared_expert_intermediate_size=2048, attention="mla",
         q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
         rope=RopeConfig(theta=10000.0, kind="yarn", factor=40.0, original_max_position_embeddings=4096,
@@ -255,7 +255,7 @@ PRESETS: dict[str, MoEConfig] = {
         family="deepseek_v3", vocab_size=163840, hidden_size=7168, num_layers=61, num_heads=64,
         num_kv_heads=64, head_dim=64, intermediate_size=18432, num_experts=384, top_k=8,
         moe_intermediate_size=2048, norm_topk_prob=True, routed_scaling_factor=2.827,
-        scoring_func="sigmoid", topk_method="noaux_tc", n_group=1, topk_group=1, router_bias=True,
+        scoring_func="sigmoid", topk_method="noaux_tc", n_group=1, topk_group=1, score_correction_bias=True,
         dense_layers=(0,), shared_expert_intermediate_size=2048, attention="mla",
         q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
         rope=RopeConfig(theta=50000.0, kind="yarn", factor=32.0, original_max_position_embeddings=4096,
@@ -267,7 +267,7 @@ PRESETS: dict[str, MoEConfig] = {
         family="glm4_moe", vocab_size=151552, hidden_size=5120, num_layers=92, num_heads=96,
         num_kv_heads=8, head_dim=128, intermediate_size=12288, num_experts=160, top_k=8,
         moe_intermediate_size=1536, norm_topk_prob=True, routed_scaling_factor=2.5,
-        scoring_func="sigmoid", topk_method="noaux_tc", router_bias=True, dense_layers=(0, 1, 2),
+        scoring_func="sigmoid", topk_method="noaux_tc", score_correction_bias=True, dense_layers=(0, 1, 2),
         shared_expert_intermediate_size=1536, qkv_bias=True, qk_norm="head", partial_rotary_factor=0.5,
         rope=RopeConfig(theta=1e6), rms_norm_eps=1e-5, max_position_embeddings=131072,
         pad_token_id=151329, eos_token_id=(151329, 151336, 151338),
@@ -277,7 +277,7 @@ PRESETS: dict[str, MoEConfig] = {
         family="glm4_moe", vocab_size=151552, hidden_size=4096, num_layers=46, num_heads=96,
         num_kv_heads=8, head_dim=128, intermediate_size=10944, num_experts=128, top_k=8,
         moe_intermediate_size=1408, norm_topk_prob=True, routed_scaling_factor=1.0,
-        scoring_func="sigmoid", topk_method="noaux_tc", router_bias=True, dense_layers=(0,),
+        scoring_func="sigmoid", topk_method="noaux_tc", score_correction_bias=True, dense_layers=(0,),
         shared_expert_intermediate_size=1408, qkv_bias=True, partial_rotary_factor=0.5,
         rope=RopeConfig(theta=1e6), rms_norm_eps=1e-5, max_position_embeddings=131072,
         pad_token_id=151329, eos_token_id=(151329, 151336, 151338),
@@ -311,13 +311,13 @@ def tiny_config(family: str, **overrides: Any) -> MoEConfig:
             attention="mla", dense_layers=(0,), kv_lora_rank=16, qk_nope_head_dim=8, q_lora_rank=24,
             qk_rope_head_dim=8, v_head_dim=8, head_dim=8, num_kv_heads=4, norm_topk_prob=True,
             shared_expert_intermediate_size=16, rope=RopeConfig(interleaved=True), scoring_func="sigmoid",
-            topk_method="noaux_tc", n_group=4, topk_group=2, router_bias=True, routed_scaling_factor=2.5,
+            topk_method="noaux_tc", n_group=4, topk_group=2, score_correction_bias=True, routed_scaling_factor=2.5,
         )
     elif family == "glm4_moe":
         base.update(
             dense_layers=(0,), qkv_bias=True, qk_norm="head", partial_rotary_factor=0.5, norm_topk_prob=True,
             shared_expert_intermediate_size=16, scoring_func="sigmoid", topk_method="noaux_tc", n_group=2,
-            topk_group=1, router_bias=True, routed_scaling_factor=1.5,
+            topk_group=1, score_correction_bias=True, routed_scaling_factor=1.5,
         )
     base.update(overrides)
     return MoEConfig(**base)
@@ -643,7 +643,7 @@ def from_hf_config(hf: Mapping[str, Any] | str | Path) -> MoEConfig:
 def _sigmoid_router_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     """DeepSeek-V3 / GLM-4.5 router: sigmoid scores, correction bias, noaux_tc group selection."""
     return dict(
-        scoring_func="sigmoid", topk_method="noaux_tc", router_bias=True,
+        scoring_func="sigmoid", topk_method="noaux_tc", score_correction_bias=True,
         n_group=int(hf.get("n_group") or 1), topk_group=int(hf.get("topk_group") or 1),
         norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
         routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),

@@ -78,7 +78,7 @@ def test_forced_replay_builds_a_deepseek_v3_shaped_model():
     model = forced_replay_model("deepseek-v3", scale=1 / 128, vocab_size=256)
     cfg = model.cfg
     assert (cfg.num_moe_layers, cfg.num_experts, cfg.top_k, cfg.n_group, cfg.topk_group) == (L, E, K, 8, 4)
-    assert (cfg.attention, cfg.router_bias, cfg.hidden_size, cfg.moe_intermediate_size) == ("mla", True, 64, 32)
+    assert (cfg.attention, cfg.score_correction_bias, cfg.hidden_size, cfg.moe_intermediate_size) == ("mla", True, 64, 32)
     assert model.expert_bytes_total == L * E * 3 * 64 * 32 * 2
     check_trace_shape(cfg, L, E, K)  # synthetic V3 traces fit it
     w = model.source.read(L - 1, E - 1)

@@ -92,7 +92,7 @@ def test_router_topk_ids_match(converted):
             assert (got == ref_ids).all(), f"{family} layer {layer} prompt {i}"
             plain = np.sort(torch.topk(r_hf.float(), ckpt.config.top_k, dim=-1).indices.numpy(), axis=-1)
             grouped_or_biased += int((plain != ref_ids).any(-1).sum())
-    if ckpt.config.router_bias or ckpt.config.n_group > 1:
+    if ckpt.config.score_correction_bias or ckpt.config.n_group > 1:
         # The test model's groups and correction bias must change some choices, or this proves nothing.
         assert grouped_or_biased > 0, family
     else:

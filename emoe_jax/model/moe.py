@@ -188,7 +188,7 @@ class MoEBlock(nnx.Module):
     def __init__(self, cfg: MoEConfig, *, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         self.gate = nnx.Linear(cfg.hidden_size, cfg.num_experts, use_bias=False, param_dtype=dtype, rngs=rngs)
-        if cfg.router_bias:  # DeepSeek-V3 / GLM-4.5; float32 as in transformers (it only ranks experts)
+        if cfg.score_correction_bias:  # DeepSeek-V3 / GLM-4.5; float32 as in transformers (it only ranks experts)
             self.e_score_correction_bias = nnx.Param(jnp.zeros((cfg.num_experts,), jnp.float32))
         if cfg.shared_expert_intermediate_size:
             self.shared = SwiGLU(cfg.hidden_size, cfg.shared_expert_intermediate_size, dtype=dtype, rngs=rngs)
@@ -201,7 +201,7 @@ class MoEBlock(nnx.Module):
         return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
 
     def route(self, x: jax.Array, resident: jax.Array | None = None) -> Routing:
-        bias = self.e_score_correction_bias[...] if self.cfg.router_bias else None
+        bias = self.e_score_correction_bias[...] if self.cfg.score_correction_bias else None
         return route(self.router_logits(x), self.cfg, resident, bias)
 
     def add_shared(self, x, routed):
