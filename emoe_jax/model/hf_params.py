@@ -37,6 +37,8 @@ def _hf_name(cfg: MoEConfig, path: tuple) -> tuple[str, bool]:
     for i, p in enumerate(parts):
         if p == "mlp" and cfg.family == "mixtral":
             p = "block_sparse_moe"
+        elif p == "gate" and cfg.family == "gpt_oss" and i > 0 and parts[i - 1] == "mlp":
+            p = "router"
         elif p == "shared":
             p = "shared_experts" if cfg.family == "deepseek_v2" else "shared_expert"
         elif p == "shared_gate":
@@ -93,6 +95,17 @@ def build_params(cfg: MoEConfig, hf: Mapping[str, np.ndarray], dtype=jnp.float32
 
 def experts_from_hf(cfg: MoEConfig, hf: Mapping[str, np.ndarray], dtype=jnp.float32) -> list[ExpertSlots]:
     """All routed experts, per MoE layer, from a per-expert-layout HF state dict (tests, small models)."""
+    if cfg.family == "gpt_oss":  # fused, interleaved, biased layout
+        from ..checkpoint.gpt_oss_experts import read_expert
+
+        out = []
+        for layer in cfg.moe_layers:
+            names = {r: f"model.layers.{layer}.mlp.experts.{r}_proj"
+                     for r in ("gate_up", "down")}
+            names.update({f"{r}_bias": f"model.layers.{layer}.mlp.experts.{r}_proj_bias" for r in ("gate_up", "down")})
+            per = [read_expert(lambda n, e=e: np.asarray(hf[n])[e], names) for e in range(cfg.num_experts)]
+            out.append(ExpertSlots(*(jnp.asarray(np.stack([p[w] for p in per]), dtype) for w in ("gate", "up", "down"))))
+        return out
     block = "block_sparse_moe" if cfg.family == "mixtral" else "mlp"
     names = ("w1", "w3", "w2") if cfg.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
     out = []
