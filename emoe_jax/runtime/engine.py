@@ -28,6 +28,7 @@ from ..config import MoEConfig
 from ..model.decoder import MoETransformer, init_kv_caches
 from ..model.jit_cache import canonical
 from ..model.resident import left_pad
+from ..model.moe import expert_act
 from . import stages
 from .budget import parse_expert_count, parse_per_layer_counts
 from .compile_count import compile_count
@@ -130,7 +131,7 @@ class OffloadedEngine:
         self._stackable = host_count == e * lm and decode_path != "staged" and has_pinned_host(self.device)
         self.host = HostTier(source, host_count, host_policy)
         self.device_cache = DeviceSlotCache(lm, e, self.slots, cfg.hidden_size, cfg.moe_intermediate_size,
-                                            dtype, policy)
+                                            dtype, policy, bias=cfg.expert_bias)
         self.device_cache.link_gbps = link_gbps
         self.routing_hooks: list[Callable[[StepRouting], None]] = []
         self.routing_override: RoutingOverride | None = None
@@ -297,7 +298,7 @@ class OffloadedEngine:
             wave_map = np.full(self.cfg.num_experts, -1, np.int32)
             wave_map[wave] = cache.slot_of_expert[ml, wave]
             acc = stages.routed_partial(normed, routing, cache.buffers[ml], wave_map, acc,
-                                        method=self.method)
+                                        method=self.method, act=expert_act(self.cfg))
             self._timers.waves += 1
         moe_gdef, moe_state = self._moe_blocks[self.cfg.moe_layers[ml]]
         return stages.finish_waves(moe_gdef, moe_state, residual, normed, acc)
