@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -38,7 +37,8 @@ class RopeConfig:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
-    # YaRN's cos/sin scale; None: derived from factor (and mscale / mscale_all_dim) as transformers does.
+    # YaRN's cos/sin scale; None: derived from factor (and mscale / mscale_all_dim when both are
+    # nonzero; mscale 0 = absent from config.json) as transformers does.
     attention_factor: float | None = None
     # YaRN: round the correction range to whole dimensions (transformers' default); gpt-oss sets False.
     truncate: bool = True
@@ -366,10 +366,6 @@ _ROPE_KEYS = {
 }
 
 
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
 def _rope_from_hf(hf: Mapping[str, Any], family: str) -> RopeConfig:
     """RopeConfig as transformers builds it from config.json.
 
@@ -420,17 +416,15 @@ def _rope_from_hf(hf: Mapping[str, Any], family: str) -> RopeConfig:
         factor = float(hf.get("max_position_embeddings", 0)) / float(original)
     factor = float(factor)
     mscale, mscale_all_dim = eff.get("mscale"), eff.get("mscale_all_dim")
+    # transformers derives the attention factor from mscale / mscale_all_dim only when both are set;
+    # mscale=0 records "absent" where it would otherwise be read (see `layers.rope_inv_freq`).
+    mscale = float(mscale or (0.0 if mscale_all_dim else 1.0))
     attention_factor = eff.get("attention_factor")
-    if attention_factor is None:
-        if mscale and mscale_all_dim:
-            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
-        else:
-            attention_factor = _yarn_mscale(factor)
     return RopeConfig(
         theta=theta, kind="yarn", factor=factor, original_max_position_embeddings=int(original),
         beta_fast=float(eff.get("beta_fast") or 32.0), beta_slow=float(eff.get("beta_slow") or 1.0),
-        mscale=float(mscale or 1.0), mscale_all_dim=float(mscale_all_dim or 0.0),
-        attention_factor=float(attention_factor), truncate=bool(eff.get("truncate", True)),
+        mscale=mscale, mscale_all_dim=float(mscale_all_dim or 0.0),
+        attention_factor=None if attention_factor is None else float(attention_factor), truncate=bool(eff.get("truncate", True)),
         interleaved=interleaved,
     )
 

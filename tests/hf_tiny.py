@@ -6,12 +6,12 @@ from __future__ import annotations
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "gpt_oss", "mixtral_sliding")
 
 # gpt-oss's structure at tiny size: sinks, sliding (window 4) / full alternation, biases everywhere,
-# clamped SwiGLU, YaRN with truncate=False (original context 16, so positions past it are scaled).
+# clamped SwiGLU, the real YaRN settings (truncate=False matters at head_dim 8 with these values).
 GPT_OSS_TINY = dict(num_local_experts=8, num_experts_per_tok=4, intermediate_size=16, head_dim=8,
                     num_hidden_layers=4, sliding_window=4,
                     layer_types=["sliding_attention", "full_attention"] * 2,
-                    rope_parameters={"rope_type": "yarn", "factor": 16.0, "beta_fast": 32.0, "beta_slow": 1.0,
-                                     "truncate": False, "original_max_position_embeddings": 16,
+                    rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                     "truncate": False, "original_max_position_embeddings": 4096,
                                      "rope_theta": 150000.0})
 
 _COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,

@@ -55,7 +55,7 @@ def test_num_experts_spellings():
     assert a == b and a.num_experts == 8 and a.qk_norm == "head"
 
 
-@pytest.mark.parametrize("field,value", [("sliding_window", 4096), ("hidden_act", "gelu"),
+@pytest.mark.parametrize("field,value", [("quantization_config", {"quant_method": "awq"}), ("hidden_act", "gelu"),
                                          ("some_new_feature", True)])
 def test_unsupported_fields_are_named(field, value):
     with pytest.raises(ConfigError, match=field):
