@@ -33,9 +33,9 @@ from .layers import SwiGLU
 class ExpertSlots(NamedTuple):
     """Routed expert weights held in S slots: y = (silu(x @ gate) * (x @ up)) @ down."""
 
-    gate: jax.Array  # [S, H, I]
+    gate: jax.Array  # [S, H, I]  ([S, H+1, I] with biases, see ExpertAct)
     up: jax.Array  # [S, H, I]
-    down: jax.Array  # [S, I, H]
+    down: jax.Array  # [S, I, H]  ([S, I+1, H] with biases)
 
 
 class ExpertAct(NamedTuple):
