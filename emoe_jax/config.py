@@ -4,10 +4,11 @@ Steps of `from_hf_config`:
   1. pick the family from `model_type` (or `architectures`);
   2. check every field of the Hugging Face `config.json` against the family's
      list of understood fields, refusing unknown ones (naming them) and known
-     ones whose value we do not implement (sliding windows, other activations...);
+     ones whose value we do not implement (Qwen's sliding windows, other activations,
+     quantization methods the converter cannot dequantize...);
   3. map the fields onto `MoEConfig`, accepting both old and new spellings
-     (`rope_theta` / transformers 5's `rope_parameters`, `num_experts` /
-     `num_local_experts` / `n_routed_experts`).
+     (`num_experts` / `num_local_experts` / `n_routed_experts`); rope settings are read
+     as transformers reads them (`_rope_from_hf`), refusing keys we do not implement.
 """
 
 from __future__ import annotations
