@@ -425,7 +425,8 @@ def _rope_from_hf(hf: Mapping[str, Any], family: str) -> RopeConfig:
         theta=theta, kind="yarn", factor=factor, original_max_position_embeddings=int(original),
         beta_fast=float(eff.get("beta_fast") or 32.0), beta_slow=float(eff.get("beta_slow") or 1.0),
         mscale=mscale, mscale_all_dim=float(mscale_all_dim or 0.0),
-        attention_factor=None if attention_factor is None else float(attention_factor), truncate=bool(eff.get("truncate", True)),
+        attention_factor=None if attention_factor is None else float(attention_factor),
+        truncate=bool(eff.get("truncate", True)),
         interleaved=interleaved,
     )
 

@@ -34,7 +34,8 @@ def test_forced_replay_runs_the_gpt_oss_120b_shape_at_reduced_width():
 
     model = forced_replay_model("gpt-oss-120b", scale=1 / 32, seed=0, vocab_size=256)
     cfg = model.cfg
-    assert (cfg.num_moe_layers, cfg.num_experts, cfg.top_k, cfg.window_of(0), cfg.expert_bias) == (36, 128, 4, 128, True)
+    shape = (cfg.num_moe_layers, cfg.num_experts, cfg.top_k, cfg.window_of(0), cfg.expert_bias)
+    assert shape == (36, 128, 4, 128, True)
     h, i = cfg.hidden_size, cfg.moe_intermediate_size
     assert model.expert_bytes_total == 36 * 128 * (3 * h * i + 2 * i + h) * 2  # bf16, biases included
     rng = np.random.default_rng(0)
