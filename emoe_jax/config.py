@@ -4,10 +4,11 @@ Steps of `from_hf_config`:
   1. pick the family from `model_type` (or `architectures`);
   2. check every field of the Hugging Face `config.json` against the family's
      list of understood fields, refusing unknown ones (naming them) and known
-     ones whose value we do not implement (sliding windows, other activations...);
+     ones whose value we do not implement (Qwen's sliding windows, other activations,
+     quantization methods the converter cannot dequantize...);
   3. map the fields onto `MoEConfig`, accepting both old and new spellings
-     (`rope_theta` / transformers 5's `rope_parameters`, `num_experts` /
-     `num_local_experts` / `n_routed_experts`).
+     (`num_experts` / `num_local_experts` / `n_routed_experts`); rope settings are read
+     as transformers reads them (`_rope_from_hf`), refusing keys we do not implement.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss")
 
 # Router variants (see model/router.py): how scores are made and how top-k is chosen.
 SCORING_FUNCS = ("softmax", "sigmoid")
@@ -32,7 +33,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeConfig:
-    """Rotary embedding settings. `kind` is 'default' or 'yarn' (DeepSeek-V2)."""
+    """Rotary embedding settings. `kind` is 'default' or 'yarn' (DeepSeek-V2, gpt-oss)."""
 
     theta: float = 10000.0
     kind: str = "default"
@@ -43,6 +44,11 @@ class RopeConfig:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
+    # YaRN's cos/sin scale; None: derived from factor (and mscale / mscale_all_dim when both are
+    # nonzero; mscale 0 = absent from config.json) as transformers does.
+    attention_factor: float | None = None
+    # YaRN: round the correction range to whole dimensions (transformers' default); gpt-oss sets False.
+    truncate: bool = True
     # DeepSeek rotates interleaved pairs (x0,x1),(x2,x3)...; the others rotate halves.
     interleaved: bool = False
 
@@ -86,6 +92,21 @@ class MoEConfig:
     clip_qkv: float | None = None
     # GLM-4.5 rotates only the first head_dim * partial_rotary_factor dims of each head.
     partial_rotary_factor: float = 1.0
+    o_proj_bias: bool = False  # gpt-oss: biased output projection
+    # gpt-oss: one learned logit per head that joins every softmax ("attention sink") and is dropped.
+    attention_sinks: bool = False
+    # Sliding-window attention: a query sees the `sliding_window` latest keys (itself included), in
+    # the layers listed (Mixtral: all; gpt-oss: every other one). None: full attention everywhere.
+    sliding_window: int | None = None
+    sliding_window_layers: tuple[int, ...] = ()
+    # Routed experts. 'swiglu': silu(g) * u; 'clamped_swiglu' (gpt-oss): g clamped above at
+    # `swiglu_limit`, u clamped to +-limit, out = (u + 1) * g * sigmoid(alpha * g).
+    expert_act: str = "swiglu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    # gpt-oss: biases in the router and in each expert's gate/up/down projections.
+    router_bias: bool = False
+    expert_bias: bool = False
     # MLA (DeepSeek-V2).
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
@@ -118,6 +139,14 @@ class MoEConfig:
         bad = [layer for layer in self.dense_layers if not 0 <= layer < self.num_layers]
         if bad:
             raise ConfigError(f"dense_layers {bad} outside [0, {self.num_layers})")
+        bad = [layer for layer in self.sliding_window_layers if not 0 <= layer < self.num_layers]
+        if bad:
+            raise ConfigError(f"sliding_window_layers {bad} outside [0, {self.num_layers})")
+        if self.sliding_window_layers and not (self.sliding_window and self.sliding_window > 0):
+            raise ConfigError(f"sliding_window={self.sliding_window!r} must be a positive int when "
+                              "sliding_window_layers is set")
+        if self.expert_act not in ("swiglu", "clamped_swiglu"):
+            raise ConfigError(f"expert_act={self.expert_act!r} must be 'swiglu' or 'clamped_swiglu'")
         self._check_router()
         rd = self.head_dim * self.partial_rotary_factor
         if not 0 < self.partial_rotary_factor <= 1 or rd != int(rd) or int(rd) % 2:
@@ -155,8 +184,13 @@ class MoEConfig:
 
     @property
     def expert_params(self) -> int:
-        """Parameters of one routed expert (gate, up and down projections)."""
-        return 3 * self.hidden_size * self.moe_intermediate_size
+        """Parameters of one routed expert (gate, up and down projections, and their biases)."""
+        h, i = self.hidden_size, self.moe_intermediate_size
+        return 3 * h * i + ((2 * i + h) if self.expert_bias else 0)
+
+    def window_of(self, layer: int) -> int | None:
+        """Sliding-window length of decoder layer `layer`, or None for full attention."""
+        return self.sliding_window if layer in self.sliding_window_layers else None
 
     @property
     def rotary_dim(self) -> int:
@@ -189,7 +223,7 @@ class MoEConfig:
         if unknown:
             raise ConfigError(f"unknown MoEConfig fields: {', '.join(unknown)}")
         d["rope"] = RopeConfig(**d.get("rope", {}))
-        for key in ("dense_layers",):
+        for key in ("dense_layers", "sliding_window_layers"):
             d[key] = tuple(d.get(key, ()))
         if isinstance(d.get("eos_token_id"), list):
             d["eos_token_id"] = tuple(d["eos_token_id"])
@@ -282,6 +316,29 @@ PRESETS: dict[str, MoEConfig] = {
         rope=RopeConfig(theta=1e6), rms_norm_eps=1e-5, max_position_embeddings=131072,
         pad_token_id=151329, eos_token_id=(151329, 151336, 151338),
     ),
+    # gpt-oss-120b (openai/gpt-oss-120b config.json); gpt-oss-20b is the same with 24 layers, 32 experts.
+    "gpt-oss-120b": MoEConfig(
+        family="gpt_oss", vocab_size=201088, hidden_size=2880, num_layers=36, num_heads=64,
+        num_kv_heads=8, head_dim=64, intermediate_size=2880, num_experts=128, top_k=4,
+        moe_intermediate_size=2880, norm_topk_prob=True, qkv_bias=True, o_proj_bias=True,
+        attention_sinks=True, sliding_window=128, sliding_window_layers=tuple(range(0, 36, 2)),
+        expert_act="clamped_swiglu", swiglu_alpha=1.702, swiglu_limit=7.0, router_bias=True,
+        expert_bias=True,
+        rope=RopeConfig(theta=150000.0, kind="yarn", factor=32.0, original_max_position_embeddings=4096,
+                        beta_fast=32.0, beta_slow=1.0, truncate=False),
+        rms_norm_eps=1e-5, max_position_embeddings=131072, eos_token_id=200002, pad_token_id=199999,
+    ),
+    "gpt-oss-20b": MoEConfig(
+        family="gpt_oss", vocab_size=201088, hidden_size=2880, num_layers=24, num_heads=64,
+        num_kv_heads=8, head_dim=64, intermediate_size=2880, num_experts=32, top_k=4,
+        moe_intermediate_size=2880, norm_topk_prob=True, qkv_bias=True, o_proj_bias=True,
+        attention_sinks=True, sliding_window=128, sliding_window_layers=tuple(range(0, 24, 2)),
+        expert_act="clamped_swiglu", swiglu_alpha=1.702, swiglu_limit=7.0, router_bias=True,
+        expert_bias=True,
+        rope=RopeConfig(theta=150000.0, kind="yarn", factor=32.0, original_max_position_embeddings=4096,
+                        beta_fast=32.0, beta_slow=1.0, truncate=False),
+        rms_norm_eps=1e-5, max_position_embeddings=131072, eos_token_id=200002, pad_token_id=199999,
+    ),
 }
 
 
@@ -318,6 +375,13 @@ def tiny_config(family: str, **overrides: Any) -> MoEConfig:
             dense_layers=(0,), qkv_bias=True, qk_norm="head", partial_rotary_factor=0.5, norm_topk_prob=True,
             shared_expert_intermediate_size=16, scoring_func="sigmoid", topk_method="noaux_tc", n_group=2,
             topk_group=1, score_correction_bias=True, routed_scaling_factor=1.5,
+        )
+    elif family == "gpt_oss":
+        base.update(
+            norm_topk_prob=True, qkv_bias=True, o_proj_bias=True, attention_sinks=True, sliding_window=4,
+            sliding_window_layers=(0, 2), expert_act="clamped_swiglu", router_bias=True, expert_bias=True,
+            rope=RopeConfig(theta=150000.0, kind="yarn", factor=32.0, original_max_position_embeddings=16,
+                            truncate=False),
         )
     base.update(overrides)
     return MoEConfig(**base)
@@ -372,7 +436,13 @@ _FAMILY_FIELDS: dict[str, set[str]] = {
     "glm4_moe": {"n_routed_experts", "n_shared_experts", "first_k_dense_replace", "n_group", "topk_group",
                  "routed_scaling_factor", "partial_rotary_factor", "use_qk_norm", "num_local_experts"}
     | _MTP_FIELDS,
+    "gpt_oss": {"num_local_experts", "num_experts", "swiglu_alpha", "swiglu_limit", "experts_per_token",
+                "initial_context_length", "quantization_config"},
 }
+
+# Quantized checkpoints the converter dequantizes while streaming, per family (default:
+# SUPPORTED_QUANTIZATION below).
+_QUANT_METHODS = {"gpt_oss": ("mxfp4",)}
 
 _ARCH_TO_FAMILY = {
     "MixtralForCausalLM": "mixtral",
@@ -383,6 +453,7 @@ _ARCH_TO_FAMILY = {
     # Kimi-K2 ships model_type 'kimi_k2' with the DeepSeek-V3 architecture.
     "DeepseekV3ForCausalLM": "deepseek_v3",
     "Glm4MoeForCausalLM": "glm4_moe",
+    "GptOssForCausalLM": "gpt_oss",
 }
 
 # transformers' config defaults where they matter and differ from our generic fallbacks.
@@ -410,36 +481,143 @@ def _family_of(hf: Mapping[str, Any]) -> str:
     )
 
 
+# transformers' `default_theta` of each family's config class (used when config.json names no theta).
+_DEFAULT_THETA = {"mixtral": 1e6, "gpt_oss": 150000.0}
+
+# Rope sub-keys we implement, per rope type (what transformers' rope init functions read).
+_ROPE_KEYS = {
+    "default": {"rope_type", "type", "rope_theta", "partial_rotary_factor"},
+    "yarn": {"rope_type", "type", "rope_theta", "partial_rotary_factor", "factor", "attention_factor",
+             "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "original_max_position_embeddings",
+             "truncate"},
+}
+
+
 def _rope_from_hf(hf: Mapping[str, Any], family: str) -> RopeConfig:
-    # transformers 5 puts theta and scaling into `rope_parameters`; older configs
-    # use `rope_theta` + `rope_scaling`.
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = dict(hf.get("rope_scaling") or {})
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    merged = {**scaling, **params}
+    """RopeConfig as transformers builds it from config.json.
+
+    Steps (transformers' `convert_rope_params_to_dict` / `standardize_rope_params` and the rope
+    init functions of modeling_rope_utils):
+      1. the effective dict is `rope_scaling` when set (it *replaces* `rope_parameters`), else
+         `rope_parameters`; per-layer-type dicts are refused;
+      2. theta: the dict's `rope_theta`, else the top-level `rope_theta`, else the family default;
+      3. every sub-key must be one we implement for its rope type (others are refused by name);
+      4. YaRN: `factor` (None: max_position_embeddings / original), `attention_factor` (None:
+         derived from factor, mscale, mscale_all_dim), `beta_fast`/`beta_slow` (falsy: 32 / 1),
+         `truncate` (default True).
+    """
+    where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    eff = hf.get(where) or {}
+    if not isinstance(eff, Mapping):
+        raise ConfigError(f"config field {where}={eff!r} must be a dict")
+    eff = dict(eff)
+    nested = [k for k, v in eff.items() if isinstance(v, Mapping)]
+    if nested:
+        raise ConfigError(f"{where} has per-layer-type rope settings ({', '.join(nested)}); "
+                          "emoe_jax implements one rope for all layers")
+    theta = float(eff.get("rope_theta") or hf.get("rope_theta") or _DEFAULT_THETA.get(family, 10000.0))
+    kind = eff.get("rope_type", eff.get("type", "default")) or "default"
+    if kind not in _ROPE_KEYS:
+        raise ConfigError(
+            f"rope type {kind!r} is not supported (field {where}); supported: {', '.join(_ROPE_KEYS)}"
+        )
+    unknown = sorted(k for k in eff if k not in _ROPE_KEYS[kind])
+    if unknown:
+        raise ConfigError(
+            f"{where} key(s) {', '.join(unknown)} are not implemented for rope type {kind!r} "
+            f"(implemented: {', '.join(sorted(_ROPE_KEYS[kind]))}); this checkpoint cannot be run faithfully"
+        )
+    # GLM-4.5 rotates part of each head (read in from_hf_config); elsewhere only full-width rotary.
+    if family != "glm4_moe" and eff.get("partial_rotary_factor", 1.0) not in (None, 1, 1.0):
+        raise ConfigError(f"{where}.partial_rotary_factor={eff['partial_rotary_factor']!r} is not "
+                          f"implemented for {family} (only full-width rotary)")
     interleaved = family == "deepseek_v2" or (family == "deepseek_v3" and bool(hf.get("rope_interleave", True)))
     if kind == "default":
-        return RopeConfig(theta=float(theta), interleaved=interleaved)
-    if kind == "yarn":
-        return RopeConfig(
-            theta=float(theta), kind="yarn", factor=float(merged["factor"]),
-            original_max_position_embeddings=int(merged.get("original_max_position_embeddings")
-                                                 or hf.get("max_position_embeddings")),
-            beta_fast=float(merged.get("beta_fast", 32.0)), beta_slow=float(merged.get("beta_slow", 1.0)),
-            mscale=float(merged.get("mscale", 1.0) or 1.0),
-            mscale_all_dim=float(merged.get("mscale_all_dim", 0.0) or 0.0),
-            interleaved=interleaved,
-        )
-    raise ConfigError(
-        f"rope type {kind!r} is not supported (field rope_scaling/rope_parameters); "
-        "supported: default, yarn"
+        return RopeConfig(theta=theta, interleaved=interleaved)
+    if "factor" not in eff:
+        raise ConfigError(f"{where} of rope type 'yarn' lacks 'factor'")
+    original = eff.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
+    if not original:
+        raise ConfigError(f"{where} of rope type 'yarn' lacks original_max_position_embeddings")
+    factor = eff["factor"]
+    if factor is None:
+        factor = float(hf.get("max_position_embeddings", 0)) / float(original)
+    factor = float(factor)
+    mscale, mscale_all_dim = eff.get("mscale"), eff.get("mscale_all_dim")
+    # transformers derives the attention factor from mscale / mscale_all_dim only when both are set;
+    # mscale=0 records "absent" where it would otherwise be read (see `layers.rope_inv_freq`).
+    mscale = float(mscale or (0.0 if mscale_all_dim else 1.0))
+    attention_factor = eff.get("attention_factor")
+    return RopeConfig(
+        theta=theta, kind="yarn", factor=factor, original_max_position_embeddings=int(original),
+        beta_fast=float(eff.get("beta_fast") or 32.0), beta_slow=float(eff.get("beta_slow") or 1.0),
+        mscale=mscale, mscale_all_dim=float(mscale_all_dim or 0.0),
+        attention_factor=None if attention_factor is None else float(attention_factor),
+        truncate=bool(eff.get("truncate", True)),
+        interleaved=interleaved,
     )
+
+
+def quant_method(hf: Mapping[str, Any]) -> str | None:
+    """The checkpoint's `quantization_config.quant_method` (None: not quantized)."""
+    q = hf.get("quantization_config")
+    if not q:
+        return None
+    method = q.get("quant_method") if isinstance(q, Mapping) else None
+    return str(method) if method is not None else "unknown (quantization_config without quant_method)"
+
+
+def _check_quantization(hf: Mapping[str, Any], family: str) -> None:
+    """Weight quantization is accepted only where the converter dequantizes it exactly: MXFP4 for
+    gpt-oss (checkpoint/dequant_mxfp4.py), block-scaled FP8 elsewhere (checkpoint/dequant_fp8.py)."""
+    method = quant_method(hf)
+    if method is None:
+        return
+    supported = _QUANT_METHODS.get(family, SUPPORTED_QUANTIZATION)
+    if method not in supported:
+        raise ConfigError(
+            f"quantization_config.quant_method={method!r} is not supported for {family} checkpoints "
+            f"(supported: {', '.join(supported)}); the converter would have to dequantize it and does not "
+            "know how: convert an unquantized (bf16) release instead"
+        )
+    qc = hf["quantization_config"]
+    if method == "fp8":
+        fmt = qc.get("fmt", "e4m3")
+        if fmt != "e4m3":
+            raise ConfigError(f"quantization_config.fmt={fmt!r} is not supported: FP8 weights must be e4m3")
+        block = qc.get("weight_block_size")
+        if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(int(b) > 0 for b in block)):
+            raise ConfigError(f"quantization_config.weight_block_size={block!r} is not supported: "
+                              "need [rows, cols] blocks (DeepSeek-V3: [128, 128])")
+        if qc.get("activation_scheme", "dynamic") != "dynamic":
+            raise ConfigError(f"quantization_config.activation_scheme={qc.get('activation_scheme')!r} is not "
+                              "supported: only 'dynamic' (no stored activation scales)")
+
+
+def _sliding_layers(hf: Mapping[str, Any], family: str) -> tuple[int | None, tuple[int, ...]]:
+    """(window, layers that use it) as transformers' attention masks apply them."""
+    window = hf.get("sliding_window")
+    layers = int(hf.get("num_hidden_layers") or 0)
+    if family == "mixtral":  # every layer slides when sliding_window is set
+        return (int(window), tuple(range(layers))) if window else (None, ())
+    if family != "gpt_oss":
+        return None, ()
+    types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                                      for i in range(layers)]
+    bad = sorted({t for t in types if t not in ("sliding_attention", "full_attention")})
+    if bad or len(types) != layers:
+        raise ConfigError(f"config field layer_types has {'types ' + ', '.join(bad) if bad else len(types)} "
+                          f"entries; emoe_jax implements {layers} entries of sliding_attention / full_attention")
+    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    if sliding and not window:
+        raise ConfigError(f"config field sliding_window={window!r} but layer_types has sliding_attention "
+                          "layers; set the window length")
+    return (int(window), sliding) if sliding else (None, ())
 
 
 def _check_fields(hf: Mapping[str, Any], family: str) -> None:
     allowed = _IGNORED | _FAMILY_FIELDS[family]
-    unknown = sorted(k for k in hf if k not in allowed)
+    unknown = sorted(k for k in hf if k not in allowed and k != "quantization_config")
     if unknown:
         raise ConfigError(
             f"config.json of a {family} model has fields emoe_jax does not support: "
@@ -450,14 +628,16 @@ def _check_fields(hf: Mapping[str, Any], family: str) -> None:
     def refuse(field: str, why: str) -> None:
         raise ConfigError(f"config field {field}={hf.get(field)!r} is not supported: {why}")
 
+    _check_quantization(hf, family)
     act = hf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         refuse("hidden_act", "only SwiGLU (silu) experts are implemented")
-    if hf.get("use_sliding_window") or (family == "mixtral" and hf.get("sliding_window")):
-        refuse("sliding_window" if family == "mixtral" else "use_sliding_window",
-               "sliding-window attention is not implemented")
-    if family == "qwen3_moe" and hf.get("sliding_window") and hf.get("use_sliding_window"):
-        refuse("sliding_window", "sliding-window attention is not implemented")
+    if family in ("qwen2_moe", "qwen3_moe") and hf.get("use_sliding_window"):
+        refuse("use_sliding_window", f"sliding-window attention of {family} (max_window_layers) is not implemented")
+    if family == "gpt_oss":
+        per_token = hf.get("experts_per_token")
+        if per_token is not None and per_token != hf.get("num_experts_per_tok", per_token):
+            refuse("experts_per_token", f"differs from num_experts_per_tok={hf.get('num_experts_per_tok')}")
     if hf.get("mlp_bias"):
         refuse("mlp_bias", "biased MLPs are not implemented")
     if family == "deepseek_v2":
@@ -486,32 +666,6 @@ def _check_fields(hf: Mapping[str, Any], family: str) -> None:
             refuse("use_qk_norm", "Qwen3-MoE always applies RMSNorm to q and k")
     if family in ("qwen2_moe", "qwen3_moe") and hf.get("decoder_sparse_step", 1) < 1:
         refuse("decoder_sparse_step", "must be >= 1")
-    _check_quantization(hf)
-
-
-def _check_quantization(hf: Mapping[str, Any]) -> None:
-    """Weight quantization is accepted only where the converter dequantizes it exactly."""
-    qc = hf.get("quantization_config")
-    if qc is None:
-        return
-    method = qc.get("quant_method") if isinstance(qc, Mapping) else None
-    if method not in SUPPORTED_QUANTIZATION:
-        raise ConfigError(
-            f"quantization_config.quant_method={method!r} is not supported: emoe_jax dequantizes "
-            f"{', '.join(SUPPORTED_QUANTIZATION)} checkpoints (block-scaled FP8 with weight_scale_inv); "
-            "convert an unquantized (bf16) release instead"
-        )
-    if method == "fp8":
-        fmt = qc.get("fmt", "e4m3")
-        if fmt != "e4m3":
-            raise ConfigError(f"quantization_config.fmt={fmt!r} is not supported: FP8 weights must be e4m3")
-        block = qc.get("weight_block_size")
-        if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(int(b) > 0 for b in block)):
-            raise ConfigError(f"quantization_config.weight_block_size={block!r} is not supported: "
-                              "need [rows, cols] blocks (DeepSeek-V3: [128, 128])")
-        if qc.get("activation_scheme", "dynamic") != "dynamic":
-            raise ConfigError(f"quantization_config.activation_scheme={qc.get('activation_scheme')!r} is not "
-                              "supported: only 'dynamic' (no stored activation scales)")
 
 
 def from_hf_config(hf: Mapping[str, Any] | str | Path) -> MoEConfig:
@@ -549,7 +703,7 @@ def from_hf_config(hf: Mapping[str, Any] | str | Path) -> MoEConfig:
         num_kv_heads=int(hf.get("num_key_value_heads") or heads),
         head_dim=int(hf.get("head_dim") or hidden // heads),
         intermediate_size=int(need("intermediate_size")),
-        top_k=int(need("num_experts_per_tok")),
+        top_k=int(need("num_experts_per_tok", "experts_per_token")),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -560,6 +714,7 @@ def from_hf_config(hf: Mapping[str, Any] | str | Path) -> MoEConfig:
         rope=_rope_from_hf(hf, family),
         norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
     )
+    kw["sliding_window"], kw["sliding_window_layers"] = _sliding_layers(hf, family)
     if family == "mixtral":
         kw.update(num_experts=int(need("num_local_experts", "num_experts")),
                   moe_intermediate_size=kw["intermediate_size"], norm_topk_prob=True, add_bos=True)
@@ -636,6 +791,17 @@ def from_hf_config(hf: Mapping[str, Any] | str | Path) -> MoEConfig:
             qk_norm="head" if hf.get("use_qk_norm") else "none",
             partial_rotary_factor=float(prf),
             **_sigmoid_router_fields(hf),
+        )
+    elif family == "gpt_oss":
+        bias = bool(hf.get("attention_bias", True))
+        kw.update(
+            num_experts=int(need("num_local_experts", "num_experts")),
+            top_k=int(need("num_experts_per_tok", "experts_per_token")),
+            moe_intermediate_size=kw["intermediate_size"],
+            # softmax over the top-k router logits = softmax, top-k, renormalise
+            norm_topk_prob=True, qkv_bias=bias, o_proj_bias=bias, attention_sinks=True,
+            expert_act="clamped_swiglu", swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)),
+            swiglu_limit=float(hf.get("swiglu_limit", 7.0)), router_bias=True, expert_bias=True,
         )
     return MoEConfig(**kw)
 

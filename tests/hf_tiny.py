@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
+# Parity cases: the families, plus Mixtral with a sliding window short enough to matter.
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss",
+            "mixtral_sliding")
 # Families whose router scores are sigmoids (saturate if widened too much) and carry a correction bias.
 SIGMOID_ROUTED = ("deepseek_v3", "glm4_moe")
+
+# gpt-oss's structure at tiny size: sinks, sliding (window 4) / full alternation, biases everywhere,
+# clamped SwiGLU, the real YaRN settings (truncate=False matters at head_dim 8 with these values).
+GPT_OSS_TINY = dict(num_local_experts=8, num_experts_per_tok=4, intermediate_size=16, head_dim=8,
+                    num_hidden_layers=4, sliding_window=4,
+                    layer_types=["sliding_attention", "full_attention"] * 2,
+                    rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                     "truncate": False, "original_max_position_embeddings": 4096,
+                                     "rope_theta": 150000.0})
 
 _COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -18,9 +29,14 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     kw = dict(_COMMON)
-    if family == "mixtral":
+    if family in ("mixtral", "mixtral_sliding"):
         cls, cfg_cls = tf.MixtralForCausalLM, tf.MixtralConfig
         kw.update(num_local_experts=8, num_experts_per_tok=2)
+        if family == "mixtral_sliding":
+            kw.update(sliding_window=4)
+    elif family == "gpt_oss":
+        cls, cfg_cls = tf.GptOssForCausalLM, tf.GptOssConfig
+        kw.update(GPT_OSS_TINY)
     elif family == "qwen2_moe":
         cls, cfg_cls = tf.Qwen2MoeForCausalLM, tf.Qwen2MoeConfig
         kw.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
@@ -80,4 +96,14 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.05 * torch.randn_like(b))
+        if family == "gpt_oss":  # transformers inits biases to 0 and weights at std 0.02: make each matter
+            for name, p in model.named_parameters():
+                if name.endswith("router.weight"):
+                    p.copy_(torch.randn_like(p))
+                elif name.endswith(("router.bias", "sinks", "_proj.bias", "proj_bias")):
+                    p.copy_(0.5 * torch.randn_like(p))
+                elif name.endswith("experts.gate_up_proj"):  # large enough that the clamp at 7 acts
+                    p.copy_(torch.randn_like(p))
+                elif name.endswith("experts.down_proj"):
+                    p.copy_(0.2 * torch.randn_like(p))
     return model

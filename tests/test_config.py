@@ -55,7 +55,7 @@ def test_num_experts_spellings():
     assert a == b and a.num_experts == 8 and a.qk_norm == "head"
 
 
-@pytest.mark.parametrize("field,value", [("sliding_window", 4096), ("hidden_act", "gelu"),
+@pytest.mark.parametrize("field,value", [("quantization_config", {"quant_method": "awq"}), ("hidden_act", "gelu"),
                                          ("some_new_feature", True)])
 def test_unsupported_fields_are_named(field, value):
     with pytest.raises(ConfigError, match=field):
@@ -101,3 +101,56 @@ def test_invalid_values():
         tiny_config("mixtral", top_k=9)
     with pytest.raises(ConfigError, match="unknown preset"):
         get_preset("gpt-5")
+
+
+GPT_OSS_20B = {  # the fields of openai/gpt-oss-20b's config.json
+    "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "attention_bias": True,
+    "attention_dropout": 0.0, "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64,
+    "hidden_act": "silu", "hidden_size": 2880, "initial_context_length": 4096, "initializer_range": 0.02,
+    "intermediate_size": 2880, "layer_types": ["sliding_attention", "full_attention"] * 12,
+    "max_position_embeddings": 131072, "num_attention_heads": 64, "num_experts_per_tok": 4,
+    "num_hidden_layers": 24, "num_key_value_heads": 8, "num_local_experts": 32, "output_router_logits": False,
+    "pad_token_id": 199999,
+    "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                       "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"},
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
+                     "rope_type": "yarn", "truncate": False},
+    "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+    "tie_word_embeddings": False, "transformers_version": "4.55.0.dev0", "use_cache": True, "vocab_size": 201088,
+}
+
+
+def test_gpt_oss_20b_maps_to_preset():
+    cfg = from_hf_config(GPT_OSS_20B)
+    assert cfg == get_preset("gpt-oss-20b")
+    assert cfg.window_of(0) == 128 and cfg.window_of(1) is None and cfg.window_of(22) == 128
+    assert cfg.expert_params == 3 * 2880 * 2880 + 2 * 2880 + 2880
+    big = {**GPT_OSS_20B, "num_hidden_layers": 36, "num_local_experts": 128,
+           "layer_types": ["sliding_attention", "full_attention"] * 18}
+    assert from_hf_config(big) == get_preset("gpt-oss-120b")
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"layer_types": ["sliding_attention", "chunked_attention"] * 12}, "layer_types"),
+    ({"layer_types": ["full_attention"] * 3}, "layer_types"),
+    ({"sliding_window": None}, "sliding_window"),
+    ({"experts_per_token": 2}, "experts_per_token"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "fp8"),
+])
+def test_gpt_oss_refuses_what_it_cannot_run(change, named):
+    with pytest.raises(ConfigError, match=named):
+        from_hf_config({**GPT_OSS_20B, **change})
+
+
+def test_sliding_window_mixtral_accepted_qwen_refused():
+    cfg = from_hf_config({**MIXTRAL, "sliding_window": 4096})
+    assert cfg.sliding_window == 4096 and cfg.sliding_window_layers == tuple(range(32))
+    assert from_hf_config(MIXTRAL).sliding_window_layers == ()
+    qwen = {"model_type": "qwen3_moe", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+            "num_experts_per_tok": 2, "moe_intermediate_size": 16, "num_experts": 8}
+    assert from_hf_config({**qwen, "sliding_window": 4096, "use_sliding_window": False}).sliding_window is None
+    with pytest.raises(ConfigError, match="use_sliding_window"):
+        from_hf_config({**qwen, "sliding_window": 4096, "use_sliding_window": True})

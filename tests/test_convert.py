@@ -205,7 +205,7 @@ def test_cli_errors_name_the_problem(tmp_path):
     (noconf / "config.json").unlink()
     _assert_clean_error(_cli(noconf, tmp_path / "o3"), "config.json")
     # Unsupported and unknown config fields.
-    for field, value in (("sliding_window", 4096), ("frobnicate_experts", True)):
+    for field, value in (("quantization_config", {"quant_method": "gptq"}), ("frobnicate_experts", True)):
         d = tmp_path / f"field_{field}"
         shutil.copytree(hf, d)
         cfg = json.loads((d / "config.json").read_text())

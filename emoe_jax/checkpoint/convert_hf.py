@@ -24,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from emoe_jax.checkpoint.dense_store import set_nested
+from emoe_jax.checkpoint import gpt_oss_experts
 from emoe_jax.checkpoint.dequant_fp8 import open_converter_source
 from emoe_jax.checkpoint.errors import CheckpointError
 from emoe_jax.checkpoint.fingerprint import describe_difference
@@ -68,7 +69,13 @@ def _plan(source: HFSource, cfg: MoEConfig) -> _Plan:
             if piece.expert >= e_:
                 raise CheckpointError(f"tensor {name!r}: expert {piece.expert} >= num_experts {e_} {implied}")
             slot = plan.per_expert.setdefault((ml, piece.expert), {})
+        elif cfg.family == "gpt_oss":
+            want = gpt_oss_experts.fused_shapes(cfg)[piece.role]
+            slot = plan.fused.setdefault(ml, {})
         else:
+            if piece.role not in ("gate_up", "down"):
+                raise CheckpointError(f"tensor {name!r}: expert biases / quantized experts are only known "
+                                      "for gpt_oss checkpoints")
             want = (e_, 2 * i_, h) if piece.role == "gate_up" else (e_, h, i_)
             slot = plan.fused.setdefault(ml, {})
         if shape != want:
@@ -81,8 +88,12 @@ def _plan(source: HFSource, cfg: MoEConfig) -> _Plan:
         if ml in plan.fused:
             if any((ml, e) in plan.per_expert for e in range(e_)):
                 raise CheckpointError(f"layer {layer} has both fused and per-expert tensors")
-            missing += [f"model.layers.{layer}.mlp.experts.{r}_proj" for r in ("gate_up", "down")
-                        if r not in plan.fused[ml]]
+            roles = (gpt_oss_experts.missing_roles(set(plan.fused[ml])) if cfg.family == "gpt_oss"
+                     else [r for r in ("gate_up", "down") if r not in plan.fused[ml]])
+            missing += [f"model.layers.{layer}.mlp.experts.{r}_proj" for r in roles]
+            continue
+        if cfg.family == "gpt_oss":
+            missing.append(f"model.layers.{layer}.mlp.experts.* (gpt_oss stores fused experts)")
             continue
         for e in range(e_):
             got = plan.per_expert.get((ml, e), {})
@@ -95,8 +106,11 @@ def _plan(source: HFSource, cfg: MoEConfig) -> _Plan:
     return plan
 
 
-def _read_expert(source: HFSource, plan: _Plan, ml: int, e: int, inter: int) -> dict[str, np.ndarray]:
+def _read_expert(source: HFSource, plan: _Plan, ml: int, e: int, inter: int,
+                 cfg_family: str = "") -> dict[str, np.ndarray]:
     """One expert in our orientation: gate/up [H, I], down [I, H]."""
+    if ml in plan.fused and cfg_family == "gpt_oss":
+        return gpt_oss_experts.read_expert(lambda name: source.read(name, e, e + 1)[0], plan.fused[ml])
     if ml in plan.fused:
         names = plan.fused[ml]
         gate_up = source.read(names["gate_up"], e, e + 1)[0]  # [2I, H]: gate rows, then up rows
@@ -135,8 +149,11 @@ def convert_hf_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, dtype: str
         plan = _plan(source, cfg)
         if dtype == "auto":
             first = next(iter(plan.fused.values()), None) or next(iter(plan.per_expert.values()))
-            dt = source.info(next(iter(first.values()))).dtype
-            dt = target_dtype(dt.name if dt.name in ("bfloat16", "float32", "float16") else "float32")
+            # The weights' dtype (not a bias's or MXFP4 scale's); MXFP4 dequantizes to bfloat16 as transformers does.
+            probe = [n for n in first.values() if not n.endswith(("_bias", "_scales"))] or list(first.values())
+            dt = source.info(probe[0]).dtype
+            dt = target_dtype("bfloat16" if probe[0].endswith("_blocks") else
+                              dt.name if dt.name in ("bfloat16", "float32", "float16") else "float32")
         else:
             dt = target_dtype(dtype)
         source.output_dtype = dt  # FP8 weights dequantize straight to the target dtype (one rounding)
@@ -206,7 +223,7 @@ def _stream(source: HFSource, plan: _Plan, cfg: MoEConfig, writer: CheckpointWri
                 del tree
             else:
                 _, ml, e = item
-                writer.write_expert(ml, e, _read_expert(source, plan, ml, e, inter))
+                writer.write_expert(ml, e, _read_expert(source, plan, ml, e, inter, cfg.family))
             bar.update(b)
 
 

@@ -37,9 +37,10 @@ from emoe_jax.checkpoint.errors import CheckpointError, ExpertIntegrityError
 WEIGHTS = ("gate", "up", "down")
 
 
-def weight_shapes(hidden: int, inter: int) -> dict[str, tuple[int, int]]:
-    """Shape of one expert's weights in our orientation."""
-    return {"gate": (hidden, inter), "up": (hidden, inter), "down": (inter, hidden)}
+def weight_shapes(hidden: int, inter: int, bias: bool = False) -> dict[str, tuple[int, int]]:
+    """Shape of one expert's weights in our orientation (bias: one extra input row, see model.moe.ExpertAct)."""
+    b = int(bias)
+    return {"gate": (hidden + b, inter), "up": (hidden + b, inter), "down": (inter + b, hidden)}
 
 
 def expert_crc32(weights: Mapping[str, np.ndarray]) -> int:
@@ -55,10 +56,10 @@ def _spec(path: Path, name: str) -> dict:
 
 
 def create_arrays(path: Path, num_layers: int, num_experts: int, hidden: int, inter: int,
-                  dtype: np.dtype, *, resume: bool) -> dict[str, ts.TensorStore]:
+                  dtype: np.dtype, *, resume: bool, bias: bool = False) -> dict[str, ts.TensorStore]:
     """Create (or, when resuming, reopen) the three expert arrays for writing."""
     arrays = {}
-    for w, (a, b) in weight_shapes(hidden, inter).items():
+    for w, (a, b) in weight_shapes(hidden, inter, bias).items():
         spec = _spec(path, w)
         spec["metadata"] = {
             "shape": [num_layers, num_experts, a, b],
@@ -121,10 +122,12 @@ class ExpertStoreInfo:
     hidden: int
     inter: int
     dtype: np.dtype
+    bias: bool = False  # gpt-oss: gate/up [H+1, I], down [I+1, H]
 
     @property
     def expert_bytes(self) -> int:
-        return 3 * self.hidden * self.inter * np.dtype(self.dtype).itemsize
+        shapes = weight_shapes(self.hidden, self.inter, self.bias).values()
+        return sum(a * b for a, b in shapes) * np.dtype(self.dtype).itemsize
 
 
 class ExpertStore:
@@ -149,8 +152,12 @@ class ExpertStore:
             self._arrays[w] = ts.open(spec, open=True, read=True, context=self._context).result()
         g = self._arrays["gate"]
         lm, e, h, i = g.shape
-        self.info = ExpertStoreInfo(lm, e, h, i, np.dtype(g.dtype.numpy_dtype))
-        if tuple(self._arrays["up"].shape) != (lm, e, h, i) or tuple(self._arrays["down"].shape) != (lm, e, i, h):
+        # A biased store (gpt-oss) has gate [.., H+1, I] and down [.., I+1, H].
+        bias = tuple(self._arrays["down"].shape) == (lm, e, i + 1, h - 1)
+        h -= int(bias)
+        self.info = ExpertStoreInfo(lm, e, h, i, np.dtype(g.dtype.numpy_dtype), bias)
+        shapes = weight_shapes(h, i, bias)
+        if any(tuple(self._arrays[w].shape) != (lm, e) + shapes[w] for w in WEIGHTS):
             raise CheckpointError(f"expert arrays under {self.path} have inconsistent shapes")
         self._lock = threading.Lock()
         # Check every read against the manifest crc32 (cheap next to the read itself), so a

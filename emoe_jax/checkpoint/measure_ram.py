@@ -1,11 +1,13 @@
 """Measure peak resident memory and time of `python -m emoe_jax.convert` on a mid-size model.
 
     python -m emoe_jax.checkpoint.measure_ram [--workdir DIR] [--hidden 1024 --layers 8 --experts 8
-        --intermediate 1024 --vocab 32000 --dtype bfloat16] [--layouts per_expert,fused,sharded] [--json]
+        --intermediate 1024 --vocab 32000 --dtype bfloat16] [--layouts per_expert,fused,sharded,mxfp4] [--json]
 
 Steps:
   1. build a random Mixtral with transformers (needs torch) and save it: per-expert
      layout (save_pretrained), fused layout (raw state_dict), and sharded (100 MB shards);
+     `mxfp4`: a gpt-oss-shaped checkpoint (same sizes) whose experts are MXFP4 blocks + scales
+     (tensor names and shapes from transformers' GptOss on the meta device, values random);
   2. measure the baseline peak RSS of a process that only imports the converter's
      dependencies (jax, orbax, tensorstore);
   3. run the converter CLI in a child process per layout and read the child's peak
@@ -50,12 +52,16 @@ def build_models(workdir: Path, args) -> dict[str, Path]:
     from safetensors.torch import save_file
     from transformers import MixtralConfig, MixtralForCausalLM
 
+    dirs = {}
+    if "mxfp4" in args.layouts:
+        dirs["mxfp4"] = build_mxfp4_gpt_oss(workdir, args)
+    if not {"per_expert", "sharded", "fused"} & set(args.layouts):
+        return dirs
     torch.manual_seed(0)
     cfg = MixtralConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                         num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=4,
                         num_local_experts=args.experts, num_experts_per_tok=2)
     model = MixtralForCausalLM(cfg).to(getattr(torch, args.dtype))
-    dirs = {}
     if "per_expert" in args.layouts:
         dirs["per_expert"] = workdir / "hf_per_expert"
         model.save_pretrained(dirs["per_expert"])
@@ -68,6 +74,36 @@ def build_models(workdir: Path, args) -> dict[str, Path]:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
         model.config.save_pretrained(d)
     return dirs
+
+
+def build_mxfp4_gpt_oss(workdir: Path, args) -> Path:
+    """A gpt-oss checkpoint with MXFP4 experts, written tensor by tensor (no full model in RAM)."""
+    import ml_dtypes
+    import numpy as np
+    import torch
+    from safetensors.numpy import save_file
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    cfg = GptOssConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                       num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+                       num_local_experts=args.experts, num_experts_per_tok=2)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in GptOssForCausalLM(cfg).state_dict().items()}
+    rng = np.random.default_rng(0)
+    d = workdir / "hf_mxfp4"
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, shape in shapes.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            e, n_in, n_out = shape  # [E, in, out] in memory; MXFP4 stores [E, out, in/32, 16]
+            tensors[name + "_blocks"] = rng.integers(0, 256, (e, n_out, n_in // 32, 16), dtype=np.uint8)
+            tensors[name + "_scales"] = rng.integers(118, 124, (e, n_out, n_in // 32), dtype=np.uint8)
+        else:
+            tensors[name] = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+    save_file(tensors, str(d / "model.safetensors"))
+    cfg.quantization_config = {"quant_method": "mxfp4"}
+    cfg.save_pretrained(d)
+    return d
 
 
 def checkpoint_stats(hf_dir: Path) -> dict[str, int]:

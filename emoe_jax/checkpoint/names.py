@@ -3,7 +3,8 @@
 Steps:
   1. a name matching a routed-expert pattern becomes an `ExpertPiece`
      (per-expert layout: `model.layers.{l}.{block_sparse_moe|mlp}.experts.{e}.{w1|w3|w2|gate_proj|up_proj|down_proj}.weight`;
-     transformers 5's fused layout: `model.layers.{l}.{block_sparse_moe|mlp}.experts.{gate_up_proj|down_proj}`);
+     transformers 5's fused layout: `model.layers.{l}.{block_sparse_moe|mlp}.experts.{gate_up_proj|down_proj}`,
+     gpt-oss's with `_bias` and MXFP4 `_blocks`/`_scales` tensors);
   2. any other name containing `.experts.` is refused (a layout we do not know);
   3. every remaining name is dense: drop a leading `model.`, canonicalise
      transformers 5's in-memory Mixtral router name `mlp.gate` to the on-disk
@@ -24,7 +25,9 @@ _PER_EXPERT = re.compile(
     r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
     r"(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
 )
-_FUSED = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(gate_up_proj|down_proj)$")
+# transformers 5 fused layout; gpt-oss adds biases and, MXFP4-quantized, _blocks/_scales pairs.
+_FUSED = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(gate_up|down)_proj"
+                    r"(|_bias|_blocks|_scales)$")
 # Mixtral's w1/w3/w2 are the gate/up/down projections.
 _ROLE = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
@@ -36,7 +39,7 @@ class ExpertPiece:
     hf_name: str
     layer: int  # decoder-layer index
     expert: int | None
-    role: str  # 'gate', 'up', 'down' (per-expert) or 'gate_up', 'down' (fused)
+    role: str  # 'gate', 'up', 'down' (per-expert) or 'gate_up', 'down' (+ '_bias', '_blocks', '_scales') (fused)
 
 
 def parse_expert_name(name: str) -> ExpertPiece | None:
@@ -45,7 +48,7 @@ def parse_expert_name(name: str) -> ExpertPiece | None:
         return ExpertPiece(name, int(m.group(1)), int(m.group(2)), _ROLE[m.group(3)])
     m = _FUSED.match(name)
     if m:
-        return ExpertPiece(name, int(m.group(1)), None, "gate_up" if m.group(2) == "gate_up_proj" else "down")
+        return ExpertPiece(name, int(m.group(1)), None, m.group(2) + m.group(3))
     if ".experts." in name and ".shared_experts." not in name:
         raise CheckpointError(
             f"tensor {name!r} looks like a routed expert but matches no known layout "

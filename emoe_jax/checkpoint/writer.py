@@ -105,9 +105,9 @@ class CheckpointWriter:
         h, i = config.hidden_size, config.moe_intermediate_size
         self.arrays = expert_store.create_arrays(
             self.out_dir / "experts", config.num_moe_layers, config.num_experts, h, i, self.dtype,
-            resume=self.progress.resumed,
+            resume=self.progress.resumed, bias=config.expert_bias,
         )
-        self.shapes = expert_store.weight_shapes(h, i)
+        self.shapes = expert_store.weight_shapes(h, i, config.expert_bias)
         crash = os.environ.get(CRASH_ENV)
         self._crash_after = int(crash) if crash else None
         self.items_written = 0
@@ -230,7 +230,7 @@ def _write_checkpoint(out_dir, config, dense, experts, dtype, tokenizer_dir, ove
         # An in-memory write cannot be resumed meaningfully: start again.
         prepare_out_dir(out_dir, overwrite=True)
     lm, e, h, i = config.num_moe_layers, config.num_experts, config.hidden_size, config.moe_intermediate_size
-    want = {"gate": (lm, e, h, i), "up": (lm, e, h, i), "down": (lm, e, i, h)}
+    want = {w: (lm, e) + shape for w, shape in expert_store.weight_shapes(h, i, config.expert_bias).items()}
     for w, shape in want.items():
         if w not in experts:
             raise CheckpointError(f"experts lacks {w!r}; expected keys gate, up, down")

@@ -1,4 +1,4 @@
-"""Attention with an explicit KV cache: grouped-query (Mixtral, Qwen, OLMoE) and MLA (DeepSeek-V2).
+"""Attention with an explicit KV cache: grouped-query (Mixtral, Qwen, OLMoE, gpt-oss) and MLA (DeepSeek-V2).
 
 Batches are left-padded so that every sequence writes its new keys at the same
 cache index (`write_index`): the cache keeps static shapes and one compiled
@@ -10,7 +10,11 @@ Steps of a call:
      latent and the shared rotary key, which is what the cache stores);
   2. apply RoPE at the tokens' positions;
   3. write the new keys/values into the cache at `write_index`;
-  4. attend over the whole cache with a mask that hides padding and the future.
+  4. attend over the whole cache with a mask that hides padding and the future (and, in
+     sliding-window layers, keys `sliding_window` or more positions back); gpt-oss's sinks join
+     the softmax as one extra logit per head.
+The cache keeps every position even in sliding-window layers (a ring buffer would save memory
+for long contexts; the mask alone gives exact results).
 """
 
 from __future__ import annotations
@@ -23,11 +27,18 @@ from ..config import MoEConfig
 from .layers import RMSNorm, apply_rope, rope_cos_sin
 
 
-def attention_mask(q_len: int, kv_len: int, write_index: jax.Array, pad_len: jax.Array) -> jax.Array:
-    """[B, 1, T, S] bool: query t (absolute index write_index + t) may see key j."""
+def attention_mask(q_len: int, kv_len: int, write_index: jax.Array, pad_len: jax.Array,
+                   window: int | None = None) -> jax.Array:
+    """[B, 1, T, S] bool: query t (absolute index write_index + t) may see key j.
+
+    window: sliding-window length; key j is visible only when q - window < j (the query and its
+    window - 1 predecessors), as transformers' `sliding_window_overlay`. Padding is contiguous at
+    the start, so cache-index distance equals position distance for real tokens."""
     q_idx = write_index + jnp.arange(q_len)  # [T]
     k_idx = jnp.arange(kv_len)  # [S]
     causal = k_idx[None, :] <= q_idx[:, None]  # [T, S]
+    if window is not None:
+        causal = causal & (k_idx[None, :] > q_idx[:, None] - window)
     not_pad = k_idx[None, :] >= pad_len[:, None]  # [B, S]
     return (causal[None] & not_pad[:, None, :])[:, None]
 
@@ -37,12 +48,19 @@ def positions_for(q_len: int, write_index: jax.Array, pad_len: jax.Array) -> jax
     return jnp.maximum(write_index + jnp.arange(q_len)[None, :] - pad_len[:, None], 0).astype(jnp.int32)
 
 
-def _softmax_attend(q, k, v, mask, scale):
-    """q [B,T,N,Dq], k [B,S,N,Dq], v [B,S,N,Dv], mask [B,1,T,S] -> [B,T,N,Dv]."""
+def _softmax_attend(q, k, v, mask, scale, sinks=None):
+    """q [B,T,N,Dq], k [B,S,N,Dq], v [B,S,N,Dv], mask [B,1,T,S] -> [B,T,N,Dv].
+
+    sinks: optional [N] logits (gpt-oss) that join each head's softmax as one extra key with no
+    value: probabilities are softmax([scores, sink]) with the sink's share dropped."""
     scores = jnp.einsum("BTND,BSND->BNTS", q, k).astype(jnp.float32) * scale
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("BNTS,BSND->BTND", probs, v)
+    if sinks is None:
+        probs = jax.nn.softmax(scores, axis=-1)
+    else:
+        sink = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, None, None], scores.shape[:-1] + (1,))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
+    return jnp.einsum("BNTS,BSND->BTND", probs.astype(v.dtype), v)
 
 
 def _write(cache: jax.Array, new: jax.Array, write_index: jax.Array) -> jax.Array:
@@ -52,14 +70,17 @@ def _write(cache: jax.Array, new: jax.Array, write_index: jax.Array) -> jax.Arra
 
 
 class GQAttention(nnx.Module):
-    def __init__(self, cfg: MoEConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: MoEConfig, *, dtype, rngs: nnx.Rngs, sliding_window: int | None = None):
         self.cfg = cfg
+        self.sliding_window = sliding_window  # this layer's window (None: full attention)
         n, kv, d, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
         lin = dict(param_dtype=dtype, rngs=rngs)
         self.q_proj = nnx.Linear(h, n * d, use_bias=cfg.qkv_bias, **lin)
         self.k_proj = nnx.Linear(h, kv * d, use_bias=cfg.qkv_bias, **lin)
         self.v_proj = nnx.Linear(h, kv * d, use_bias=cfg.qkv_bias, **lin)
-        self.o_proj = nnx.Linear(n * d, h, use_bias=False, **lin)
+        self.o_proj = nnx.Linear(n * d, h, use_bias=cfg.o_proj_bias, **lin)
+        if cfg.attention_sinks:
+            self.sinks = nnx.Param(jnp.zeros((n,), dtype))
         if cfg.qk_norm == "head":  # Qwen3: per head, after the reshape
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype)
@@ -96,8 +117,9 @@ class GQAttention(nnx.Module):
             keys, values = new_cache["k"], new_cache["v"]
         rep = cfg.num_heads // cfg.num_kv_heads
         keys, values = jnp.repeat(keys, rep, axis=2), jnp.repeat(values, rep, axis=2)
-        mask = attention_mask(t, keys.shape[1], write_index, pad_len)
-        out = _softmax_attend(q, keys, values, mask, cfg.head_dim ** -0.5)
+        mask = attention_mask(t, keys.shape[1], write_index, pad_len, self.sliding_window)
+        sinks = self.sinks[...] if cfg.attention_sinks else None
+        out = _softmax_attend(q, keys, values, mask, cfg.head_dim ** -0.5, sinks)
         return self.o_proj(out.reshape(b, t, -1)), new_cache
 
 

@@ -34,8 +34,10 @@ class DecoderLayer(nnx.Module):
         self.is_moe = index in cfg.moe_layers
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        attn_cls = MLAttention if cfg.attention == "mla" else GQAttention
-        self.self_attn = attn_cls(cfg, dtype=dtype, rngs=rngs)
+        if cfg.attention == "mla":
+            self.self_attn = MLAttention(cfg, dtype=dtype, rngs=rngs)
+        else:
+            self.self_attn = GQAttention(cfg, dtype=dtype, rngs=rngs, sliding_window=cfg.window_of(index))
         if self.is_moe:
             self.mlp = MoEBlock(cfg, dtype=dtype, rngs=rngs)
         else:

@@ -37,6 +37,8 @@ def _hf_name(cfg: MoEConfig, path: tuple) -> tuple[str, bool]:
     for i, p in enumerate(parts):
         if p == "mlp" and cfg.family == "mixtral":
             p = "block_sparse_moe"
+        elif p == "gate" and cfg.family == "gpt_oss" and i > 0 and parts[i - 1] == "mlp":
+            p = "router"
         elif p == "shared":
             p = "shared_experts" if cfg.family in ("deepseek_v2", "deepseek_v3", "glm4_moe") else "shared_expert"
         elif p == "e_score_correction_bias":  # a router buffer in transformers: mlp.gate.e_score_correction_bias
@@ -94,7 +96,20 @@ def build_params(cfg: MoEConfig, hf: Mapping[str, np.ndarray], dtype=jnp.float32
 
 
 def experts_from_hf(cfg: MoEConfig, hf: Mapping[str, np.ndarray], dtype=jnp.float32) -> list[ExpertSlots]:
-    """All routed experts, per MoE layer, from a per-expert-layout HF state dict (tests, small models)."""
+    """All routed experts, per MoE layer, from a per-expert-layout HF state dict (gpt-oss: its fused
+    layout, unquantized) (tests, small models)."""
+    if cfg.family == "gpt_oss":  # fused, interleaved, biased layout
+        from ..checkpoint.gpt_oss_experts import read_expert
+
+        out = []
+        for layer in cfg.moe_layers:
+            prefix = f"model.layers.{layer}.mlp.experts."
+            names = {role: f"{prefix}{role.replace('_bias', '')}_proj{'_bias' if role.endswith('_bias') else ''}"
+                     for role in ("gate_up", "down", "gate_up_bias", "down_bias")}
+            per = [read_expert(lambda n, e=e: np.asarray(hf[n])[e], names) for e in range(cfg.num_experts)]
+            stacks = (np.stack([p[w] for p in per]) for w in ("gate", "up", "down"))
+            out.append(ExpertSlots(*(jnp.asarray(s, dtype) for s in stacks)))
+        return out
     block = "block_sparse_moe" if cfg.family == "mixtral" else "mlp"
     names = ("w1", "w3", "w2") if cfg.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
     out = []

@@ -54,9 +54,11 @@ def rope_inv_freq(rope: RopeConfig, dim: int) -> tuple[jax.Array, float]:
     pos_freqs = rope.theta ** exponents
     if rope.kind == "default":
         return 1.0 / pos_freqs, 1.0
-    # YaRN, as transformers' _compute_yarn_parameters (truncate=True).
+    # YaRN, as transformers' _compute_yarn_parameters.
     factor = rope.factor
-    if rope.mscale and rope.mscale_all_dim:
+    if rope.attention_factor is not None:
+        attention_factor = rope.attention_factor
+    elif rope.mscale and rope.mscale_all_dim:
         attention_factor = _yarn_mscale(factor, rope.mscale) / _yarn_mscale(factor, rope.mscale_all_dim)
     else:
         attention_factor = _yarn_mscale(factor)
@@ -65,8 +67,10 @@ def rope_inv_freq(rope: RopeConfig, dim: int) -> tuple[jax.Array, float]:
         return (dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi))) / (
             2 * math.log(rope.theta))
 
-    low = max(math.floor(correction_dim(rope.beta_fast)), 0)
-    high = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:  # whole dimensions (transformers' default); gpt-oss keeps the fractions
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
     ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)

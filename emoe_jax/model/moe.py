@@ -1,5 +1,8 @@
 """The MoE block: softmax top-k router, routed SwiGLU experts over a slot buffer, shared experts.
 
+gpt-oss's experts (clamped SwiGLU, biases folded into the weights as an extra row) use the same
+kernels through `ExpertAct`.
+
 Routed-expert weights are not module parameters. The block takes them as an
 argument, `ExpertSlots` (gate/up [S, H, I], down [S, I, H]), plus
 `slot_of_expert` [E] int32 mapping each expert to its slot (-1: not resident).
@@ -31,9 +34,53 @@ from .router import route_sigmoid_or_grouped
 class ExpertSlots(NamedTuple):
     """Routed expert weights held in S slots: y = (silu(x @ gate) * (x @ up)) @ down."""
 
-    gate: jax.Array  # [S, H, I]
+    gate: jax.Array  # [S, H, I]  ([S, H+1, I] with biases, see ExpertAct)
     up: jax.Array  # [S, H, I]
-    down: jax.Array  # [S, I, H]
+    down: jax.Array  # [S, I, H]  ([S, I+1, H] with biases)
+
+
+class ExpertAct(NamedTuple):
+    """How an expert turns its gate/up projections into the down projection's input.
+
+    Hashable (a static argument of jitted kernels). kind 'swiglu': silu(g) * u; 'clamped_swiglu'
+    (gpt-oss): g clamped above at `limit`, u to [-limit, limit], then (u + 1) * g * sigmoid(alpha * g).
+    bias: the expert weights carry their bias as one extra input row (homogeneous coordinates):
+    gate/up [H+1, I] (row H = bias), down [I+1, H], so a slot still holds three arrays and every
+    kernel stays a plain matmul on inputs with a column of ones appended.
+    """
+
+    kind: str = "swiglu"
+    alpha: float = 1.702
+    limit: float = 7.0
+    bias: bool = False
+
+
+SWIGLU = ExpertAct()
+
+
+def expert_act(cfg: MoEConfig) -> ExpertAct:
+    return ExpertAct(cfg.expert_act, cfg.swiglu_alpha, cfg.swiglu_limit, cfg.expert_bias)
+
+
+def _with_ones(a: jax.Array) -> jax.Array:
+    """[..., D] -> [..., D+1] with a last column of ones (multiplies the bias row)."""
+    return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+
+
+def expert_input(x: jax.Array, act: ExpertAct) -> jax.Array:
+    """Tokens [N, H] as the gate/up projections take them ([N, H+1] when biased)."""
+    return _with_ones(x) if act.bias else x
+
+
+def glu(g: jax.Array, u: jax.Array, act: ExpertAct) -> jax.Array:
+    """Gate/up projections [..., I] -> the down projection's input ([..., I+1] when biased)."""
+    if act.kind == "clamped_swiglu":
+        g = jnp.minimum(g, act.limit)
+        u = jnp.clip(u, -act.limit, act.limit)
+        h = (u + 1) * (g * jax.nn.sigmoid(g * act.alpha))
+    else:
+        h = jax.nn.silu(g) * u
+    return _with_ones(h) if act.bias else h
 
 
 class Routing(NamedTuple):
@@ -70,30 +117,35 @@ def _slots_and_weights(routing: Routing, slot_of_expert: jax.Array):
     return jnp.maximum(slots, 0), weights
 
 
-def _ffn(x, gate, up, down):
-    return (jax.nn.silu(x @ gate) * (x @ up)) @ down
+def _ffn(x, gate, up, down, act: ExpertAct = SWIGLU):
+    return glu(x @ gate, x @ up, act) @ down
 
 
-def mix_reference(x, routing: Routing, experts: ExpertSlots, slot_of_expert, out_dtype=None) -> jax.Array:
+def mix_reference(x, routing: Routing, experts: ExpertSlots, slot_of_expert, out_dtype=None,
+                  act: ExpertAct = SWIGLU) -> jax.Array:
     """Plain reference: loop over the k choices, one expert FFN per token. x [N, H] -> [N, H]."""
     slots, weights = _slots_and_weights(routing, slot_of_expert)
-    out = jnp.zeros(x.shape, jnp.float32)
+    out = jnp.zeros((x.shape[0], experts.down.shape[-1]), jnp.float32)
+    xa = expert_input(x, act)
     for j in range(slots.shape[1]):
-        y = jax.vmap(lambda xi, s: _ffn(xi, experts.gate[s], experts.up[s], experts.down[s]))(x, slots[:, j])
+        y = jax.vmap(lambda xi, s: _ffn(xi, experts.gate[s], experts.up[s], experts.down[s], act))(xa, slots[:, j])
         out = out + y.astype(jnp.float32) * weights[:, j : j + 1]
     return out.astype(out_dtype or x.dtype)
 
 
-def mix_gather(x, routing: Routing, experts: ExpertSlots, slot_of_expert, out_dtype=None) -> jax.Array:
+def mix_gather(x, routing: Routing, experts: ExpertSlots, slot_of_expert, out_dtype=None,
+               act: ExpertAct = SWIGLU) -> jax.Array:
     """Decode path (few tokens): gather each token's k experts and einsum. Memory N*k*H*I."""
     slots, weights = _slots_and_weights(routing, slot_of_expert)
     g, u, d = experts.gate[slots], experts.up[slots], experts.down[slots]  # [N, k, H, I] / [N, k, I, H]
-    h = jax.nn.silu(jnp.einsum("NH,NKHI->NKI", x, g)) * jnp.einsum("NH,NKHI->NKI", x, u)
+    xa = expert_input(x, act)
+    h = glu(jnp.einsum("NH,NKHI->NKI", xa, g), jnp.einsum("NH,NKHI->NKI", xa, u), act)
     y = jnp.einsum("NKI,NKIH->NKH", h, d)
     return jnp.einsum("NKH,NK->NH", y.astype(jnp.float32), weights).astype(out_dtype or x.dtype)
 
 
-def mix_sorted(x, routing: Routing, experts: ExpertSlots, slot_of_expert, out_dtype=None) -> jax.Array:
+def mix_sorted(x, routing: Routing, experts: ExpertSlots, slot_of_expert, out_dtype=None,
+               act: ExpertAct = SWIGLU) -> jax.Array:
     """Prefill path (many tokens): sort token-expert pairs by slot and run grouped
     matmuls with `jax.lax.ragged_dot`, so each slot's weights are read once."""
     slots, weights = _slots_and_weights(routing, slot_of_expert)
@@ -102,17 +154,17 @@ def mix_sorted(x, routing: Routing, experts: ExpertSlots, slot_of_expert, out_dt
     flat_slots = slots.reshape(-1)  # [N*k]
     order = jnp.argsort(flat_slots, stable=True)
     token_of_pair = order // k  # [N*k] token index of each sorted pair
-    xs = x[token_of_pair]  # [N*k, H]
+    xs = expert_input(x, act)[token_of_pair]  # [N*k, H]
     group_sizes = jnp.bincount(flat_slots, length=num_slots).astype(jnp.int32)  # [S]
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, experts.gate, group_sizes)) * jax.lax.ragged_dot(
-        xs, experts.up, group_sizes)
+    h = glu(jax.lax.ragged_dot(xs, experts.gate, group_sizes), jax.lax.ragged_dot(xs, experts.up, group_sizes),
+            act)
     ys = jax.lax.ragged_dot(h, experts.down, group_sizes)  # [N*k, H]
     ys = ys.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
-    return jnp.zeros((n, x.shape[1]), jnp.float32).at[token_of_pair].add(ys).astype(out_dtype or x.dtype)
+    return jnp.zeros((n, experts.down.shape[-1]), jnp.float32).at[token_of_pair].add(ys).astype(out_dtype or x.dtype)
 
 
 def _mix_blocked_core(x: jax.Array, routing: Routing, experts: ExpertSlots, block: int = 64,
-                      out_dtype=None) -> jax.Array:
+                      out_dtype=None, act: ExpertAct = SWIGLU) -> jax.Array:
     """Expert-grouped fixed-size blocks; routing.ids are slot indices here.
 
     Steps: sort the N*k pairs by slot; pad each slot's run to a multiple of `block` inside a
@@ -137,17 +189,20 @@ def _mix_blocked_core(x: jax.Array, routing: Routing, experts: ExpertSlots, bloc
     # Expert of each block; blocks past the last expert's rows are all padding (any expert will do).
     block_expert = jnp.searchsorted(padded_end, jnp.arange(num_blocks) * block, side="right")
     block_expert = jnp.minimum(block_expert, num_experts - 1)  # [nb]
+    hidden = experts.down.shape[-1]
+    x = expert_input(x, act)
     x_pad = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])  # [N+1, H], row N = dummy
     xb = x_pad[token_of_row].reshape(num_blocks, block, -1)  # [nb, block, H]
     gate, up, down = experts.gate[block_expert], experts.up[block_expert], experts.down[block_expert]
-    h = jax.nn.silu(jnp.einsum("BTH,BHI->BTI", xb, gate)) * jnp.einsum("BTH,BHI->BTI", xb, up)
+    h = glu(jnp.einsum("BTH,BHI->BTI", xb, gate), jnp.einsum("BTH,BHI->BTI", xb, up), act)
     y = jnp.einsum("BTI,BIH->BTH", h, down).reshape(capacity, -1).astype(jnp.float32)  # [C, H]
     y = y * weight_of_row[:, None]
-    out = jnp.zeros((n + 1, x.shape[1]), jnp.float32).at[token_of_row].add(y)
+    out = jnp.zeros((n + 1, hidden), jnp.float32).at[token_of_row].add(y)
     return out[:n].astype(out_dtype or x.dtype)
 
 
-def mix_blocked(x, routing: Routing, experts: ExpertSlots, slot_of_expert, block: int | None = None, out_dtype=None):
+def mix_blocked(x, routing: Routing, experts: ExpertSlots, slot_of_expert, block: int | None = None, out_dtype=None,
+                act: ExpertAct = SWIGLU):
     """Prefill path on CPU, where `ragged_dot` is lowered densely: expert-grouped blocks.
 
     The block size adapts to the pairs per slot (8..64 rows), so short prompts do
@@ -156,13 +211,14 @@ def mix_blocked(x, routing: Routing, experts: ExpertSlots, slot_of_expert, block
     if block is None:
         per_slot = -(-slots.size // experts.gate.shape[0])
         block = min(64, max(8, 1 << (per_slot - 1).bit_length()))
-    return _mix_blocked_core(x, Routing(slots, weights), experts, block, out_dtype)
+    return _mix_blocked_core(x, Routing(slots, weights), experts, block, out_dtype, act)
 
 
 GATHER_MAX_TOKENS = 16  # decode-sized steps gather each token's k experts; larger ones group by expert
 
 
-def mix_experts(x, routing: Routing, experts: ExpertSlots, slot_of_expert, method: str = "auto", out_dtype=None):
+def mix_experts(x, routing: Routing, experts: ExpertSlots, slot_of_expert, method: str = "auto", out_dtype=None,
+                act: ExpertAct = SWIGLU):
     """Combine routed experts for tokens x [N, H] (result in `out_dtype`, default x's dtype: partial
     sums of the offloaded engine's waves stay float32 so they round once, like a single pass).
 
@@ -179,7 +235,7 @@ def mix_experts(x, routing: Routing, experts: ExpertSlots, slot_of_expert, metho
     fn = {"reference": mix_reference, "gather": mix_gather, "sorted": mix_sorted, "blocked": mix_blocked}.get(method)
     if fn is None:
         raise ValueError(f"unknown expert mixing method {method!r}; use auto, reference, gather, sorted or blocked")
-    return fn(x, routing, experts, slot_of_expert, out_dtype=out_dtype)
+    return fn(x, routing, experts, slot_of_expert, out_dtype=out_dtype, act=act)
 
 
 class MoEBlock(nnx.Module):
@@ -187,7 +243,8 @@ class MoEBlock(nnx.Module):
 
     def __init__(self, cfg: MoEConfig, *, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.gate = nnx.Linear(cfg.hidden_size, cfg.num_experts, use_bias=False, param_dtype=dtype, rngs=rngs)
+        self.gate = nnx.Linear(cfg.hidden_size, cfg.num_experts, use_bias=cfg.router_bias, param_dtype=dtype,
+                               rngs=rngs)
         if cfg.score_correction_bias:  # DeepSeek-V3 / GLM-4.5; float32 as in transformers (it only ranks experts)
             self.e_score_correction_bias = nnx.Param(jnp.zeros((cfg.num_experts,), jnp.float32))
         if cfg.shared_expert_intermediate_size:
@@ -198,7 +255,10 @@ class MoEBlock(nnx.Module):
     def router_logits(self, x: jax.Array) -> jax.Array:
         """x [N, H] -> [N, E] float32 logits."""
         w = self.gate.kernel[...]
-        return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
+        logits = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
+        if self.cfg.router_bias:  # gpt-oss
+            logits = logits + self.gate.bias[...].astype(jnp.float32)
+        return logits
 
     def route(self, x: jax.Array, resident: jax.Array | None = None) -> Routing:
         bias = self.e_score_correction_bias[...] if self.cfg.score_correction_bias else None
@@ -216,7 +276,7 @@ class MoEBlock(nnx.Module):
 
     def combine(self, x, routing: Routing, experts: ExpertSlots, slot_of_expert, method="auto"):
         """Routed experts plus shared experts for x [N, H] with a routing already decided."""
-        return self.add_shared(x, mix_experts(x, routing, experts, slot_of_expert, method))
+        return self.add_shared(x, mix_experts(x, routing, experts, slot_of_expert, method, act=expert_act(self.cfg)))
 
     def __call__(self, x, experts: ExpertSlots, slot_of_expert, *, restricted=False, method="auto"):
         resident = (slot_of_expert >= 0) if restricted else None

@@ -25,12 +25,13 @@ def random_model(cfg: MoEConfig, seed: int = 0, dtype=jnp.float32, router_scale:
     graphdef, params = nnx.split(model)
     keys = jax.random.split(jax.random.PRNGKey(seed + 1), cfg.num_moe_layers)
     e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    b = int(cfg.expert_bias)  # biases ride as one extra input row (model.moe.ExpertAct)
     experts = []
     for k in keys:
         kg, ku, kd = jax.random.split(k, 3)
         experts.append(ExpertSlots(
-            (jax.random.normal(kg, (e, h, i)) * h ** -0.5).astype(dtype),
-            (jax.random.normal(ku, (e, h, i)) * h ** -0.5).astype(dtype),
-            (jax.random.normal(kd, (e, i, h)) * i ** -0.5).astype(dtype),
+            (jax.random.normal(kg, (e, h + b, i)) * h ** -0.5).astype(dtype),
+            (jax.random.normal(ku, (e, h + b, i)) * h ** -0.5).astype(dtype),
+            (jax.random.normal(kd, (e, i + b, h)) * i ** -0.5).astype(dtype),
         ))
     return graphdef, params, experts

@@ -28,6 +28,7 @@ from ..config import MoEConfig
 from ..model.decoder import MoETransformer, init_kv_caches
 from ..model.jit_cache import canonical
 from ..model.resident import left_pad
+from ..model.moe import expert_act
 from . import stages
 from .budget import parse_expert_count, parse_per_layer_counts
 from ..sampling import check_sampling
@@ -136,7 +137,8 @@ class OffloadedEngine:
         self.residency = Residency(source, num_moe_layers=lm, num_experts=e, slots=self.slots,
                                    hidden=cfg.hidden_size, inter=cfg.moe_intermediate_size, dtype=dtype,
                                    policy=policy, host_capacity=host_count, host_policy=host_policy,
-                                   link_gbps=link_gbps, stack_host=stack_host, device=self.device)
+                                   link_gbps=link_gbps, stack_host=stack_host, device=self.device,
+                                   expert_bias=cfg.expert_bias)
         self.routing_hooks: list[Callable[[StepRouting], None]] = []
         self.routing_override: RoutingOverride | None = None
         self.record_router_inputs = False
@@ -295,7 +297,7 @@ class OffloadedEngine:
             wave_map = np.full(self.cfg.num_experts, -1, np.int32)
             wave_map[wave] = cache.slot_of_expert[ml, wave]
             acc = stages.routed_partial(normed, routing, cache.buffers[ml], wave_map, acc,
-                                        method=self.method)
+                                        method=self.method, act=expert_act(self.cfg))
             self._timers.waves += 1
         moe_gdef, moe_state = self._moe_blocks[self.cfg.moe_layers[ml]]
         return stages.finish_waves(moe_gdef, moe_state, residual, normed, acc)

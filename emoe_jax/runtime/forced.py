@@ -307,7 +307,9 @@ def random_experts(cfg: MoEConfig, seed: int = 0, dtype=jnp.bfloat16) -> list[Ex
     target = np.dtype(dtype)
     layers = []
     for _ in range(cfg.num_moe_layers):
-        w = [_random_bf16(rng, (e, h, i), h), _random_bf16(rng, (e, h, i), h), _random_bf16(rng, (e, i, h), i)]
+        b = int(cfg.expert_bias)  # gpt-oss: the bias as one extra input row (model.moe.ExpertAct)
+        w = [_random_bf16(rng, (e, h + b, i), h), _random_bf16(rng, (e, h + b, i), h),
+             _random_bf16(rng, (e, i + b, h), i)]
         layers.append(ExpertSlots(*(a if a.dtype == target else a.astype(target) for a in w)))
     return layers
 
@@ -330,7 +332,7 @@ def random_dense_params(cfg: MoEConfig, seed: int = 0, dtype=jnp.bfloat16):
             value = np.ones(spec.shape, np.float32)
         elif name in ("kernel", "embedding"):
             value = _random_bf16(rng, spec.shape, spec.shape[0] if name == "kernel" else 1)
-        elif name in ("bias", "e_score_correction_bias"):  # the router's correction bias: neutral
+        elif name in ("bias", "sinks", "e_score_correction_bias"):  # biases, sinks, the router's correction: neutral
             value = np.zeros(spec.shape, np.float32)
         else:
             raise ConfigError(f"random_dense_params does not know how to fill parameter {'/'.join(map(str, path))}")

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import MoEConfig
-from ..model.moe import ExpertSlots, Routing, mix_experts
+from ..model.moe import ExpertSlots, Routing, expert_act, mix_experts
 from . import stages
 
 _NEVER = jnp.iinfo(jnp.int32).max  # eviction score of a slot that may not be evicted
@@ -193,7 +193,8 @@ def _moe_layer(layer, residual, normed, routing: Routing, state: SlotState, host
             st, _, ev = _fetch_list(st, host, missing, in_wave, clock, prefetch=False)
             st = _touch(st, in_wave, clock)
             wave_map = jnp.where(in_wave, st.table, -1)
-            acc_ = acc_ + mix_experts(x, routing, st.slots, wave_map, method, out_dtype=jnp.float32)
+            acc_ = acc_ + mix_experts(x, routing, st.slots, wave_map, method, out_dtype=jnp.float32,
+                                      act=expert_act(layer.mlp.cfg))
             return st, acc_, ev_ + ev
 
         state, acc, evictions = jax.lax.cond(jnp.any(in_wave), run, lambda c: c, (state, acc, evictions))

@@ -34,16 +34,19 @@ from .tiers import DeviceSlotCache, ExpertSource, HostTier, TierStats
 class Residency:
     def __init__(self, source: ExpertSource, *, num_moe_layers: int, num_experts: int, slots: Sequence[int],
                  hidden: int, inter: int, dtype, policy: str = "lru", host_capacity: int, host_policy: str = "lru",
-                 link_gbps: float | None = None, stack_host: bool = False, device: jax.Device | None = None):
+                 link_gbps: float | None = None, stack_host: bool = False, device: jax.Device | None = None,
+                 expert_bias: bool = False):
         """slots: device slots per MoE layer; host_capacity: experts (all layers) the host tier holds;
-        stack_host: keep every expert in pinned host stacks (needs host_capacity == all experts)."""
+        stack_host: keep every expert in pinned host stacks (needs host_capacity == all experts);
+        expert_bias: experts carry biases as an extra weight row (gpt-oss)."""
         self.source, self.dtype = source, dtype
         self.num_moe_layers, self.num_experts = num_moe_layers, num_experts
         self.device = device or jax.devices()[0]
         self.stack_host = stack_host
         self.host: HostTier = HostTier(source, host_capacity, host_policy)
         self.host_layers = None  # per MoE layer ExpertSlots in pinned_host, once `fill_host_stacks` ran
-        self.device_cache = DeviceSlotCache(num_moe_layers, num_experts, list(slots), hidden, inter, dtype, policy)
+        self.device_cache = DeviceSlotCache(num_moe_layers, num_experts, list(slots), hidden, inter, dtype, policy,
+                                            bias=expert_bias)
         self.device_cache.link_gbps = link_gbps
         # Guards both tiers: the prefetch worker and the decoding thread write slots.
         self.lock = threading.Lock()

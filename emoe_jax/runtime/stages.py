@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..model.jit_cache import jitted
-from ..model.moe import mix_experts
+from ..model.moe import SWIGLU, mix_experts
 
 
 def _build_embed(graphdef):
@@ -98,11 +98,11 @@ def ffn(graphdef, state, residual, normed, routing, experts, slot_of_expert, *, 
     return ffn_fn(graphdef, method)(state, residual, normed, routing, experts, slot_of_expert)
 
 
-@functools.partial(jax.jit, static_argnames=("method",))
-def routed_partial(normed, routing, experts, slot_of_expert, acc, *, method="auto"):
+@functools.partial(jax.jit, static_argnames=("method", "act"))
+def routed_partial(normed, routing, experts, slot_of_expert, acc, *, method="auto", act=SWIGLU):
     """acc [N,H] += routed experts of one wave (pairs whose expert is not in this wave add 0)."""
     x = normed.reshape(-1, normed.shape[-1])
-    return acc + mix_experts(x, routing, experts, slot_of_expert, method, out_dtype=acc.dtype)
+    return acc + mix_experts(x, routing, experts, slot_of_expert, method, out_dtype=acc.dtype, act=act)
 
 
 def finish_waves(graphdef, state, residual, normed, acc):

@@ -189,23 +189,25 @@ class DeviceSlotCache:
     """S_l device slots per MoE layer l, with an expert->slot table and per-layer eviction."""
 
     def __init__(self, num_moe_layers: int, num_experts: int, slots: int | Sequence[int], hidden: int, inter: int,
-                 dtype, policy: str = "lru", device: jax.Device | None = None):
+                 dtype, policy: str = "lru", device: jax.Device | None = None, bias: bool = False):
         self.num_moe_layers, self.num_experts = num_moe_layers, num_experts
         # Slots per layer: one S for all layers, or one per layer (each distinct S compiles once).
         self.slots = [slots] * num_moe_layers if isinstance(slots, int) else list(slots)
         self.device = device or jax.devices()[0]
         sharding = SingleDeviceSharding(self.device)
         # Allocated once with jnp.zeros on the device (not from NumPy), then only updated in place.
-        self.buffers = [ExpertSlots(jnp.zeros((s, hidden, inter), dtype, device=sharding),
-                                    jnp.zeros((s, hidden, inter), dtype, device=sharding),
-                                    jnp.zeros((s, inter, hidden), dtype, device=sharding))
+        # bias (gpt-oss): gate/up [H+1, I], down [I+1, H], the bias as an extra row (model.moe.ExpertAct).
+        b = int(bias)
+        self.buffers = [ExpertSlots(jnp.zeros((s, hidden + b, inter), dtype, device=sharding),
+                                    jnp.zeros((s, hidden + b, inter), dtype, device=sharding),
+                                    jnp.zeros((s, inter + b, hidden), dtype, device=sharding))
                         for s in self.slots]
         self.slot_of_expert = np.full((num_moe_layers, num_experts), -1, np.int32)  # [Lm, E]
         self.expert_in_slot = [np.full(s, -1, np.int32) for s in self.slots]  # per layer [S_l]
         self.policies = [make_policy(policy) for _ in range(num_moe_layers)]
         self.stats = TierStats()
         self._device_maps: list[jax.Array | None] = [None] * num_moe_layers  # cached device copies of the table
-        self.slot_bytes = 3 * hidden * inter * jnp.dtype(dtype).itemsize
+        self.slot_bytes = (3 * hidden * inter + b * (2 * inter + hidden)) * jnp.dtype(dtype).itemsize
         # Optional emulated host->device link (GB/s): each copy also holds one serial link for
         # bytes / bandwidth. For CPU runs that model a PCIe-class link; None = the real copy only.
         self.link_gbps: float | None = None
