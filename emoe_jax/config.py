@@ -632,7 +632,7 @@ def _check_fields(hf: Mapping[str, Any], family: str) -> None:
     act = hf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         refuse("hidden_act", "only SwiGLU (silu) experts are implemented")
-    if family in ("qwen2_moe", "qwen3_moe") and hf.get("use_sliding_window"):
+    if family not in ("mixtral", "gpt_oss") and hf.get("use_sliding_window"):
         refuse("use_sliding_window", f"sliding-window attention of {family} (max_window_layers) is not implemented")
     if family == "gpt_oss":
         per_token = hf.get("experts_per_token")
