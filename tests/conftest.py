@@ -16,6 +16,12 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Property tests draw the same examples on every run (the suite must be deterministic); a new
+# failure shows up when the code changes, not at random in CI.
+settings.register_profile("emoe_jax", derandomize=True, print_blob=True)
+settings.load_profile("emoe_jax")
 
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)

@@ -31,7 +31,9 @@ def test_fast_paths_match_reference(seed, n_tokens, num_slots):
     ref = mix_experts(x, routing, experts, slot_of_expert, "reference")
     for method in ("gather", "sorted", "blocked", "auto"):
         out = mix_experts(x, routing, experts, slot_of_expert, method)
-        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5, err_msg=method)
+        # float32 sums in another order: outputs of a few units differ by up to ~3e-5 (seed 497, 29 tokens,
+        # 3 slots: 2.3e-5 for "sorted"); a wrong pair or weight is off by O(1).
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4, err_msg=method)
 
 
 def test_non_resident_pairs_contribute_nothing():
