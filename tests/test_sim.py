@@ -468,3 +468,19 @@ def test_cost_aware_admission_refuses_late_prefetches_and_likelier_victims():
     assert (full.prefetches_refused, full.timely_prefetches, full.hits, full.demand_misses) == (1, 0, 1, 2)
     cheap = simulate(seq3, FromToken1(p=0.1), cfg)
     assert (cheap.prefetches_refused, cheap.prefetches_started, cheap.late_prefetches, cheap.hits) == (0, 1, 1, 0)
+
+
+def test_numba_cache_goes_to_a_user_cache_dir_not_the_source_tree(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    import emoe_jax.sim.kernel as kernel_module
+    from emoe_jax.sim import numba_cache
+
+    simulate(sequence(0, 1, 0), get_predictor("lru"), ZERO.with_(capacity=2))  # compiles (or loads) the kernel
+    source_dir = Path(kernel_module.__file__).parent
+    assert not list(source_dir.rglob("*.nbi")) and not list(source_dir.rglob("*.nbc"))
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert numba_cache.cache_dir() == tmp_path / "emoe_jax" / "numba"
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "mine"))
+    assert numba_cache.cache_dir() == tmp_path / "mine"
