@@ -66,6 +66,9 @@ class SimResult:
     # task label -> counters of that task's prompts (their share of the one replay: the cache,
     # link and clock carry over between prompts of different tasks exactly as in the totals)
     per_task: dict = field(default_factory=dict)
+    # per prompt, in replay order: prompt_id, accesses, hits, stall_seconds arrays (for paired
+    # bootstraps over prompts); left out of to_dict()
+    per_prompt: dict = field(default_factory=dict, repr=False)
 
     @property
     def hit_rate(self) -> float:
@@ -73,6 +76,7 @@ class SimResult:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("per_prompt")
         tokens = max(self.tokens, 1)
         d.update(
             hit_rate=self.hit_rate,
@@ -155,6 +159,7 @@ def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progr
     start_wall = time.perf_counter()
     step_offset = 0
     per_task: dict[str, dict] = {}
+    per_prompt_rows: list[tuple[int, int, int, float]] = []
     for i, trace in enumerate(tqdm(traces, desc=f"sim {predictor.name}", disable=not progress, unit="prompt")):
         experts = np.asarray(trace.experts)
         if experts.size and np.any(np.diff(np.sort(experts, axis=-1), axis=-1) == 0):
@@ -195,6 +200,9 @@ def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progr
             host_xfer, host_overhead, *arrays,
         )  # fmt: skip
         _add_task_share(per_task, str(getattr(trace, "task", "") or ""), before_counts, before_floats, state)
+        per_prompt_rows.append((int(trace.prompt_id), int(state.counts[K.C_ACCESSES] - before_counts[K.C_ACCESSES]),
+                                int(state.counts[K.C_HITS] - before_counts[K.C_HITS]),
+                                float(state.floats[K.F_STALL] - before_floats[K.F_STALL])))  # fmt: skip
         step_offset += num_steps
     wall = time.perf_counter() - start_wall
     c, f = state.counts, state.floats
@@ -227,4 +235,10 @@ def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progr
         wall_seconds=wall,
         prediction=scorer.summary(),
         per_task=per_task,
+        per_prompt={
+            "prompt_id": np.array([r[0] for r in per_prompt_rows], np.int64),
+            "accesses": np.array([r[1] for r in per_prompt_rows], np.int64),
+            "hits": np.array([r[2] for r in per_prompt_rows], np.int64),
+            "stall_seconds": np.array([r[3] for r in per_prompt_rows], np.float64),
+        },
     )
