@@ -200,10 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     for pair in args.compare:
         a_name, b_name = pair.split(":")
         for label, counters in per_prompt.items():
-            name, rest = label.split("|", 1)
+            name, la, policy, mode, host, cap = label.split("|")
             if name != a_name:
                 continue
-            other = f"{b_name}|{rest}"
+            # a baseline (no prediction) is run once per miss mode and capacity
+            other = (f"{b_name}|0|{b_name}|{mode}|{host}|{cap}" if b_name in ("lru", "belady")
+                     else f"{b_name}|{la}|{policy}|{mode}|{host}|{cap}")  # fmt: skip
             if other in per_prompt:
                 comparisons.append({"a": label, "b": other, **paired_bootstrap(counters, per_prompt[other])})
     print(to_markdown(rows), end="")
