@@ -25,8 +25,8 @@ def test_sweep_cells_equal_direct_simulation():
     kw = dict(bandwidth_gbps=2.0, layer_compute_ms=0.3, expert_bytes=1e6, zero_latency=False, host_overhead_ms=0.05)
     rows, per_prompt = run_sweep(train, test, predictors=["causal-table"], lookaheads=[2], capacities=[0.5],
                                  policies=["lru", "cost"], miss_modes=["copy", "choose"], host_gbps=[4.0], **kw)  # fmt: skip
-    # baselines (lru, belady) x (copy, choose@4) + causal-table x (lru copy, cost copy, cost choose)
-    assert len(rows) == 2 * 2 + 3
+    # lru x (copy, choose@4) + belady (copy only) + causal-table x (lru copy, cost copy, cost choose)
+    assert len(rows) == 2 + 1 + 3
     row = [r for r in rows if r["predictor"] == "causal-table" and r["policy"] == "cost" and r["miss_mode"] == "choose"][0]
     pred = get_predictor("causal-table", lookahead=2)
     pred.fit(train)

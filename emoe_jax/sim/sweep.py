@@ -81,7 +81,8 @@ def paired_bootstrap(a: dict, b: dict, samples: int = 2000, seed: int = 0) -> di
 def run_sweep(train: Any, test: Any, *, predictors: list[str], lookaheads: list[int], capacities: list[float],
               policies: list[str], miss_modes: list[str], host_gbps: list[float], bandwidth_gbps: float,
               layer_compute_ms: float, expert_bytes: float, zero_latency: bool, host_overhead_ms: float,
-              predictor_kwargs: dict | None = None, log: Any = None) -> tuple[list[dict], dict]:  # fmt: skip
+              predictor_kwargs: dict | None = None, log: Any = None,
+              baselines: tuple[str, ...] = ("lru", "belady")) -> tuple[list[dict], dict]:  # fmt: skip
     """Rows (one per cell) and per-prompt counters keyed by the row's label."""
     rows, per_prompt = [], {}
     base = SimConfig(bandwidth_gbps=bandwidth_gbps, layer_compute_ms=layer_compute_ms, expert_bytes=expert_bytes,
@@ -110,8 +111,8 @@ def run_sweep(train: Any, test: Any, *, predictors: list[str], lookaheads: list[
             print(f"{label}: hit {100 * row['hit_rate']:.2f} % stall {row['stall_ms_per_token']:.2f} ms/token "
                   f"({row['seconds']} s)", file=log, flush=True)  # fmt: skip
 
-    for name in ("lru", "belady"):
-        for mode, host in modes:
+    for name in baselines:
+        for mode, host in modes if name == "lru" else modes[:1]:  # Belady: the copy-only bound
             for cap in capacities:
                 cell(name, get_predictor(name), 0, name, mode, host, cap)
     for name in predictors:
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--expert-bytes", type=float, default=17.3e6)
     p.add_argument("--zero-latency", action="store_true")
     p.add_argument("--max-prompts", type=int, default=None)
+    p.add_argument("--baselines", type=_list(str), default=["lru", "belady"], help="no-prediction rows (lru, belady)")
     p.add_argument("--compare", type=_list(str), default=[], help="A:B pairs for paired bootstraps")
     p.add_argument("--predictor-checkpoint", type=Path, default=None, help="learned-predictor checkpoint")
     p.add_argument("--out", type=Path, default=None, help="write rows (and comparisons) as JSON")
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             policies=args.policies, miss_modes=args.miss_modes, host_gbps=args.host_gbps,
             bandwidth_gbps=args.bandwidth_gbps, layer_compute_ms=args.layer_compute_ms, expert_bytes=args.expert_bytes,
             zero_latency=args.zero_latency, host_overhead_ms=args.host_overhead_ms, predictor_kwargs=kwargs,
-            log=sys.stderr,
+            log=sys.stderr, baselines=tuple(b for b in args.baselines if b in ("lru", "belady")),
         )  # fmt: skip
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
