@@ -103,7 +103,9 @@ def run_sweep(train: Any, test: Any, *, predictors: list[str], lookaheads: list[
                                  "host_compute_rate", "bytes_per_token", "tokens", "accesses", "oracle")}  # fmt: skip
         row.update(predictor=name, lookahead=la, policy=policy, miss_mode=mode, host_gbps=host, capacity=cap,
                    eviction=r.eviction, recall=d["prediction"].get(f"recall@{test.meta.top_k}"),
-                   seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
+                   seconds=round(time.perf_counter() - t0, 1),
+                   per_task={t: {"hit_rate": c["hit_rate"], "stall_ms_per_token": c["stall_ms_per_token"]}
+                             for t, c in d["per_task"].items()})  # fmt: skip
         label = f"{name}|{la}|{policy}|{mode}|{host}|{cap}"
         rows.append(row)
         per_prompt[label] = r.per_prompt
