@@ -452,6 +452,14 @@ def test_cost_aware_admission_refuses_late_prefetches_and_likelier_victims():
     # 2 ms compute: it arrives in time -> admitted, a timely hit.
     early = simulate(seq, NextExpert(), base.with_(layer_compute_ms=2.0, admission="cost"))
     assert (early.prefetches_refused, early.timely_prefetches) == (0, 1)
+    # The pace estimate is the latest step's duration: after a 1 ms demand stall (step 0 took 1.5 ms)
+    # a copy for the next step (issued at 1.5 ms, arriving at 2.5 ms <= 1.5 + 1.5) is admitted.
+    class AfterToken0(NextExpert):
+        def predict(self, t, l):
+            return None if t == 0 else super().predict(t, l)
+
+    paced = simulate(sequence(0, 2, 1), AfterToken0(), base.with_(layer_compute_ms=0.5, admission="cost"))
+    assert (paced.prefetches_refused, paced.timely_prefetches) == (0, 1)
     # Capacity 1 expert, accesses e0 e0 e1, predictions from token 1 on (e0: p, e1: 0.5, both requested):
     # at step 1 the cache holds e0. With p = 0.9 it beats the prefetch's 0.5: refused, e0 hits,
     # e1 is a demand miss. With p = 0.1 the prefetch of e1 starts and evicts e0 (which step 1 then

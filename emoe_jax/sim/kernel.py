@@ -64,7 +64,8 @@ C_PF_REFUSED, C_HOST = 14, 15  # prefetches refused by cost-aware admission; mis
 N_COUNTS = 16
 # Float counters.
 F_STALL, F_BYTES, F_NOW, F_HOST = 0, 1, 2, 3  # F_HOST: host compute seconds (counted steps)
-N_FLOATS = 4
+F_LAST_STEP = 4  # duration of the latest step (stall + compute): cost-aware admission's pace estimate
+N_FLOATS = 5
 MISS_MODES = {"copy": 0, "host": 1, "choose": 2}
 
 
@@ -182,7 +183,8 @@ def _advance(until, step, counted, link_cfg, num_experts, per_layer, capacity, p
     """Start queued prefetches that can start by time ``until`` (FIFO, first free link).
 
     ``admit_cost``: a prefetch starts only if it arrives by the time its target step is
-    expected to run (``until`` + steps to go x compute, i.e. without further stalls) and
+    expected to run (``until`` + steps to go x the latest step's duration, at least
+    ``compute``: the replay's current pace, stalls and host compute included) and
     its predicted score beats the victim's (the victim's own predicted reuse); otherwise
     it is refused (counted in C_PF_REFUSED) and nothing is evicted.
     ``link_cfg`` = (xfer seconds, compute seconds per layer, expert bytes, admit_cost 0/1): packed
@@ -206,7 +208,7 @@ def _advance(until, step, counted, link_cfg, num_experts, per_layer, capacity, p
             if counted:
                 counts[C_PF_CANCELLED] += 1
             continue
-        if admit_cost and start + xfer > until + (q_target[i] - step) * compute:
+        if admit_cost and start + xfer > until + (q_target[i] - step) * max(compute, floats[F_LAST_STEP]):
             status[key] = 0  # cannot arrive before its layer runs: the link is better left to demand
             if counted:
                 counts[C_PF_REFUSED] += 1
@@ -411,6 +413,7 @@ def run_prompt(keys, access_next, req_ptr, req_key, req_target, req_score, upd_p
                 counts[C_TOKENS] += 1
             floats[F_STALL] += stall
         floats[F_NOW] = now + stall + compute
+        floats[F_LAST_STEP] = stall + compute
 
 
 @njit

@@ -55,6 +55,7 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
     queue: deque = deque()  # [key, issue time, target step]; removed entries are dropped on pop
     queued: dict[int, int] = {}  # key -> id of its live queue entry (older entries of the key are stale)
     entry_ids = [0]
+    last_step = [0.0]  # duration of the latest step: cost-aware admission's pace
     links = [0.0] * config.links
     clock = [0]
     now = 0.0
@@ -111,7 +112,7 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
             if target < g:
                 c["cancelled"] += counted
                 continue
-            if config.admission == "cost" and start + xfer > until + (target - g) * compute:
+            if config.admission == "cost" and start + xfer > until + (target - g) * max(compute, last_step[0]):
                 c["refused"] += counted
                 continue
             pool = pool_of(key)
@@ -251,6 +252,7 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
                 c["accesses"] += k
                 c["tokens"] += l == 0
                 c["stall"] += latest - now
+            last_step[0] = (latest - now) + compute  # stall + compute
             now = latest + compute
         g0 += S
     return c
