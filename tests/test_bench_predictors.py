@@ -43,8 +43,8 @@ def test_grid_cells_match_direct_simulation():
     train, val = split_by_prompt_id(traces, 0.5)
     assert res["split"]["train_prompt_ids"] == [10, 12] and res["split"]["val_prompt_ids"] == [13, 15]
     for row in res["rows"]:
-        if row["protocol"] == B.ZERO_LATENCY:
-            config = SimConfig.moe_beyond(capacity=row["capacity"], expert_bytes=1e6)
+        if row["protocol"] == B.ZERO_LATENCY:  # the timed cells' protocol with free transfers
+            config = SimConfig(capacity=row["capacity"], expert_bytes=1e6, zero_latency=True, lookahead_layers=0)
         else:
             config = SimConfig(capacity=row["capacity"], bandwidth_gbps=row["bandwidth_gbps"], expert_bytes=1e6,
                                layer_compute_ms=0.05)  # fmt: skip
@@ -109,6 +109,35 @@ def test_cli_errors_and_json(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["split"]["val_prompts"] == 2 and out["split"]["train_prompts"] == 3
     assert (tmp_path / "o" / "table.md").exists()
+
+
+def test_separate_train_and_test_traces_and_zero_latency_protocols(tmp_path, capsys):
+    """--train-traces fits, --test-traces is replayed whole; zero-latency cells count what timed cells count."""
+    from emoe_jax.traces import TraceWriter
+
+    train, test = _traces(seed=1), _traces(num_prompts=3, seed=2)
+    for name, ts in (("train", train), ("test", test)):
+        with TraceWriter(tmp_path / name, ts.meta) as w:
+            for p in ts:
+                w.add(p)
+    common = ["--predictors", "prev-token", "--capacities", "0.5", "--bandwidths-gbps", "40", "--expert-bytes", "1e6",
+              "--json", "--no-progress"]  # fmt: skip
+    assert B.main(["--train-traces", str(tmp_path / "train"), *common]) == 2
+    assert "go together" in capsys.readouterr().err
+    assert B.main(["--train-traces", str(tmp_path / "train"), "--test-traces", str(tmp_path / "test"), *common]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["split"]["train_prompts"] == 6 and out["split"]["val_prompts"] == 3
+    pred = get_predictor("prev-token", lookahead=0)
+    pred.fit(train)
+    want = simulate(test, pred, SimConfig(capacity=0.5, expert_bytes=1e6, zero_latency=True, lookahead_layers=0))
+    zl = [r for r in out["rows"] if r["predictor"] == "prev-token" and r["protocol"] == B.ZERO_LATENCY][0]
+    timed = [r for r in out["rows"] if r["predictor"] == "prev-token" and r["protocol"] == B.TIMED][0]
+    assert zl["hits"] == want.hits and zl["tokens"] == timed["tokens"] == test.n_tokens
+    # MoE-Beyond's protocol leaves its 10 warm-up tokens of each prompt out.
+    res = B.run_grid(test, predictors=["prev-token"], capacities=(0.5,), bandwidths_gbps=(40.0,), expert_bytes=1e6,
+                     train_traces=train, zero_latency_protocol="moe-beyond", progress=False)  # fmt: skip
+    zl_mb = [r for r in res["rows"] if r["predictor"] == "prev-token" and r["protocol"] == B.ZERO_LATENCY][0]
+    assert zl_mb["tokens"] == test.n_tokens - 10 * len(test)
 
 
 def test_per_task_table_and_plot(tmp_path):

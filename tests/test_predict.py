@@ -28,7 +28,7 @@ def random_traces(seed=0, prompts=4, L=3, E=8, k=2, max_tokens=7):
     return make_traces([random_experts(rng, int(rng.integers(1, max_tokens)), L, E, k) for _ in range(prompts)], E)
 
 
-PREDICTIVE = ["static-freq", "prev-token", "moe-infinity-beyond", "moe-infinity", "oracle-prefetch"]
+PREDICTIVE = ["static-freq", "prev-token", "causal-table", "moe-infinity-beyond", "moe-infinity", "oracle-prefetch"]
 
 
 def built(name, train, lookahead=1):
@@ -90,6 +90,10 @@ def test_fast_path_equals_step_path(name, lookahead):
         np.testing.assert_array_equal(a.issue_step, b.issue_step)
         np.testing.assert_array_equal(a.target_step, b.target_step)
         np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6, atol=1e-7)
+        assert (a.reuse is None) == (b.reuse is None)
+        if a.reuse is not None:  # eviction-side scores, one row per step
+            assert a.reuse.shape == (trace.experts.shape[0] * traces.meta.num_layers, traces.meta.num_experts)
+            np.testing.assert_allclose(a.reuse, b.reuse, rtol=1e-6, atol=1e-7)
 
 
 # -- no peeking into the future --------------------------------------------------
@@ -112,6 +116,8 @@ def test_predictions_do_not_depend_on_the_future(name, fast):
         keep_a, keep_b = a.issue_step <= cut, b.issue_step <= cut
         np.testing.assert_array_equal(a.target_step[keep_a], b.target_step[keep_b])
         np.testing.assert_array_equal(a.scores[keep_a], b.scores[keep_b])
+        if a.reuse is not None:  # reuse row s is made after step s ran: rows < cut see only the past
+            np.testing.assert_array_equal(a.reuse[:cut], b.reuse[:cut])
 
 
 def test_the_no_peeking_check_catches_an_oracle():
@@ -202,3 +208,28 @@ def test_oracle_scores_exactly_the_future():
         tgt = preds.target_step[r]
         if tgt < flat.shape[0]:
             assert sorted(preds.scores[r].nonzero()[0]) == sorted(flat[tgt])
+
+
+def test_causal_table_combines_token_layer_and_previous_token_tables():
+    """Each table alone picks the expert its counts say; the combination stays a distribution over k."""
+    L, E, k = 2, 6, 1
+    # token 0 -> layer0 expert 0 -> layer1 expert 3; token 1 -> layer0 expert 1 -> layer1 expert 4, alternating
+    x = np.array([[[0], [3]], [[1], [4]]] * 6)  # [12, 2, 1]
+    from dataclasses import replace
+
+    from emoe_jax.traces import TraceSet
+
+    plain = make_traces([x], E)
+    train = TraceSet.from_prompts(plain.meta, [replace(plain[0], token_ids=np.tile([10, 11], 6).astype(np.int32))])
+    for weights, want_l1 in [((0, 1, 0), 3), ((0, 0, 1), 3), ((1, 0, 0), 3)]:
+        p = get_predictor("causal-table", lookahead=0, w_tok=weights[0], w_cond=weights[1], w_prev=weights[2],
+                          min_token_count=1)
+        p.fit(train)
+        preds = prompt_predictions(p, train[0], train.meta)
+        # step 2 = (token 1, layer 0) ... step 5 = (token 2, layer 1): token 2 is id 10, layer 0 expert 0
+        row = int(np.nonzero(preds.target_step == 5)[0][0])
+        assert int(np.argmax(preds.scores[row])) == want_l1, weights
+        np.testing.assert_allclose(preds.scores.sum(1), k, rtol=1e-5)
+        # reuse after step 3 = (token 1, layer 1, expert 4): token 2 at layer 1 is expected on expert 3
+        if weights[2]:
+            assert int(np.argmax(preds.reuse[3])) == 3

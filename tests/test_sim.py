@@ -172,6 +172,13 @@ CONFIGS = {
     "per-layer": SimConfig(capacity=9, per_layer=True, expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=0.4),
     "score": SimConfig(capacity=5, eviction="score", expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=0.5),
     "moe-beyond": SimConfig.moe_beyond(capacity=5, warmup_tokens=2),
+    "cost-admission": SimConfig(capacity=5, eviction="score", admission="cost", lookahead_layers=3, expert_bytes=1e6,
+                                bandwidth_gbps=2.0, layer_compute_ms=0.3),  # fmt: skip
+    "host-only": SimConfig(capacity=5, miss_mode="host", host_bandwidth_gbps=4.0, expert_bytes=1e6,
+                           bandwidth_gbps=1.0, layer_compute_ms=0.5),  # fmt: skip
+    "host-choose": SimConfig(capacity=5, eviction="score", miss_mode="choose", host_bandwidth_gbps=2.0,
+                             host_overhead_ms=0.1, expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=0.5,
+                             lookahead_layers=2),  # fmt: skip
     "full-layer-lookahead": SimConfig(capacity=7, lookahead_layers=3, prefetch_k=3, expert_bytes=1e6,
                                       bandwidth_gbps=2.0, layer_compute_ms=0.2, reset_per_prompt=True,
                                       initial_fill="random", seed=3),  # fmt: skip
@@ -180,12 +187,14 @@ REFERENCE_KEYS = {
     "accesses": "accesses", "hits": "hits", "timely": "timely_prefetches", "late": "late_prefetches",
     "misses": "demand_misses", "issued": "prefetches_issued", "started": "prefetches_started",
     "used": "prefetches_used", "wasted": "prefetches_wasted", "cancelled": "prefetches_cancelled",
-    "demand": "demand_transfers", "tokens": "tokens", "evictions": "evictions",
+    "demand": "demand_transfers", "tokens": "tokens", "evictions": "evictions", "refused": "prefetches_refused",
+    "host": "host_computes",
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("config_name", list(CONFIGS))
-@pytest.mark.parametrize("name", ["lru", "lfu", "belady", "static-freq", "prev-token", "moe-infinity", "oracle-prefetch"])
+@pytest.mark.parametrize("name", ["lru", "lfu", "belady", "static-freq", "prev-token", "causal-table", "moe-infinity",
+                                  "oracle-prefetch"])  # fmt: skip
 def test_kernel_matches_reference(name, config_name):
     config = CONFIGS[config_name]
     for seed in range(2):
@@ -200,6 +209,7 @@ def test_kernel_matches_reference(name, config_name):
             assert got[key] == want[ref_key], (key, got[key], want[ref_key])
         assert got["stall_seconds"] == pytest.approx(want["stall"], rel=1e-9, abs=1e-12)
         assert got["bytes_moved"] == pytest.approx(want["bytes"])
+        assert got["host_seconds"] == pytest.approx(want["host_seconds"], rel=1e-9, abs=1e-12)
 
 
 def test_ranking_and_next_use_match_plain_definitions():
@@ -355,3 +365,130 @@ def test_layer_time_measurement_reports_consistent_figures(tiny_model_checkpoint
     assert layer_time_main(["--model", str(tmp_path / "none")]) == 2
     assert "not a converted checkpoint" in capsys.readouterr().err
     assert layer_time_main(["--model", str(ckpt), "--new-tokens", "1"]) == 2
+
+
+# -- host compute of misses and cost-aware admission (hand-worked) -------------------
+
+
+class FixedReuse(BasePredictor):
+    """No prefetch; after every step each expert's predicted reuse is ``p``."""
+
+    name = "fixed-reuse"
+
+    def __init__(self, p):
+        super().__init__(lookahead=0)
+        self.p = p
+
+    def reuse(self, t, l):
+        return np.full(8, self.p, np.float32)
+
+
+# 1 MB experts: copy 1 ms over 1 GB/s; host 2 GB/s -> 0.5 ms + 0.1 ms overhead = 0.6 ms; 0.5 ms compute.
+HOST = SimConfig(capacity=4, expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=0.5, host_bandwidth_gbps=2.0,
+                 host_overhead_ms=0.1)  # fmt: skip
+
+
+def test_one_miss_copied_vs_computed_on_the_host():
+    # One token, one layer, expert 0: copy waits 1 ms; the host computes it in 0.6 ms.
+    one = sequence(0)
+    copy = simulate(one, get_predictor("lru"), HOST).to_dict()
+    host = simulate(one, get_predictor("lru"), HOST.with_(miss_mode="host")).to_dict()
+    assert copy["stall_seconds"] == pytest.approx(1.0 * MS) and copy["ms_per_token"] == pytest.approx(1.5)
+    assert host["stall_seconds"] == pytest.approx(0.6 * MS) and host["ms_per_token"] == pytest.approx(1.1)
+    assert (host["host_computes"], host["demand_transfers"], host["bytes_moved"]) == (1, 0, 0.0)
+    # Used twice: the copy is paid once (then a hit), the host pays every time: 1 ms vs 1.2 ms.
+    twice = sequence(0, 0)
+    copy2 = simulate(twice, get_predictor("lru"), HOST)
+    host2 = simulate(twice, get_predictor("lru"), HOST.with_(miss_mode="host"))
+    assert (copy2.hits, copy2.stall_seconds) == (1, pytest.approx(1.0 * MS))
+    assert (host2.hits, host2.host_computes, host2.stall_seconds) == (0, 2, pytest.approx(1.2 * MS))
+    # Two misses in one step on the host: one overhead, two experts in series (0.1 + 2 x 0.5 ms).
+    pair = make_traces([np.array([[[0, 1]]])], num_experts=8)
+    r = simulate(pair, get_predictor("lru"), HOST.with_(miss_mode="host"))
+    assert r.stall_seconds == pytest.approx(1.1 * MS) and r.host_seconds == pytest.approx(1.1 * MS)
+
+
+def test_choose_copies_what_will_be_reused():
+    # copy iff (reuse - victim's reuse) x 0.6 ms > 1 ms - 0.6 ms, with a free slot (victim reuse 0):
+    # reuse 1.0 -> 0.6 > 0.4: copy (then a hit); reuse 0.5 -> 0.3 < 0.4: host, twice.
+    twice = sequence(0, 0)
+    sure = simulate(twice, FixedReuse(1.0), HOST.with_(miss_mode="choose"))
+    assert (sure.demand_transfers, sure.host_computes, sure.hits) == (1, 0, 1)
+    assert sure.stall_seconds == pytest.approx(1.0 * MS)
+    unsure = simulate(twice, FixedReuse(0.5), HOST.with_(miss_mode="choose"))
+    assert (unsure.demand_transfers, unsure.host_computes, unsure.hits) == (0, 2, 0)
+    assert unsure.stall_seconds == pytest.approx(1.2 * MS)
+    with pytest.raises(SimConfigError, match="host compute"):
+        simulate(twice, FixedReuse(0.5), ZERO.with_(capacity=2, miss_mode="host"))
+
+
+def test_cost_aware_admission_refuses_late_prefetches_and_likelier_victims():
+    class NextExpert(BasePredictor):
+        """One layer: at step t predicts expert 1 for token t+1 with score 0.5 (and reuse ``p``)."""
+
+        name = "next-expert"
+
+        def __init__(self, p=0.0):
+            super().__init__(lookahead=1)
+            self.p = p
+
+        def predict(self, t, l):
+            return Prediction(np.array([[1, 0]]), 0.5 * np.eye(8, dtype=np.float32)[[1]])
+
+        def reuse(self, t, l):
+            return np.full(8, self.p, np.float32)
+
+    seq = sequence(0, 1)
+    base = SimConfig(capacity=4, expert_bytes=1e6, bandwidth_gbps=1.0, eviction="score", lookahead_layers=1)
+    # 0.5 ms compute: the 1 ms copy cannot arrive before step 1 (expected at 0.5 ms) -> refused;
+    # two demand misses, 1 ms stall each. Plain admission starts it at 0, which pushes step 0's
+    # demand copy to 1..2 ms (stall 2 ms), then step 1 hits.
+    late = simulate(seq, NextExpert(), base.with_(layer_compute_ms=0.5, admission="cost"))
+    assert (late.prefetches_refused, late.prefetches_started, late.demand_misses) == (1, 0, 2)
+    assert late.stall_seconds == pytest.approx(2.0 * MS)
+    plain = simulate(seq, NextExpert(), base.with_(layer_compute_ms=0.5))
+    assert (plain.prefetches_started, plain.timely_prefetches) == (1, 1)
+    assert plain.stall_seconds == pytest.approx(2.0 * MS)
+    # 2 ms compute: it arrives in time -> admitted, a timely hit.
+    early = simulate(seq, NextExpert(), base.with_(layer_compute_ms=2.0, admission="cost"))
+    assert (early.prefetches_refused, early.timely_prefetches) == (0, 1)
+    # The pace estimate is the latest step's duration: after a 1 ms demand stall (step 0 took 1.5 ms)
+    # a copy for the next step (issued at 1.5 ms, arriving at 2.5 ms <= 1.5 + 1.5) is admitted.
+    class AfterToken0(NextExpert):
+        def predict(self, t, l):
+            return None if t == 0 else super().predict(t, l)
+
+    paced = simulate(sequence(0, 2, 1), AfterToken0(), base.with_(layer_compute_ms=0.5, admission="cost"))
+    assert (paced.prefetches_refused, paced.timely_prefetches) == (0, 1)
+    # Capacity 1 expert, accesses e0 e0 e1, predictions from token 1 on (e0: p, e1: 0.5, both requested):
+    # at step 1 the cache holds e0. With p = 0.9 it beats the prefetch's 0.5: refused, e0 hits,
+    # e1 is a demand miss. With p = 0.1 the prefetch of e1 starts and evicts e0 (which step 1 then
+    # waits for: queued behind e1, a late prefetch, and it evicts e1 again).
+    class FromToken1(NextExpert):
+        def predict(self, t, l):
+            if t == 0:
+                return None
+            return Prediction(np.array([[1, 0]]), np.array([[self.p, 0.5, 0, 0, 0, 0, 0, 0]], np.float32))
+
+    seq3 = sequence(0, 0, 1)
+    cfg = base.with_(capacity=0.125, layer_compute_ms=2.0, admission="cost", prefetch_k=2)  # 1 of 8 slots
+    full = simulate(seq3, FromToken1(p=0.9), cfg)
+    assert (full.prefetches_refused, full.timely_prefetches, full.hits, full.demand_misses) == (1, 0, 1, 2)
+    cheap = simulate(seq3, FromToken1(p=0.1), cfg)
+    assert (cheap.prefetches_refused, cheap.prefetches_started, cheap.late_prefetches, cheap.hits) == (0, 1, 1, 0)
+
+
+def test_numba_cache_goes_to_a_user_cache_dir_not_the_source_tree(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    import emoe_jax.sim.kernel as kernel_module
+    from emoe_jax.sim import numba_cache
+
+    simulate(sequence(0, 1, 0), get_predictor("lru"), ZERO.with_(capacity=2))  # compiles (or loads) the kernel
+    source_dir = Path(kernel_module.__file__).parent
+    assert not list(source_dir.rglob("*.nbi")) and not list(source_dir.rglob("*.nbc"))
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert numba_cache.cache_dir() == tmp_path / "emoe_jax" / "numba"
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "mine"))
+    assert numba_cache.cache_dir() == tmp_path / "mine"

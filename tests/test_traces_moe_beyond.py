@@ -225,3 +225,21 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     assert main(["import-moe-beyond", str(tmp_path / "csvs"), str(tmp_path / "out"), "--no-tokenizer"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_formatted_file_names_and_task_label(tmp_path, capsys):
+    """The released `prompt_<N>_data_formatted.csv` names import like `prompt_<N>_data.csv`; --task sets the label."""
+    _write_csvs(tmp_path / "csvs")
+    for name in ("prompt_9_data.csv", "prompt_4_data.csv"):
+        src = tmp_path / "csvs" / name
+        src.rename(src.with_name(name.replace("_data.csv", "_data_formatted.csv")))
+    (tmp_path / "csvs" / "prompt_5_notes.csv").write_text("not a trace", encoding="utf-8")  # ignored
+    rc = main(["import-moe-beyond", str(tmp_path / "csvs"), str(tmp_path / "set"), "--no-tokenizer", "--json",
+               "--task", "chat"])  # fmt: skip
+    assert rc == 0
+    capsys.readouterr()
+    ts = TraceSet.load(tmp_path / "set")
+    assert ts.prompt_ids.tolist() == [4, 9] and {p.task for p in ts} == {"chat"}
+    assert ts[0].experts.tolist() == [[[0, 5], [1, 2]], [[6, 7], [3, 4]]]
+    assert main(["import-moe-beyond", str(tmp_path / "csvs"), str(tmp_path / "s2"), "--no-tokenizer", "--task", " "]) == 2
+    assert "task" in capsys.readouterr().err

@@ -20,7 +20,12 @@ Steps:
      prompts in the same order, so the first cell's predictions serve all.
   4. Replay each cell with ``simulate``: timed cells (capacity x bandwidth,
      transfer = expert_bytes / bandwidth, ``--layer-compute-ms`` per layer), and
-     zero-latency cells (``SimConfig.moe_beyond``) at every capacity.
+     zero-latency cells at every capacity. Both count the same tokens under the
+     same cache protocol (one running cache over the prompts, empty at the start,
+     so an oracle bound gets no free hits from a random fill; every token counted);
+     zero latency only makes transfers free and sets lookahead 0. MoE-Beyond's own
+     protocol (fresh random cache per prompt, 10 warm-up tokens) is
+     ``--zero-latency-protocol moe-beyond``.
   5. Write ``results.json``, ``table.md`` (one table per bandwidth and one for
      zero latency; a predictor whose hit rate is below LRU's is marked, and in
      timed tables also one whose stall is above LRU's; with several tasks, hit
@@ -87,10 +92,22 @@ class MemoisedPredictor:
 # ---------------------------------------------------------------- grid
 
 
-def _protocol_config(protocol: str, capacity: float, bandwidth: float | None, expert_bytes: float,
-                     layer_compute_ms: float) -> SimConfig:  # fmt: skip
-    if protocol == ZERO_LATENCY:
+ZERO_LATENCY_PROTOCOLS = ("same", "moe-beyond")
+
+
+def zero_latency_config(capacity: float, expert_bytes: float, protocol: str = "same") -> SimConfig:
+    """The zero-latency cell: the timed cells' protocol with free transfers ("same"), or MoE-Beyond's."""
+    if protocol == "moe-beyond":
         return SimConfig.moe_beyond(capacity=capacity, expert_bytes=expert_bytes)
+    if protocol != "same":
+        raise AblationError(f"zero-latency protocol must be one of {ZERO_LATENCY_PROTOCOLS}, got {protocol!r}")
+    return SimConfig(capacity=capacity, expert_bytes=expert_bytes, zero_latency=True, lookahead_layers=0)
+
+
+def _protocol_config(protocol: str, capacity: float, bandwidth: float | None, expert_bytes: float,
+                     layer_compute_ms: float, zero_latency_protocol: str = "same") -> SimConfig:  # fmt: skip
+    if protocol == ZERO_LATENCY:
+        return zero_latency_config(capacity, expert_bytes, zero_latency_protocol)
     return SimConfig(capacity=capacity, bandwidth_gbps=bandwidth, expert_bytes=expert_bytes,
                      layer_compute_ms=layer_compute_ms)  # fmt: skip
 
@@ -121,8 +138,14 @@ def run_grid(
     predictor_kwargs: dict[str, Any] | None = None,
     per_task_capacities: tuple[float, ...] | None = None,
     progress: bool = True,
+    train_traces: Any = None,
+    zero_latency_protocol: str = "same",
 ) -> dict[str, Any]:
-    """Run the whole grid on ``traces`` (a TraceSet); returns the results dict written to results.json."""
+    """Run the whole grid on ``traces`` (a TraceSet); returns the results dict written to results.json.
+
+    With ``train_traces``, predictors fit on them and ``traces`` is replayed whole (the
+    test set); otherwise ``traces`` is split by prompt id (``val_fraction``).
+    """
     if not capacities:
         raise AblationError("no capacities given")
     if any(c <= 0 for c in capacities) or any(b <= 0 for b in bandwidths_gbps):
@@ -133,7 +156,15 @@ def run_grid(
     if missing:
         raise AblationError(f"per-task capacities {missing} are not in the grid's capacities {list(capacities)}")
     names, explicit = resolve_predictors(predictors, list(exclude))
-    train, val = split_by_prompt_id(traces, val_fraction)
+    if zero_latency_protocol not in ZERO_LATENCY_PROTOCOLS:
+        raise AblationError(f"zero-latency protocol must be one of {ZERO_LATENCY_PROTOCOLS}, got {zero_latency_protocol!r}")
+    if train_traces is not None:
+        if (train_traces.meta.num_layers, train_traces.meta.num_experts, train_traces.meta.top_k) != (
+            traces.meta.num_layers, traces.meta.num_experts, traces.meta.top_k):  # fmt: skip
+            raise AblationError("--train-traces and --test-traces are of different models (layers, experts, top-k)")
+        train, val = train_traces, traces
+    else:
+        train, val = split_by_prompt_id(traces, val_fraction)
     if max_prompts is not None:
         val = val.select(slice(0, max_prompts))
     protocols = [(ZERO_LATENCY, None)] + [(TIMED, b) for b in bandwidths_gbps]
@@ -149,7 +180,8 @@ def run_grid(
         try:
             for protocol, bandwidth in protocols:
                 for capacity in capacities:
-                    config = _protocol_config(protocol, capacity, bandwidth, expert_bytes, layer_compute_ms)
+                    config = _protocol_config(protocol, capacity, bandwidth, expert_bytes, layer_compute_ms,
+                                              zero_latency_protocol)  # fmt: skip
                     la = config.lookahead_layers
                     if la not in built:
                         t0 = time.perf_counter()
@@ -184,7 +216,8 @@ def run_grid(
                   bandwidths_gbps=list(bandwidths_gbps), expert_bytes=expert_bytes,
                   layer_compute_ms=layer_compute_ms, timed_lookahead_layers=SimConfig().lookahead_layers,
                   per_task_capacities=list(per_task_capacities or [headline_capacity(list(capacities))]),
-                  zero_latency=asdict(SimConfig.moe_beyond())),  # fmt: skip
+                  zero_latency=asdict(zero_latency_config(0.1, expert_bytes, zero_latency_protocol)),
+                  zero_latency_protocol=zero_latency_protocol),  # fmt: skip
         skipped=skipped,
         fit_seconds=fit_seconds,
         wall_seconds=time.perf_counter() - start,
@@ -249,8 +282,12 @@ def to_markdown(results: dict[str, Any]) -> str:
         cell = {(r["predictor"], r["capacity"]): r for r in rows if r["protocol"] == protocol and r["bandwidth_gbps"] == bw}
         out.append("")
         if protocol == ZERO_LATENCY:
-            out.append("## Zero latency (MoE-Beyond protocol: free transfers, fresh random cache per prompt, "
-                       "10 warm-up tokens, lookahead 0): hit rate %")  # fmt: skip
+            if grid.get("zero_latency_protocol", "moe-beyond") == "moe-beyond":
+                out.append("## Zero latency (MoE-Beyond protocol: free transfers, fresh random cache per prompt, "
+                           "10 warm-up tokens, lookahead 0): hit rate %")  # fmt: skip
+            else:
+                out.append("## Zero latency (free transfers, lookahead 0; same tokens and cache protocol as the "
+                           "timed tables: one cache, empty at the start, every token counted): hit rate %")  # fmt: skip
             out.append("")
             out.append("| predictor | " + " | ".join(f"{c:g}" for c in caps) + " |")
             out.append("|---|" + "---:|" * len(caps))
@@ -495,7 +532,13 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--traces", type=Path, required=True, help="trace-set directory (python -m emoe_jax.traces)")
+    p.add_argument("--traces", type=Path, default=None,
+                   help="trace-set directory (python -m emoe_jax.traces), split by prompt id (--train-split)")
+    p.add_argument("--train-traces", type=Path, default=None, help="trace set to fit predictors on (with --test-traces)")
+    p.add_argument("--test-traces", type=Path, default=None, help="trace set to replay, whole (with --train-traces)")
+    p.add_argument("--zero-latency-protocol", choices=ZERO_LATENCY_PROTOCOLS, default="same",
+                   help="same: the timed cells' cache protocol with free transfers; moe-beyond: fresh random cache "
+                   "per prompt and 10 warm-up tokens")  # fmt: skip
     p.add_argument("--train-split", type=float, default=0.8,
                    help="fraction of prompts (lowest prompt ids) to fit predictors on; the rest is replayed")  # fmt: skip
     p.add_argument("--predictors", type=_names, default=None,
@@ -527,16 +570,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not 0.0 < args.train_split < 1.0:
             raise AblationError(f"--train-split must be in (0, 1), got {args.train_split}")
-        traces = TraceSet.load(args.traces)
+        if (args.train_traces is None) != (args.test_traces is None):
+            raise AblationError("--train-traces and --test-traces go together")
+        if (args.traces is None) == (args.test_traces is None):
+            raise AblationError("give --traces DIR (split by prompt id) or --train-traces DIR --test-traces DIR")
+        traces = TraceSet.load(args.traces if args.traces is not None else args.test_traces)
+        train_traces = None if args.train_traces is None else TraceSet.load(args.train_traces)
         kwargs = {} if args.model_checkpoint is None else {"model_checkpoint": str(args.model_checkpoint)}
         results = run_grid(
             traces, predictors=args.predictors, exclude=tuple(args.exclude), capacities=args.capacities,
             bandwidths_gbps=args.bandwidths_gbps, expert_bytes=args.expert_bytes,
             layer_compute_ms=args.layer_compute_ms, val_fraction=round(1.0 - args.train_split, 10),
             max_prompts=args.max_prompts, predictor_kwargs=kwargs, progress=not args.no_progress,
-            per_task_capacities=args.per_task_capacities,
+            per_task_capacities=args.per_task_capacities, train_traces=train_traces,
+            zero_latency_protocol=args.zero_latency_protocol,
         )  # fmt: skip
-        results["traces"] = str(args.traces)
+        results["traces"] = str(args.traces if args.traces is not None else args.test_traces)
+        if train_traces is not None:
+            results["train_traces"] = str(args.train_traces)
         paths = write_outputs(results, args.out) if args.out is not None else {}
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

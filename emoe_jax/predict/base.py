@@ -80,6 +80,10 @@ class PromptPredictions:
     issue_step: np.ndarray  # [R] int64: step at which the prediction was made
     target_step: np.ndarray  # [R] int64: step it is about (>= issue_step)
     scores: np.ndarray  # [R, E] float32
+    # [S, E] float32 or None: after step s ran, each expert of s's layer's chance to be routed
+    # again by the next token at that layer (predictors with a ``reuse(t, l)`` hook; read by
+    # score eviction, cost-aware admission and the per-expert copy/host-compute choice)
+    reuse: np.ndarray | None = None
 
     @staticmethod
     def empty(num_experts: int) -> "PromptPredictions":

@@ -68,6 +68,8 @@ def step_predictions(predictor: Any, trace: Any, meta: Any) -> PromptPredictions
     if getattr(predictor, "oracle", False):
         predictor.reveal(trace)
     issue, target, scores = [], [], []
+    reuse_hook = getattr(predictor, "reuse", None)
+    reuse = [] if callable(reuse_hook) else None
     for t in range(experts.shape[0]):
         predictor.begin_token(t, int(token_ids[t]))
         for l in range(num_layers):
@@ -80,11 +82,15 @@ def step_predictions(predictor: Any, trace: Any, meta: Any) -> PromptPredictions
                 target.append(steps)
                 scores.append(pred.scores)
             predictor.observe(t, l, experts[t, l], None if weights is None else weights[t, l])
+            if reuse is not None:
+                reuse.append(np.asarray(reuse_hook(t, l), np.float32))
     predictor.end_prompt()
+    reuse_arr = None if reuse is None else np.stack(reuse) if reuse else np.zeros((0, num_experts), np.float32)
     if not issue:
-        return PromptPredictions.empty(num_experts)
+        empty = PromptPredictions.empty(num_experts)
+        return PromptPredictions(empty.issue_step, empty.target_step, empty.scores, reuse=reuse_arr)
     return PromptPredictions(
-        np.concatenate(issue), np.concatenate(target).astype(np.int64), np.concatenate(scores)
+        np.concatenate(issue), np.concatenate(target).astype(np.int64), np.concatenate(scores), reuse=reuse_arr
     )
 
 

@@ -12,6 +12,7 @@ import inspect
 from typing import Any, Callable
 
 from emoe_jax.predict.base import BasePredictor
+from emoe_jax.predict.causal_table import CausalTable
 from emoe_jax.predict.moe_infinity import MoEInfinity
 from emoe_jax.predict.moe_infinity_beyond import MoEInfinityBeyond
 from emoe_jax.predict.no_prefetch import NoPrefetch
@@ -38,6 +39,10 @@ _REGISTRY: dict[str, tuple[Callable[..., BasePredictor], str]] = {
     "belady": (_no_prefetch("belady"), "ORACLE: no prefetch, Belady/MIN eviction (reads the future)"),
     "static-freq": (StaticFrequency, "per-layer expert frequency of the training traces"),
     "prev-token": (PreviousToken, "experts the previous token used at each layer"),
+    "causal-table": (
+        CausalTable,
+        "causal baseline: token-id, layer l-1 -> l and previous-token tables (fitted counts only)",
+    ),
     "moe-infinity-beyond": (
         MoEInfinityBeyond,
         "MoE-Beyond's MoE-Infinity baseline: mean counts of the first 9 training prompts",

@@ -16,7 +16,7 @@ from typing import Any
 from ..config import MoEConfig
 
 NO_PREDICTOR = ("none", "on-demand")
-NEEDS_TRACES = ("static-freq", "moe-infinity", "moe-infinity-beyond", "emoe", "emoe-profiles")
+NEEDS_TRACES = ("static-freq", "causal-table", "moe-infinity", "moe-infinity-beyond", "emoe", "emoe-profiles")
 
 
 class PredictorSetupError(ValueError):

@@ -58,7 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="MoE-Beyond's protocol: zero transfer time, fresh random cache per prompt, "
         "10 warm-up tokens per prompt, prefetch for layer l right before layer l",
     )  # fmt: skip
+    c.add_argument("--miss-mode", choices=("copy", "host", "choose"), default="copy",
+                   help="a miss is copied over the link, computed on the host (not cached), or chosen per expert "
+                   "(copy what the predictor expects to be reused)")  # fmt: skip
+    c.add_argument("--host-bandwidth-gbps", type=float, default=50.0, help="host memory bandwidth for host compute")
+    c.add_argument("--host-overhead-ms", type=float, default=0.05, help="fixed cost of a step with host compute")
     pr = p.add_argument_group("prefetch")
+    pr.add_argument("--admission", choices=("all", "cost"), default="all",
+                    help="cost: prefetch only what can arrive in time and beats the victim's predicted reuse")
     pr.add_argument("--lookahead-layers", type=int, default=None, help="furthest target in layers ahead (default 1; 0 with --zero-latency)")
     pr.add_argument("--prefetch-k", type=int, default=None, help="experts prefetched per target layer (default: top-k)")
     pr.add_argument("--min-score", type=float, default=0.0, help="prefetch only scores above this")
@@ -124,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             min_score=args.min_score,
             eviction=args.eviction,
             seed=args.seed,
+            admission=args.admission,
+            miss_mode=args.miss_mode,
+            host_bandwidth_gbps=args.host_bandwidth_gbps,
+            host_overhead_ms=args.host_overhead_ms,
         )
         if args.lookahead_layers is not None:
             overrides["lookahead_layers"] = args.lookahead_layers
@@ -180,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     for label, v in rows:
         print(f"{label:42s} {100 * v:7.2f} %")
     print(f"{'stall per token':42s} {out['stall_ms_per_token']:7.2f} ms")
+    print(f"{'time per token (compute + stall)':42s} {out['ms_per_token']:7.2f} ms")
+    if result.host_computes:
+        print(f"{'misses computed on the host':42s} {100 * out['host_compute_rate']:7.2f} %")
+    if result.prefetches_refused:
+        print(f"{'prefetches refused by admission':42s} {result.prefetches_refused:7d}")
     print(f"{'bytes moved per token':42s} {out['bytes_per_token'] / 1e6:7.1f} MB")
     for key, v in out["prediction"].items():
         if not key.endswith(("per_layer", "per_distance")) and key != "rows":

@@ -36,6 +36,14 @@ class SimConfig:
     initial_fill: str = "empty"  # "empty" or "random" (random resident experts, random recency)
     seed: int = 0  # for the random fill
     metric_k: tuple[int, ...] = ()  # recall/precision@k cut-offs; () = (top_k,)
+    # "all": every queued prefetch starts when a link is free; "cost": only if it can arrive
+    # before its layer runs and its score beats the victim's predicted reuse (kernel._advance)
+    admission: str = "all"
+    # what a miss costs: "copy" it over the link; compute it on the "host" (not cached);
+    # "choose" per expert (copy what the predictor expects to be reused)
+    miss_mode: str = "copy"
+    host_bandwidth_gbps: float = 50.0  # host memory bandwidth a host-computed expert streams at
+    host_overhead_ms: float = 0.05  # fixed cost of a step that computes experts on the host
 
     @classmethod
     def moe_beyond(cls, **overrides) -> "SimConfig":
@@ -59,6 +67,10 @@ class SimConfig:
         if self.zero_latency:
             return 0.0
         return self.expert_bytes / (self.bandwidth_gbps * 1e9)
+
+    def host_seconds(self) -> tuple[float, float]:
+        """(seconds per host-computed expert, fixed seconds per step with host work)."""
+        return self.expert_bytes / (self.host_bandwidth_gbps * 1e9), self.host_overhead_ms * 1e-3
 
     def compute_seconds(self) -> float:
         return 0.0 if self.zero_latency else self.layer_compute_ms * 1e-3
@@ -107,6 +119,15 @@ class SimConfig:
             raise SimConfigError(f"warmup_tokens must be >= 0, got {self.warmup_tokens}")
         if self.initial_fill not in ("empty", "random"):
             raise SimConfigError(f"initial_fill must be 'empty' or 'random', got {self.initial_fill!r}")
+        if self.admission not in ("all", "cost"):
+            raise SimConfigError(f"admission must be 'all' or 'cost', got {self.admission!r}")
+        if self.miss_mode not in ("copy", "host", "choose"):
+            raise SimConfigError(f"miss_mode must be 'copy', 'host' or 'choose', got {self.miss_mode!r}")
+        if self.miss_mode != "copy" and (self.zero_latency or self.host_bandwidth_gbps <= 0 or self.host_overhead_ms < 0):
+            raise SimConfigError(
+                "host compute of misses needs timed transfers (no --zero-latency), host bandwidth > 0 "
+                "and host overhead >= 0"
+            )
         for k in self.metric_k:
             if not 1 <= k <= num_experts:
                 raise SimConfigError(f"metric k={k} outside 1..{num_experts}")

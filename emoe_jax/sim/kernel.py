@@ -31,6 +31,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from emoe_jax.sim.numba_cache import configure as _configure_numba_cache
+
+_configure_numba_cache()  # compiled code is cached in a user cache directory, not beside this file
+
 try:  # numba is optional: without it the kernel runs as plain (slow) Python.
     import numba
 
@@ -56,10 +60,13 @@ ABSENT, QUEUED, RESIDENT = 0, 1, 2
 C_ACCESSES, C_HITS, C_TIMELY, C_LATE, C_MISSES = 0, 1, 2, 3, 4
 C_PF_ISSUED, C_PF_STARTED, C_PF_USED, C_PF_WASTED, C_PF_CANCELLED = 5, 6, 7, 8, 9
 C_DEMAND_XFERS, C_TOKENS, C_EVICTIONS, C_STEPS = 10, 11, 12, 13
-N_COUNTS = 14
+C_PF_REFUSED, C_HOST = 14, 15  # prefetches refused by cost-aware admission; misses computed on the host
+N_COUNTS = 16
 # Float counters.
-F_STALL, F_BYTES, F_NOW = 0, 1, 2
-N_FLOATS = 3
+F_STALL, F_BYTES, F_NOW, F_HOST = 0, 1, 2, 3  # F_HOST: host compute seconds (counted steps)
+F_LAST_STEP = 4  # duration of the latest step (stall + compute): cost-aware admission's pace estimate
+N_FLOATS = 5
+MISS_MODES = {"copy": 0, "host": 1, "choose": 2}
 
 
 class CacheState:
@@ -84,6 +91,7 @@ class CacheState:
         self.q_seq = np.zeros(qcap, np.int64)
         self.q_issue = np.zeros(qcap, np.float64)
         self.q_target = np.zeros(qcap, np.int64)
+        self.q_score = np.zeros(qcap, np.float32)  # predicted chance its target routes to it
         self.q_ptr = np.zeros(2, np.int64)  # head, tail (monotonic)
         self.ints = np.zeros(2, np.int64)  # recency clock, queue sequence counter
         self.counts = np.zeros(N_COUNTS, np.int64)
@@ -93,7 +101,7 @@ class CacheState:
         return (
             self.status, self.ready, self.last_use, self.freq, self.next_use, self.score,
             self.prefetched, self.pinned, self.qseq, self.slots, self.pool_size, self.slot_pos,
-            self.link_free, self.q_key, self.q_seq, self.q_issue, self.q_target, self.q_ptr,
+            self.link_free, self.q_key, self.q_seq, self.q_issue, self.q_target, self.q_score, self.q_ptr,
             self.ints, self.counts, self.floats,
         )  # fmt: skip
 
@@ -169,11 +177,20 @@ def _free_link(link_free):
 
 
 @njit_inline
-def _advance(until, step, counted, xfer, expert_bytes, num_experts, per_layer, capacity, policy,
-             status, ready, last_use, freq, next_use, score, prefetched, pinned, qseq, slots,
-             pool_size, slot_pos, link_free, q_key, q_seq, q_issue, q_target, q_ptr, ints, counts,
+def _advance(until, step, counted, link_cfg, num_experts, per_layer, capacity, policy, status, ready, last_use, freq, next_use, score, prefetched, pinned, qseq, slots,
+             pool_size, slot_pos, link_free, q_key, q_seq, q_issue, q_target, q_score, q_ptr, ints, counts,
              floats):  # fmt: skip
-    """Start queued prefetches that can start by time ``until`` (FIFO, first free link)."""
+    """Start queued prefetches that can start by time ``until`` (FIFO, first free link).
+
+    ``admit_cost``: a prefetch starts only if it arrives by the time its target step is
+    expected to run (``until`` + steps to go x the latest step's duration, at least
+    ``compute``: the replay's current pace, stalls and host compute included) and
+    its predicted score beats the victim's (the victim's own predicted reuse); otherwise
+    it is refused (counted in C_PF_REFUSED) and nothing is evicted.
+    ``link_cfg`` = (xfer seconds, compute seconds per layer, expert bytes, admit_cost 0/1): packed
+    because CPython 3.11 compiles calls of over 30 arguments to a form numba cannot inline.
+    """
+    xfer, compute, expert_bytes, admit_cost = link_cfg[0], link_cfg[1], link_cfg[2], link_cfg[3] != 0.0
     qcap = q_key.shape[0]
     while q_ptr[0] < q_ptr[1]:
         i = q_ptr[0] % qcap
@@ -191,6 +208,11 @@ def _advance(until, step, counted, xfer, expert_bytes, num_experts, per_layer, c
             if counted:
                 counts[C_PF_CANCELLED] += 1
             continue
+        if admit_cost and start + xfer > until + (q_target[i] - step) * max(compute, floats[F_LAST_STEP]):
+            status[key] = 0  # cannot arrive before its layer runs: the link is better left to demand
+            if counted:
+                counts[C_PF_REFUSED] += 1
+            continue
         pool = key // num_experts if per_layer else 0
         if pool_size[pool] >= capacity:
             victim = _find_victim(pool, start, True, policy, status, ready, last_use, freq, next_use,
@@ -199,6 +221,11 @@ def _advance(until, step, counted, xfer, expert_bytes, num_experts, per_layer, c
                 status[key] = 0
                 if counted:
                     counts[C_PF_CANCELLED] += 1
+                continue
+            if admit_cost and score[victim] >= q_score[i]:
+                status[key] = 0  # the victim is as likely to be used again as the prefetch is
+                if counted:
+                    counts[C_PF_REFUSED] += 1
                 continue
             _evict(victim, counted, prefetched, status, slots, pool_size, slot_pos, pool, counts)
         _insert(key, pool, slots, pool_size, slot_pos)
@@ -214,7 +241,7 @@ def _advance(until, step, counted, xfer, expert_bytes, num_experts, per_layer, c
 
 
 @njit_inline
-def _push(key, target, now, status, qseq, q_key, q_seq, q_issue, q_target, q_ptr, ints):
+def _push(key, target, sc, now, status, qseq, q_key, q_seq, q_issue, q_target, q_score, q_ptr, ints):
     qcap = q_key.shape[0]
     if q_ptr[1] - q_ptr[0] >= qcap:  # full of stale entries: compact the live ones
         head, tail, w = q_ptr[0], q_ptr[1], q_ptr[0]
@@ -224,6 +251,7 @@ def _push(key, target, now, status, qseq, q_key, q_seq, q_issue, q_target, q_ptr
             if status[k] == 1 and qseq[k] == q_seq[i]:
                 o = w % qcap
                 q_key[o], q_seq[o], q_issue[o], q_target[o] = q_key[i], q_seq[i], q_issue[i], q_target[i]
+                q_score[o] = q_score[i]
                 w += 1
         q_ptr[1] = w
     ints[1] += 1
@@ -232,32 +260,40 @@ def _push(key, target, now, status, qseq, q_key, q_seq, q_issue, q_target, q_ptr
     q_seq[i] = ints[1]
     q_issue[i] = now
     q_target[i] = target
+    q_score[i] = sc
     qseq[key] = ints[1]
     status[key] = 1
     q_ptr[1] += 1
 
 
 @njit
-def run_prompt(keys, access_next, req_ptr, req_key, req_target, upd_ptr, upd_layer, upd_scores,
-               step_offset, warmup_tokens, num_layers, num_experts, per_layer, capacity, policy,
-               xfer, compute, expert_bytes,
+def run_prompt(keys, access_next, req_ptr, req_key, req_target, req_score, upd_ptr, upd_layer, upd_scores,
+               reuse, step_offset, warmup_tokens, num_layers, num_experts, per_layer, capacity, policy,
+               xfer, compute, expert_bytes, admit_cost, miss_mode, host_xfer, host_overhead,
                status, ready, last_use, freq, next_use, score, prefetched, pinned, qseq, slots,
-               pool_size, slot_pos, link_free, q_key, q_seq, q_issue, q_target, q_ptr, ints, counts,
+               pool_size, slot_pos, link_free, q_key, q_seq, q_issue, q_target, q_score, q_ptr, ints, counts,
                floats):  # fmt: skip
     """Replay one prompt. ``keys`` [S, k] int32 = layer*E + expert of each routed expert;
     ``access_next`` [S, k] int64 next global step routing to the same key (Belady);
-    requests in CSR form by local step (``req_ptr`` [S+1]); score updates likewise."""
+    requests in CSR form by local step (``req_ptr`` [S+1]) with their scores ``req_score``;
+    score updates likewise; ``reuse`` [S, E] (or [0, E]: none) the predicted reuse of step
+    s's layer after s ran, written into ``score`` after the step.
+
+    Misses (``miss_mode``): 0 copy over the link; 1 compute on the host (``host_xfer``
+    seconds per expert, serial, plus ``host_overhead`` once per step that has host
+    work, in parallel with the link; nothing is cached); 2 choose per expert: copy iff
+    (reuse - victim score) x host cost > the extra wait copying costs now."""
     num_steps = keys.shape[0]
     k = keys.shape[1]
+    link_cfg = np.array([xfer, compute, expert_bytes, 1.0 if admit_cost else 0.0])
     wait_keys = np.empty(k, np.int64)
     for s in range(num_steps):
         g = step_offset + s
         t = s // num_layers
         counted = t >= warmup_tokens
         now = floats[F_NOW]
-        _advance(now, g, counted, xfer, expert_bytes, num_experts, per_layer, capacity, policy,
-                 status, ready, last_use, freq, next_use, score, prefetched, pinned, qseq, slots,
-                 pool_size, slot_pos, link_free, q_key, q_seq, q_issue, q_target, q_ptr, ints,
+        _advance(now, g, counted, link_cfg, num_experts, per_layer, capacity, policy, status, ready, last_use, freq, next_use, score, prefetched, pinned, qseq, slots,
+                 pool_size, slot_pos, link_free, q_key, q_seq, q_issue, q_target, q_score, q_ptr, ints,
                  counts, floats)  # fmt: skip
         # Nearest targets are listed first; apply in reverse so the nearest wins.
         for u in range(upd_ptr[s + 1] - 1, upd_ptr[s] - 1, -1):
@@ -274,12 +310,12 @@ def run_prompt(keys, access_next, req_ptr, req_key, req_target, upd_ptr, upd_lay
                     continue
                 if st == 1:
                     continue
-                _push(key, req_target[r], now, status, qseq, q_key, q_seq, q_issue, q_target, q_ptr, ints)
+                _push(key, req_target[r], req_score[r], now, status, qseq, q_key, q_seq, q_issue, q_target,
+                      q_score, q_ptr, ints)  # fmt: skip
                 counts[C_PF_ISSUED] += 1
-                _advance(now, g, counted, xfer, expert_bytes, num_experts, per_layer, capacity,
-                         policy, status, ready, last_use, freq, next_use, score, prefetched, pinned,
-                         qseq, slots, pool_size, slot_pos, link_free, q_key, q_seq, q_issue,
-                         q_target, q_ptr, ints, counts, floats)  # fmt: skip
+                _advance(now, g, counted, link_cfg, num_experts, per_layer, capacity, policy, status, ready, last_use, freq, next_use, score, prefetched,
+                         pinned, qseq, slots, pool_size, slot_pos, link_free, q_key, q_seq, q_issue,
+                         q_target, q_score, q_ptr, ints, counts, floats)  # fmt: skip
         # Demand, pass 1: classify and pin.
         n_wait = 0
         latest = now
@@ -306,12 +342,29 @@ def run_prompt(keys, access_next, req_ptr, req_key, req_target, upd_ptr, upd_lay
                 status[key] = 0  # a queued entry goes stale: it is fetched now instead
                 wait_keys[n_wait] = key
                 n_wait += 1
-        # Demand, pass 2: fetch what is missing, ahead of queued prefetches.
+        # Demand, pass 2: fetch what is missing, ahead of queued prefetches (or compute it on the host).
+        has_reuse = reuse.shape[0] > 0
+        n_host = 0
         for w in range(n_wait):
             key = wait_keys[w]
             j = _free_link(link_free)
             start = max(link_free[j], now)
             pool = key // num_experts if per_layer else 0
+            if miss_mode == 1:
+                n_host += 1
+                continue
+            if miss_mode == 2:
+                p_reuse = np.float64(reuse[s, key % num_experts]) if has_reuse else 0.0
+                q_victim = 0.0
+                if pool_size[pool] >= capacity:
+                    v = _find_victim(pool, start, True, policy, status, ready, last_use, freq, next_use,
+                                     score, pinned, slots, pool_size)  # fmt: skip
+                    if v >= 0:
+                        q_victim = np.float64(score[v])
+                host_cost = host_xfer + host_overhead
+                if not (p_reuse - q_victim) * host_cost > (start + xfer - now) - host_cost:
+                    n_host += 1
+                    continue
             if pool_size[pool] >= capacity:
                 victim = _find_victim(pool, start, True, policy, status, ready, last_use, freq,
                                       next_use, score, pinned, slots, pool_size)  # fmt: skip
@@ -330,6 +383,12 @@ def run_prompt(keys, access_next, req_ptr, req_key, req_target, upd_ptr, upd_lay
             if counted:
                 counts[C_DEMAND_XFERS] += 1
                 floats[F_BYTES] += expert_bytes
+        if n_host > 0:  # host work of this step: one overhead, then the experts one after another
+            host_time = host_overhead + n_host * host_xfer
+            latest = max(latest, now + host_time)
+            if counted:
+                counts[C_HOST] += n_host
+                floats[F_HOST] += host_time
         # Touch in routing order (recency, frequency, next use), unpin.
         for j in range(k):
             key = keys[s, j]
@@ -342,6 +401,10 @@ def run_prompt(keys, access_next, req_ptr, req_key, req_target, upd_ptr, upd_lay
             freq[key] += 1
             next_use[key] = access_next[s, j]
             pinned[key] = 0
+        if has_reuse:  # the layer that just ran: each expert's predicted use by the next token
+            base = (s % num_layers) * num_experts
+            for e in range(num_experts):
+                score[base + e] = reuse[s, e]
         stall = latest - now
         if counted:
             counts[C_ACCESSES] += k
@@ -350,6 +413,7 @@ def run_prompt(keys, access_next, req_ptr, req_key, req_target, upd_ptr, upd_lay
                 counts[C_TOKENS] += 1
             floats[F_STALL] += stall
         floats[F_NOW] = now + stall + compute
+        floats[F_LAST_STEP] = stall + compute
 
 
 @njit

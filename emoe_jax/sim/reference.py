@@ -32,6 +32,7 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
     pools, cap = config.pools(L, E, k)
     m = k if config.prefetch_k is None else config.prefetch_k
     xfer, compute = config.transfer_seconds(), config.compute_seconds()
+    host_xfer, host_overhead = config.host_seconds()
     rng = np.random.default_rng(config.seed)
 
     # Every access of the replay as (global step, key), for Belady's next use.
@@ -52,12 +53,15 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
     freq: dict[int, int] = {}
     score: dict[int, float] = {}
     queue: deque = deque()  # [key, issue time, target step]; removed entries are dropped on pop
-    queued: set[int] = set()
+    queued: dict[int, int] = {}  # key -> id of its live queue entry (older entries of the key are stale)
+    entry_ids = [0]
+    last_step = [0.0]  # duration of the latest step: cost-aware admission's pace
     links = [0.0] * config.links
     clock = [0]
     now = 0.0
     c = dict(accesses=0, hits=0, timely=0, late=0, misses=0, issued=0, started=0, used=0, wasted=0,
-             cancelled=0, demand=0, tokens=0, evictions=0, stall=0.0, bytes=0.0)  # fmt: skip
+             cancelled=0, demand=0, tokens=0, evictions=0, stall=0.0, bytes=0.0, refused=0, host=0,
+             host_seconds=0.0)  # fmt: skip
 
     def pool_of(key: int) -> int:
         return key // E if pools > 1 else 0
@@ -95,8 +99,8 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
 
     def advance(until: float, g: int, counted: bool) -> None:
         while queue:
-            key, issued_at, target = queue[0]
-            if key not in queued:
+            key, issued_at, target, p, entry = queue[0]
+            if queued.get(key) != entry:
                 queue.popleft()
                 continue
             j = free_link()
@@ -104,15 +108,21 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
             if start > until:
                 break
             queue.popleft()
-            queued.discard(key)
+            del queued[key]
             if target < g:
                 c["cancelled"] += counted
+                continue
+            if config.admission == "cost" and start + xfer > until + (target - g) * max(compute, last_step[0]):
+                c["refused"] += counted
                 continue
             pool = pool_of(key)
             if len(cache[pool]) >= cap:
                 v = victim(pool, start, True, set(), g)
                 if v is None:
                     c["cancelled"] += counted
+                    continue
+                if config.admission == "cost" and score.get(v, 0.0) >= p:
+                    c["refused"] += counted
                     continue
                 evict(v, counted)
             cache[pool][key] = _Expert(ready=start + xfer, prefetched=True)
@@ -149,6 +159,7 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
             issue, target = int(preds.issue_step[r]), int(preds.target_step[r])
             if target - issue <= config.lookahead_layers and target < S:
                 by_step.setdefault(issue, []).append((target, preds.scores[r]))
+        reuse = preds.reuse
         for s in range(S):
             g = g0 + s
             t, l = divmod(s, L)
@@ -168,8 +179,9 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
                         if key in cache[pool_of(key)]:
                             stamp(key)
                         elif key not in queued:
-                            queue.append((key, now, g0 + target))
-                            queued.add(key)
+                            entry_ids[0] += 1
+                            queue.append((key, now, g0 + target, float(np.float32(scores[e])), entry_ids[0]))
+                            queued[key] = entry_ids[0]
                             c["issued"] += 1
                             advance(now, g, counted)
             keys = [l * E + int(e) for e in trace.experts[t, l]]
@@ -188,14 +200,28 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
                 else:
                     if key in queued:
                         c["late"] += counted
-                        queued.discard(key)
+                        del queued[key]
                     else:
                         c["misses"] += counted
                     to_fetch.append(key)
+            n_host = 0
             for key in to_fetch:
                 j = free_link()
                 start = max(links[j], now)
                 pool = pool_of(key)
+                if config.miss_mode == "host":
+                    n_host += 1
+                    continue
+                if config.miss_mode == "choose":
+                    p_reuse = 0.0 if reuse is None else float(reuse[s, key % E])
+                    q = 0.0
+                    if len(cache[pool]) >= cap:
+                        v = victim(pool, start, True, pinned, g)
+                        q = 0.0 if v is None else score.get(v, 0.0)
+                    cost = host_xfer + host_overhead
+                    if not (p_reuse - q) * cost > (start + xfer - now) - cost:  # copying does not pay
+                        n_host += 1
+                        continue
                 if len(cache[pool]) >= cap:
                     v = victim(pool, start, True, pinned, g)
                     if v is None:
@@ -208,17 +234,25 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
                 if counted:
                     c["demand"] += 1
                     c["bytes"] += config.expert_bytes
+            if n_host:
+                latest = max(latest, now + host_overhead + n_host * host_xfer)
+                c["host"] += counted * n_host
+                c["host_seconds"] += counted * (host_overhead + n_host * host_xfer)
             for key in keys:
-                x = cache[pool_of(key)][key]
-                if x.prefetched:
+                x = cache[pool_of(key)].get(key)
+                if x is not None and x.prefetched:
                     c["used"] += counted
                     x.prefetched = False
                 stamp(key)
                 freq[key] = freq.get(key, 0) + 1
+            if reuse is not None:
+                for e in range(E):
+                    score[l * E + e] = float(reuse[s, e])
             if counted:
                 c["accesses"] += k
                 c["tokens"] += l == 0
                 c["stall"] += latest - now
+            last_step[0] = (latest - now) + compute  # stall + compute
             now = latest + compute
         g0 += S
     return c

@@ -66,21 +66,23 @@ def build_requests(
     num_experts: int,
     prefetch_k: int,
     step_offset: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """CSR prefetch requests: ``req_ptr`` [S+1], ``req_key`` [M] int32, ``req_target`` [M] global step.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """CSR prefetch requests: ``req_ptr`` [S+1], ``req_key`` [M] int32, ``req_target`` [M] global step,
+    ``req_score`` [M] float32 (the predicted score, read by cost-aware admission).
 
     ``ranked``/``valid`` [R, >= m] come from ``ranked_experts`` on ``preds.scores[rows]``.
     """
     if rows.size == 0 or prefetch_k == 0:
-        return np.zeros(num_steps + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)
+        return np.zeros(num_steps + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.float32)
     experts, valid = ranked[:, :prefetch_k], valid[:, :prefetch_k]  # [R, m]
     layer = preds.target_step[rows] % num_layers  # [R]
     keys = (layer[:, None] * num_experts + experts)[valid].astype(np.int32)  # [M] row-major = priority order
     issue = np.broadcast_to(preds.issue_step[rows][:, None], valid.shape)[valid]  # [M]
     target = np.broadcast_to(preds.target_step[rows][:, None], valid.shape)[valid] + step_offset
+    score = np.take_along_axis(preds.scores[rows], experts, axis=1)[valid].astype(np.float32)  # [M]
     req_ptr = np.zeros(num_steps + 1, np.int64)
     np.cumsum(np.bincount(issue, minlength=num_steps), out=req_ptr[1:])
-    return req_ptr, keys, target.astype(np.int64)
+    return req_ptr, keys, target.astype(np.int64), np.ascontiguousarray(score)
 
 
 def score_updates(

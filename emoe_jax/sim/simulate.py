@@ -44,6 +44,7 @@ class SimResult:
     prompts: int
     tokens: int  # counted tokens (after warm-up)
     accesses: int  # counted (token, layer, expert) routings
+    steps: int  # counted (token, layer) steps
     hits: int  # expert resident and arrived when its layer ran (timely prefetches included)
     timely_prefetches: int  # hits on a prefetched, not yet used expert
     late_prefetches: int  # expert prefetched (or queued) but not arrived: stall charged, not a hit
@@ -53,6 +54,9 @@ class SimResult:
     prefetches_used: int  # prefetched experts later routed to
     prefetches_wasted: int  # prefetched, then evicted without use
     prefetches_cancelled: int  # queued but dropped (target passed, no free slot) or abandoned
+    prefetches_refused: int  # refused by cost-aware admission (would arrive late, or victim more likely used)
+    host_computes: int  # misses computed on the host instead of copied (miss_mode host/choose)
+    host_seconds: float  # host compute time (overlaps the link; stall counts only what exceeds the layer)
     demand_transfers: int
     evictions: int
     stall_seconds: float
@@ -62,6 +66,9 @@ class SimResult:
     # task label -> counters of that task's prompts (their share of the one replay: the cache,
     # link and clock carry over between prompts of different tasks exactly as in the totals)
     per_task: dict = field(default_factory=dict)
+    # per prompt, in replay order: prompt_id, accesses, hits, stall_seconds arrays (for paired
+    # bootstraps over prompts); left out of to_dict()
+    per_prompt: dict = field(default_factory=dict, repr=False)
 
     @property
     def hit_rate(self) -> float:
@@ -69,6 +76,7 @@ class SimResult:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("per_prompt")
         tokens = max(self.tokens, 1)
         d.update(
             hit_rate=self.hit_rate,
@@ -79,6 +87,10 @@ class SimResult:
             prefetch_accuracy=self.prefetches_used / max(self.prefetches_started, 1),
             prefetch_waste_rate=self.prefetches_wasted / max(self.prefetches_started, 1),
             stall_ms_per_token=1e3 * self.stall_seconds / tokens,
+            # decode time per token: compute of every layer plus stall (tokens/s-equivalent = 1e3 / this)
+            ms_per_token=1e3 * (self.stall_seconds + self.steps * (0.0 if self.config["zero_latency"]
+                                                                   else self.config["layer_compute_ms"] * 1e-3)) / tokens,
+            host_compute_rate=self.host_computes / max(self.accesses, 1),
             bytes_per_token=self.bytes_moved / tokens,
         )
         for counters in d["per_task"].values():
@@ -141,10 +153,13 @@ def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progr
         state.next_use[:] = first_use
         del all_keys
     dummy_next = np.zeros((0, k), np.int64)
+    no_reuse = np.zeros((0, E), np.float32)
+    host_xfer, host_overhead = config.host_seconds()
     rng = np.random.default_rng(config.seed)
     start_wall = time.perf_counter()
     step_offset = 0
     per_task: dict[str, dict] = {}
+    per_prompt_rows: list[tuple[int, int, int, float]] = []
     for i, trace in enumerate(tqdm(traces, desc=f"sim {predictor.name}", disable=not progress, unit="prompt")):
         experts = np.asarray(trace.experts)
         if experts.size and np.any(np.diff(np.sort(experts, axis=-1), axis=-1) == 0):
@@ -154,13 +169,16 @@ def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progr
         preds = prompt_predictions(predictor, trace, meta)
         rows = select_rows(preds, num_steps, config.lookahead_layers, predictor.name)
         ranked, valid = ranked_experts(preds.scores[rows], max(prefetch_k, *ks), config.min_score)  # [R, m]
-        req_ptr, req_key, req_target = build_requests(
+        req_ptr, req_key, req_target, req_score = build_requests(
             preds, rows, ranked, valid, num_steps, L, E, prefetch_k, step_offset
         )
-        if policy == "score":
+        if policy == "score" or config.admission == "cost" or config.miss_mode == "choose":  # they read scores
             upd_ptr, upd_layer, upd_scores = score_updates(preds, rows, num_steps, L)
         else:
             upd_ptr, upd_layer, upd_scores = np.zeros(num_steps + 1, np.int64), np.zeros(0, np.int64), np.zeros((0, E), np.float32)
+        reuse = no_reuse if preds.reuse is None else np.ascontiguousarray(preds.reuse, np.float32)  # [S, E]
+        if reuse.shape[0] not in (0, num_steps):
+            raise SimConfigError(f"{predictor.name}: reuse scores have {reuse.shape[0]} rows for {num_steps} steps")
         scorer.add(preds, rows, ranked, valid, experts, config.warmup_tokens)
         if i == 0 or config.reset_per_prompt:
             fill = (
@@ -176,11 +194,15 @@ def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progr
         if next_use is None:
             access_next = np.full((num_steps, k), K.NEVER, np.int64)
         K.run_prompt(
-            keys, access_next, req_ptr, req_key, req_target, upd_ptr, upd_layer, upd_scores,
+            keys, access_next, req_ptr, req_key, req_target, req_score, upd_ptr, upd_layer, upd_scores, reuse,
             step_offset, config.warmup_tokens, L, E, pools > 1, per_pool, K.POLICY_IDS[policy],
-            xfer, compute, config.expert_bytes, *arrays,
+            xfer, compute, config.expert_bytes, config.admission == "cost", K.MISS_MODES[config.miss_mode],
+            host_xfer, host_overhead, *arrays,
         )  # fmt: skip
         _add_task_share(per_task, str(getattr(trace, "task", "") or ""), before_counts, before_floats, state)
+        per_prompt_rows.append((int(trace.prompt_id), int(state.counts[K.C_ACCESSES] - before_counts[K.C_ACCESSES]),
+                                int(state.counts[K.C_HITS] - before_counts[K.C_HITS]),
+                                float(state.floats[K.F_STALL] - before_floats[K.F_STALL])))  # fmt: skip
         step_offset += num_steps
     wall = time.perf_counter() - start_wall
     c, f = state.counts, state.floats
@@ -193,6 +215,7 @@ def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progr
         prompts=len(traces),
         tokens=int(c[K.C_TOKENS]),
         accesses=int(c[K.C_ACCESSES]),
+        steps=int(c[K.C_STEPS]),
         hits=int(c[K.C_HITS]),
         timely_prefetches=int(c[K.C_TIMELY]),
         late_prefetches=int(c[K.C_LATE]),
@@ -202,6 +225,9 @@ def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progr
         prefetches_used=int(c[K.C_PF_USED]),
         prefetches_wasted=int(c[K.C_PF_WASTED]),
         prefetches_cancelled=int(c[K.C_PF_CANCELLED]),
+        prefetches_refused=int(c[K.C_PF_REFUSED]),
+        host_computes=int(c[K.C_HOST]),
+        host_seconds=float(f[K.F_HOST]),
         demand_transfers=int(c[K.C_DEMAND_XFERS]),
         evictions=int(c[K.C_EVICTIONS]),
         stall_seconds=float(f[K.F_STALL]),
@@ -209,4 +235,10 @@ def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progr
         wall_seconds=wall,
         prediction=scorer.summary(),
         per_task=per_task,
+        per_prompt={
+            "prompt_id": np.array([r[0] for r in per_prompt_rows], np.int64),
+            "accesses": np.array([r[1] for r in per_prompt_rows], np.int64),
+            "hits": np.array([r[2] for r in per_prompt_rows], np.int64),
+            "stall_seconds": np.array([r[3] for r in per_prompt_rows], np.float64),
+        },
     )

