@@ -328,18 +328,10 @@ PRESETS: dict[str, MoEConfig] = {
                         beta_fast=32.0, beta_slow=1.0, truncate=False),
         rms_norm_eps=1e-5, max_position_embeddings=131072, eos_token_id=200002, pad_token_id=199999,
     ),
-    "gpt-oss-20b": MoEConfig(
-        family="gpt_oss", vocab_size=201088, hidden_size=2880, num_layers=24, num_heads=64,
-        num_kv_heads=8, head_dim=64, intermediate_size=2880, num_experts=32, top_k=4,
-        moe_intermediate_size=2880, norm_topk_prob=True, qkv_bias=True, o_proj_bias=True,
-        attention_sinks=True, sliding_window=128, sliding_window_layers=tuple(range(0, 24, 2)),
-        expert_act="clamped_swiglu", swiglu_alpha=1.702, swiglu_limit=7.0, router_bias=True,
-        expert_bias=True,
-        rope=RopeConfig(theta=150000.0, kind="yarn", factor=32.0, original_max_position_embeddings=4096,
-                        beta_fast=32.0, beta_slow=1.0, truncate=False),
-        rms_norm_eps=1e-5, max_position_embeddings=131072, eos_token_id=200002, pad_token_id=199999,
-    ),
 }
+# gpt-oss-20b: the 120b architecture with 24 layers and 32 experts.
+PRESETS["gpt-oss-20b"] = PRESETS["gpt-oss-120b"].replace(num_layers=24, num_experts=32,
+                                                         sliding_window_layers=tuple(range(0, 24, 2)))
 
 
 def tiny_config(family: str, **overrides: Any) -> MoEConfig:

@@ -50,7 +50,7 @@ import numpy as np
 from tqdm import tqdm
 
 from emoe_jax.predict import available_predictors, get_predictor
-from emoe_jax.predict.drive import prompt_predictions
+from emoe_jax.predict.drive import MemoisedPredictor
 from emoe_jax.predict.registry import UnknownPredictorError
 from emoe_jax.sim.config import SimConfig
 from emoe_jax.sim.simulate import simulate
@@ -65,28 +65,6 @@ LOSES_STALL = "▲"  # stall per token above LRU's at the same cell
 
 class AblationError(ValueError):
     """The ablation cannot run as asked (bad grid, unusable predictor, empty traces)."""
-
-
-class MemoisedPredictor:
-    """A fitted predictor whose per-prompt predictions are computed once and replayed.
-
-    The simulator asks for ``predict_prompt`` first, so every cell after the
-    first reuses the predictions; hooks never run twice over the same prompts.
-    """
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.oracle = bool(getattr(inner, "oracle", False))
-        self.eviction = getattr(inner, "eviction", "lru")
-        self.lookahead = getattr(inner, "lookahead", 1)
-        self._cache: dict[int, Any] = {}
-
-    def predict_prompt(self, trace: Any, meta: Any) -> Any:
-        key = int(trace.prompt_id)
-        if key not in self._cache:
-            self._cache[key] = prompt_predictions(self.inner, trace, meta)
-        return self._cache[key]
 
 
 # ---------------------------------------------------------------- grid

@@ -102,3 +102,25 @@ def prompt_predictions(predictor: Any, trace: Any, meta: Any, fast: bool = True)
         if out is not None:
             return out
     return step_predictions(predictor, trace, meta)
+
+
+class MemoisedPredictor:
+    """A fitted predictor whose per-prompt predictions are computed once and replayed.
+
+    The simulator asks for ``predict_prompt`` first, so every cell after the
+    first reuses the predictions; hooks never run twice over the same prompts.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.oracle = bool(getattr(inner, "oracle", False))
+        self.eviction = getattr(inner, "eviction", "lru")
+        self.lookahead = getattr(inner, "lookahead", 1)
+        self._cache: dict[int, Any] = {}
+
+    def predict_prompt(self, trace: Any, meta: Any) -> Any:
+        key = int(trace.prompt_id)
+        if key not in self._cache:
+            self._cache[key] = prompt_predictions(self.inner, trace, meta)
+        return self._cache[key]

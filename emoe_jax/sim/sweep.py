@@ -35,29 +35,13 @@ from typing import Any
 import numpy as np
 
 from emoe_jax.predict import get_predictor
+from emoe_jax.predict.drive import MemoisedPredictor
 from emoe_jax.sim.config import SimConfig
 from emoe_jax.sim.simulate import simulate
 from emoe_jax.sim.split import split_by_prompt_id
 
 POLICIES = {"lru": dict(eviction="lru", admission="all"), "score": dict(eviction="score", admission="all"),
             "cost": dict(eviction="score", admission="cost")}  # fmt: skip
-
-
-class _Memo:
-    """A fitted predictor whose per-prompt predictions are computed once per sweep."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.name = inner, inner.name
-        self.oracle, self.eviction = bool(getattr(inner, "oracle", False)), getattr(inner, "eviction", "lru")
-        self._cache: dict[int, Any] = {}
-
-    def predict_prompt(self, trace: Any, meta: Any) -> Any:
-        from emoe_jax.predict.drive import prompt_predictions
-
-        key = int(trace.prompt_id)
-        if key not in self._cache:
-            self._cache[key] = prompt_predictions(self.inner, trace, meta)
-        return self._cache[key]
 
 
 def paired_bootstrap(a: dict, b: dict, samples: int = 2000, seed: int = 0) -> dict[str, list[float]]:
@@ -121,7 +105,7 @@ def run_sweep(train: Any, test: Any, *, predictors: list[str], lookaheads: list[
         for la in lookaheads:
             pred = get_predictor(name, ignore_unknown=True, lookahead=la, **(predictor_kwargs or {}))
             pred.fit(train)
-            memo = _Memo(pred)
+            memo = MemoisedPredictor(pred)
             for policy in policies:
                 for mode, host in modes:
                     if mode == "choose" and policy == "lru":
