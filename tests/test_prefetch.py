@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from emoe_jax.predict import get_predictor
 from emoe_jax.predict.base import BasePredictor, Prediction
-import emoe_jax.runtime.engine as engine_mod
+import emoe_jax.runtime.residency as residency_mod  # where the engine waits for late prefetches
 from emoe_jax.runtime.engine import OffloadedEngine
 from emoe_jax.runtime.tiers import InMemoryExperts
 
@@ -156,7 +156,7 @@ def _run_gated(late: bool):
 
     # Late: release layer 1's prefetches only once the engine is already waiting for them (no
     # timer: the order is forced, so the arrival is late by construction).
-    real_wait_for = engine_mod.wait_for
+    real_wait_for = residency_mod.wait_for
 
     def release_then_wait(events):
         gate.set()
@@ -164,11 +164,11 @@ def _run_gated(late: bool):
 
     engine.routing_hooks.append(hook)
     if late:
-        engine_mod.wait_for = release_then_wait
+        residency_mod.wait_for = release_then_wait
     try:
         out = engine.generate([prompt], new, stop_at_eos=False)
     finally:
-        engine_mod.wait_for = real_wait_for
+        residency_mod.wait_for = real_wait_for
         gate.set()
     return out.stats
 
