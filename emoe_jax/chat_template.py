@@ -19,10 +19,10 @@ import functools
 import json
 from typing import Any, Sequence
 
+from emoe_jax.errors import ChatTemplateError
 
-def _error(message: str):
-    from emoe_jax.tokenizer import ChatTemplateError
 
+def _error(message: str) -> ChatTemplateError:
     return ChatTemplateError(message)
 
 

@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from emoe_jax.errors import EmoeError
+
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss")
 
 # Router variants (see model/router.py): how scores are made and how top-k is chosen.
@@ -27,7 +29,7 @@ SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 
-class ConfigError(ValueError):
+class ConfigError(EmoeError):
     """A configuration we cannot run faithfully; the message names the field and the fix."""
 
 

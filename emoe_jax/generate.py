@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from emoe_jax.cli import USER_ERRORS, fail
+
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "embedded"
 
 
@@ -186,18 +188,16 @@ def _main(argv: list[str] | None) -> int:
         print(note, file=sys.stderr)
     _check_model(Path(args.model))
 
-    from .checkpoint import CheckpointError, load_checkpoint
+    from .checkpoint import load_checkpoint
     from .checkpoint.resolve import resolve_model
-    from .tokenizer import TokenizerError
 
     try:
         model_dir = resolve_model(args.model, cache_dir=args.cache_dir, progress=not args.json)
         # The tokenizer before the engine: a checkpoint without one fails in a second, not after loading.
         tokenizer = load_checkpoint(model_dir).tokenizer
         ids = encode_prompts(tokenizer, prompts, args.chat, args.system)
-    except (CheckpointError, TokenizerError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return fail(e)
 
     import jax.numpy as jnp
 
@@ -205,8 +205,7 @@ def _main(argv: list[str] | None) -> int:
 
     enable_compile_cache()  # a second run of a configuration loads its compiled steps from disk
 
-    from .runtime.budget import BudgetError
-    from .runtime.engine import GenerationError, OffloadedEngine
+    from .runtime.engine import OffloadedEngine
     from .runtime.predictors import runtime_predictor
 
     try:
@@ -225,9 +224,8 @@ def _main(argv: list[str] | None) -> int:
         printer = _StreamPrinter(tokenizer, "" if args.chat else prompts[0]) if stream else None
         result = engine.generate(ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                  seed=args.seed, on_token=printer)
-    except (CheckpointError, BudgetError, GenerationError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return fail(e)
     texts = [tokenizer.decode(t) for t in result.tokens]
     stats = {**result.stats, "memory": engine.memory_report()}
     if args.mode == "restricted":

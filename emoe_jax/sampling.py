@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import math
 
+from emoe_jax.errors import EmoeError
 
-class SamplingError(ValueError):
+
+class SamplingError(EmoeError):
     """A temperature or top-p the sampler cannot honour; the message says what is allowed."""
 
 

@@ -26,19 +26,9 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from emoe_jax.chat_template import render_chat
+from emoe_jax.errors import ChatTemplateError, MissingTokenizerError, TokenizerError
 from emoe_jax.config import ConfigError, MoEConfig, from_hf_config
-
-
-class TokenizerError(ValueError):
-    """A missing or unreadable tokenizer; the message names the file and the fix."""
-
-
-class MissingTokenizerError(TokenizerError, FileNotFoundError):
-    """No tokenizer.json or tokenizer.model where one was expected."""
-
-
-class ChatTemplateError(TokenizerError):
-    """No chat template, or one that fails to render; the message says which and why."""
 
 
 def _token_str(value: Any) -> str | None:
@@ -109,8 +99,6 @@ class Tokenizer:
     def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                     **kwargs: Any) -> str:
         """The chat as text, rendered with the checkpoint's chat template (see chat_template.py)."""
-        from emoe_jax.chat_template import render_chat
-
         if self.chat_template is None:
             raise ChatTemplateError(
                 f"{self.source}: this tokenizer has no chat template (neither chat_template.jinja nor a "

@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from emoe_jax.cli import USER_ERRORS, fail
+
 
 def verify_checkpoint(path: str | Path, progress: bool = True, max_faults: int = 100) -> dict[str, Any]:
     """Run every check on a converted checkpoint; return {'ok', 'faults', 'checked'}."""
@@ -87,7 +89,7 @@ def verify_checkpoint(path: str | Path, progress: bool = True, max_faults: int =
 
         load_tokenizer(path, cfg)
         checked["tokenizer"] = True
-    except (OSError, ValueError) as err:
+    except USER_ERRORS as err:
         faults.append(f"tokenizer: {err}")
     # 4. every expert, layer by layer (one batch of reads per layer).
     if store is not None:
@@ -123,11 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         report = verify_checkpoint(args.checkpoint, progress=not (args.no_progress or args.json))
-    except (OSError, ValueError) as err:
+    except USER_ERRORS as err:
         if args.json:
             print(json.dumps({"ok": False, "faults": [str(err)], "path": args.checkpoint}))
-        print(f"emoe_jax.verify: error: {err}", file=sys.stderr)
-        return 2
+        return fail(err)
     if args.json:
         print(json.dumps(report))
     else:

@@ -8,7 +8,7 @@ import pytest
 from emoe_jax.bench.e2e import main, markdown
 from emoe_jax.checkpoint import write_checkpoint
 from emoe_jax.config import tiny_config
-from emoe_jax.data.testing import tiny_corpus, tiny_tokenizer
+from emoe_jax.data.synthetic import tiny_corpus, tiny_tokenizer
 from emoe_jax.model.hf_params import nest_for_checkpoint, params_to_hf
 from emoe_jax.model.random_init import random_model
 

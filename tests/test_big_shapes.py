@@ -8,7 +8,7 @@ import pytest
 from emoe_jax.config import get_preset
 from emoe_jax.predict import get_predictor
 from emoe_jax.sim import SimConfig, simulate
-from emoe_jax.sim.reference import simulate_reference
+from sim_reference import simulate_reference
 from emoe_jax.traces import TraceSet, import_moe_beyond
 
 V3 = get_preset("deepseek-v3")
@@ -73,7 +73,8 @@ def test_simulator_at_deepseek_v3_shape(v3_traces):
 
 
 def test_forced_replay_builds_a_deepseek_v3_shaped_model():
-    from emoe_jax.runtime.forced import check_trace_shape, forced_replay_model
+    from emoe_jax.bench.replay import forced_replay_model
+    from emoe_jax.traces.forced_routing import check_trace_shape
 
     model = forced_replay_model("deepseek-v3", scale=1 / 128, vocab_size=256)
     cfg = model.cfg

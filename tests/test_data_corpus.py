@@ -17,7 +17,7 @@ from emoe_jax.data import (
 )
 from emoe_jax.data.__main__ import main
 from emoe_jax.data.sources import DEFAULT_SOURCES
-from emoe_jax.data.testing import fixture_sources
+from emoe_jax.data.synthetic import fixture_sources
 
 SMALL = BuildConfig(max_chars_per_task=None, min_doc_chars=1)
 

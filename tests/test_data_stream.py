@@ -18,7 +18,7 @@ from emoe_jax.data import (
     sequential_batches,
 )
 from emoe_jax.data.__main__ import main
-from emoe_jax.data.testing import tiny_corpus, tiny_tokenizer
+from emoe_jax.data.synthetic import tiny_corpus, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

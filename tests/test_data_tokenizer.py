@@ -15,7 +15,7 @@ from emoe_jax.data import (
     train_tokenizer_from_texts,
 )
 from emoe_jax.data.__main__ import main
-from emoe_jax.data.testing import tiny_corpus
+from emoe_jax.data.synthetic import tiny_corpus
 
 TRAIN_TEXTS = [
     "def f(x):\n    return x + 1\n\n", "Die Straße ist grün, über alles.\n", "The river ran under the city.\n",

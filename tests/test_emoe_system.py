@@ -6,7 +6,7 @@ import pytest
 from emoe_jax.config import tiny_config
 from emoe_jax.emoe.system import EMoESystem, EMoESystemError, fit_emoe_predictor
 from emoe_jax.model.random_init import random_model
-from emoe_jax.predict.emoe import expected_load, select_experts
+from emoe_jax.predict.emoe_selection import expected_load, select_experts
 from emoe_jax.runtime.engine import OffloadedEngine
 from emoe_jax.runtime.tiers import InMemoryExperts
 

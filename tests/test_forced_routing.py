@@ -14,8 +14,9 @@ from emoe_jax.config import tiny_config
 from emoe_jax.model.random_init import random_model
 from emoe_jax.predict import get_predictor
 from emoe_jax.runtime.engine import OffloadedEngine, StepRouting
-from emoe_jax.runtime.forced import (ForcedRoutingError, TraceRouting, fold_token_ids, forced_replay_model,
-                                     forced_routing, run_forced_replay, scaled_config)
+from emoe_jax.bench.replay import forced_replay_model, run_forced_replay
+from emoe_jax.model.random_init import scaled_config
+from emoe_jax.traces.forced_routing import ForcedRoutingError, TraceRouting, fold_token_ids, forced_routing
 from emoe_jax.runtime.tiers import InMemoryExperts
 from emoe_jax.sim import SimConfig, simulate
 from emoe_jax.traces import PromptTrace, TraceMeta, TraceSet

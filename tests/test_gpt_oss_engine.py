@@ -29,7 +29,7 @@ def test_gpt_oss_onejit_decode_equals_all_resident():
 
 
 def test_forced_replay_runs_the_gpt_oss_120b_shape_at_reduced_width():
-    from emoe_jax.runtime.forced import forced_replay_model, run_forced_replay
+    from emoe_jax.bench.replay import forced_replay_model, run_forced_replay
     from emoe_jax.traces import PromptTrace, TraceMeta, TraceSet
 
     model = forced_replay_model("gpt-oss-120b", scale=1 / 32, seed=0, vocab_size=256)

@@ -8,14 +8,8 @@ import numpy as np
 import pytest
 
 from emoe_jax.predict.drive import prompt_predictions, step_predictions
-from emoe_jax.predict.emoe import (
-    EMoEError,
-    EMoEPredictor,
-    expected_load,
-    load_sensitivity,
-    prompt_frequencies,
-    select_experts,
-)
+from emoe_jax.predict.emoe import EMoEPredictor, prompt_frequencies
+from emoe_jax.predict.emoe_selection import EMoEError, expected_load, load_sensitivity, select_experts
 from emoe_jax.predict.emoe_task import (
     CORPUS_KEYWORDS,
     KeywordTaskMatcher,

@@ -11,7 +11,7 @@ import pytest
 from emoe_jax.predict import BasePredictor, Prediction, get_predictor
 from emoe_jax.sim import SimConfig, SimConfigError, simulate, split_by_prompt_id
 from emoe_jax.sim.__main__ import main as sim_main
-from emoe_jax.sim.reference import simulate_reference
+from sim_reference import simulate_reference
 from emoe_jax.sim.requests import next_use_table, ranked_experts, ranked_experts_reference
 from trace_fixtures import make_traces  # noqa: E402
 
@@ -350,8 +350,8 @@ def test_cli_model_checkpoint_gives_spec_gating_its_routers(tiny_model_checkpoin
 
 
 def test_layer_time_measurement_reports_consistent_figures(tiny_model_checkpoint, tmp_path, capsys):
-    from emoe_jax.sim.layer_time import main as layer_time_main
-    from emoe_jax.sim.layer_time import measure_layer_time
+    from emoe_jax.bench.layer_time import main as layer_time_main
+    from emoe_jax.bench.layer_time import measure_layer_time
 
     ckpt, cfg = tiny_model_checkpoint
     out = measure_layer_time(ckpt, new_tokens=3, prompt_len=4, repeats=2)
@@ -482,7 +482,7 @@ def test_numba_cache_goes_to_a_user_cache_dir_not_the_source_tree(monkeypatch, t
     from pathlib import Path
 
     import emoe_jax.sim.kernel as kernel_module
-    from emoe_jax.sim import numba_cache
+    from emoe_jax import numba_cache
 
     simulate(sequence(0, 1, 0), get_predictor("lru"), ZERO.with_(capacity=2))  # compiles (or loads) the kernel
     source_dir = Path(kernel_module.__file__).parent

@@ -19,7 +19,7 @@ from emoe_jax.runtime.engine import OffloadedEngine
 from emoe_jax.runtime.tiers import InMemoryExperts
 from emoe_jax.traces import TraceSet
 from emoe_jax.traces.__main__ import main
-from emoe_jax.traces.collect import CollectError, collect_traces, select_documents, trace_meta
+from emoe_jax.runtime.trace_collect import CollectError, collect_traces, select_documents, trace_meta
 
 NEW = 6
 # Lengths 1..8 share one prefill bucket (8), so the engine compiles few shapes.
@@ -189,7 +189,7 @@ def test_select_documents_is_balanced_and_seeded():
 @pytest.fixture(scope="module")
 def corpus_and_model(tmp_path_factory, tiny):
     from emoe_jax.checkpoint import write_checkpoint
-    from emoe_jax.data.testing import tiny_corpus, tiny_tokenizer
+    from emoe_jax.data.synthetic import tiny_corpus, tiny_tokenizer
     from emoe_jax.model.hf_params import nest_for_checkpoint, params_to_hf
 
     root = tmp_path_factory.mktemp("collect")

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from emoe_jax.config import tiny_config
-from emoe_jax.data.testing import tiny_corpus, tiny_tokenizer
+from emoe_jax.data.synthetic import tiny_corpus, tiny_tokenizer
 from emoe_jax.model.moe import ExpertSlots, mix_reference, route
 from emoe_jax.train.__main__ import main as train_main
 from emoe_jax.train.analyze import analyze_checkpoint, experts_for_share, mutual_information

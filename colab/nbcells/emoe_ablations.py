@@ -87,7 +87,7 @@ if not (CORPUS / "validation.jsonl").is_file():
                 print("corpus build failed:", proc.stderr.strip()[-500:])
         built = (CORPUS / "validation.jsonl").is_file()
     if not built:
-        from emoe_jax.data.testing import tiny_corpus
+        from emoe_jax.data.synthetic import tiny_corpus
 
         CORPUS, SYNTHETIC = tiny_corpus(WORK / "tiny_corpus", docs_per_task=80), True
         print("SYNTHETIC corpus (no real one here): figures show the mechanics, not eMoE's quality")

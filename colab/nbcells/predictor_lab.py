@@ -113,7 +113,7 @@ print(f"{'real' if REAL else 'synthetic'} traces of {meta.model}: {len(traces)} 
 ## Train / validation split
 
 By prompt id: the lowest 80 % train, the highest 20 % validate
-(`emoe_jax.sim.split_by_prompt_id`; contiguous, because consecutive prompts
+(`emoe_jax.traces.split_by_prompt_id`; contiguous, because consecutive prompts
 are often turns of one conversation). The repository's learned checkpoint was
 trained on exactly this training side of all 1,999 prompts, so the validation
 prompts are unseen by both predictors. (Small mode imports only the first 100

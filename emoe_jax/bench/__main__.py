@@ -14,6 +14,7 @@ SUITES = {
     "replay": ("emoe_jax.bench.replay", "forced-routing replay of real traces: decode tokens/s and hit rate vs device fraction"),
     "device-check": ("emoe_jax.bench.device_check",
                      "GPU check: in-graph host->device fetch GB/s, copy/compute overlap, decode tok/s per path"),
+    "layer-time": ("emoe_jax.bench.layer_time", "a checkpoint's decode compute ms per MoE layer (the simulator's --layer-compute-ms)"),
 }
 
 

@@ -42,8 +42,9 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 from jax.sharding import SingleDeviceSharding  # noqa: E402
 
+from emoe_jax.cli import fail
 from ..config import PRESETS, tiny_config  # noqa: E402
-from ..train.checkpointing import write_json_atomic  # noqa: E402
+from ..atomic_io import write_json_atomic  # noqa: E402
 from .timing import median_time  # noqa: E402
 
 FETCH_FORMS = ("unrolled", "cond", "fori_loop")
@@ -513,15 +514,13 @@ def main(argv: list[str] | None = None) -> int:
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
     unknown = set(sections) - {"fetch", "overlap", "decode"}
     if unknown:
-        print(f"error: unknown section(s) {sorted(unknown)}; choose fetch, overlap, decode", file=sys.stderr)
-        return 2
+        return fail(f"unknown section(s) {sorted(unknown)}; choose fetch, overlap, decode")
     sizes = default_sizes(args.small)
     try:
         if args.fractions:
             sizes = dataclasses.replace(sizes, fractions=tuple(float(x) for x in args.fractions.split(",")))
     except ValueError:
-        print(f"error: --fractions {args.fractions!r} must be comma-separated numbers", file=sys.stderr)
-        return 2
+        return fail(f"--fractions {args.fractions!r} must be comma-separated numbers")
     for field, value in (("decode_layers", args.layers), ("new_tokens", args.new_tokens),
                          ("decode_budget_s", args.decode_budget_s)):
         if value is not None:

@@ -32,13 +32,17 @@ from pathlib import Path
 
 import numpy as np
 
+from emoe_jax.cli import USER_ERRORS, fail
+from ..atomic_io import write_json_atomic
+from emoe_jax.errors import EmoeError
+
 ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED = ROOT / "checkpoints" / "embedded"
 CONFIGS = ("on-demand", "lru", "prev-token", "spec-gating", "learned", "emoe-prefetch", "emoe-restricted", "fused")
 REPLAY_CONFIGS = ("on-demand", "lru", "prev-token", "static-freq", "learned", "all-resident")
 
 
-class E2EError(ValueError):
+class E2EError(EmoeError):
     """Missing inputs (corpus, traces, checkpoint); the message says how to make them."""
 
 
@@ -103,7 +107,7 @@ def _train_traces(args, engine_factory, tokenizer):
     """eMoE's profiles and the static predictors need routing of this model on other prompts."""
     from ..emoe.prompts import corpus_texts, encode_cut
     from ..traces import TraceSet
-    from ..traces.collect import collect_traces, trace_meta
+    from ..runtime.trace_collect import collect_traces, trace_meta
 
     if args.train_traces:
         return TraceSet.load(args.train_traces)
@@ -269,7 +273,7 @@ def _ratios(rows: list[dict]) -> None:
 
 
 def replay_section(args, configs, progress) -> dict:
-    from ..runtime.forced import forced_replay_model, run_forced_replay
+    from .replay import forced_replay_model, run_forced_replay
     from ..runtime.predictors import runtime_predictor
     from ..sim import split_by_prompt_id
     from ..traces import TraceSet
@@ -529,18 +533,11 @@ def main(argv: list[str] | None = None) -> int:
     replay_configs = [c.strip() for c in args.replay_configs.split(",") if c.strip()]
     unknown += [c for c in replay_configs if c not in REPLAY_CONFIGS]
     if unknown:
-        print(f"error: unknown config(s) {unknown}; choose from {CONFIGS} / replay {REPLAY_CONFIGS}", file=sys.stderr)
-        return 2
+        return fail(f"unknown config(s) {unknown}; choose from {CONFIGS} / replay {REPLAY_CONFIGS}")
     if args.link_gbps is not None and args.link_gbps <= 0:
-        print("error: --link-gbps must be positive", file=sys.stderr)
-        return 2
+        return fail("--link-gbps must be positive")
     import jax
 
-    from ..checkpoint import CheckpointError
-    from ..emoe.prompts import PromptSourceError
-    from ..emoe.system import EMoESystemError
-    from ..runtime.forced import ForcedRoutingError
-    from ..runtime.predictors import PredictorSetupError
 
     def progress(msg: str) -> None:
         print(f"[e2e {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -558,16 +555,12 @@ def main(argv: list[str] | None = None) -> int:
                 report["claims"] = claims_section(args, emb, progress)
         if args.replay:
             report["replay"] = replay_section(args, replay_configs, progress)
-    except (E2EError, CheckpointError, FileNotFoundError, PromptSourceError, EMoESystemError, ForcedRoutingError,
-            PredictorSetupError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return fail(e)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     public = _public(report)
-    tmp = out / "e2e.json.tmp"
-    tmp.write_text(json.dumps(public, indent=1))
-    tmp.replace(out / "e2e.json")
+    write_json_atomic(out / "e2e.json", public)
     md = markdown(public)
     tmp = out / "e2e.md.tmp"
     tmp.write_text(md)

@@ -37,24 +37,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from emoe_jax.cli import USER_ERRORS, fail
+from emoe_jax.atomic_io import write_atomic
+from emoe_jax.errors import EmoeError
 from emoe_jax.predict import available_predictors, get_predictor
 from emoe_jax.predict.drive import MemoisedPredictor
 from emoe_jax.predict.registry import UnknownPredictorError
 from emoe_jax.sim.config import SimConfig
 from emoe_jax.sim.simulate import simulate
-from emoe_jax.sim.split import split_by_prompt_id
+from emoe_jax.traces.split import split_by_prompt_id
 
 BASELINES = ("lru", "belady", "oracle-prefetch")  # always in the grid: the floor and two ceilings
 ZERO_LATENCY = "zero-latency"
@@ -63,7 +64,7 @@ LOSES_HIT = "▼"  # hit rate below LRU's at the same cell
 LOSES_STALL = "▲"  # stall per token above LRU's at the same cell
 
 
-class AblationError(ValueError):
+class AblationError(EmoeError):
     """The ablation cannot run as asked (bad grid, unusable predictor, empty traces)."""
 
 
@@ -343,21 +344,6 @@ def per_task_markdown(results: dict[str, Any]) -> list[str]:
     return out
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via ``write(tmp)`` to a temporary file beside ``path``, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs are ordinary files
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def _styles(names: list[str]) -> dict[str, dict[str, Any]]:
     """One colour and marker per predictor, the same in every panel (tab20 has room for 20 lines)."""
@@ -392,7 +378,7 @@ def _plot_capacity_sweep(results: dict[str, Any], path: Path) -> None:
     axes[0][0].set_ylabel("hit rate %", fontsize=8)
     axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
-    _atomic_write(path, lambda p: fig.savefig(p, dpi=90, format="png"))
+    write_atomic(path, lambda p: fig.savefig(p, dpi=90, format="png"))
     plt.close(fig)
 
 
@@ -417,7 +403,7 @@ def _plot_bandwidth_sweep(results: dict[str, Any], path: Path, capacity: float) 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
-    _atomic_write(path, lambda p: fig.savefig(p, dpi=90, format="png"))
+    write_atomic(path, lambda p: fig.savefig(p, dpi=90, format="png"))
     plt.close(fig)
 
 
@@ -454,7 +440,7 @@ def _plot_per_task(results: dict[str, Any], path: Path, capacities: list[float])
     axes[-1, 0].set_xticks(np.arange(len(tasks)), tasks, fontsize=8)
     axes[0, 0].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    _atomic_write(path, lambda p: fig.savefig(p, dpi=90, format="png"))
+    write_atomic(path, lambda p: fig.savefig(p, dpi=90, format="png"))
     plt.close(fig)
 
 
@@ -467,8 +453,8 @@ def write_outputs(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
         "hit_rate_plot": out_dir / "hit_rate_vs_capacity.png",
         "stall_plot": out_dir / "stall_vs_bandwidth.png",
     }
-    _atomic_write(paths["results"], lambda p: p.write_text(json.dumps(results, indent=1)))
-    _atomic_write(paths["table"], lambda p: p.write_text(to_markdown(results)))
+    write_atomic(paths["results"], lambda p: p.write_text(json.dumps(results, indent=1)))
+    write_atomic(paths["table"], lambda p: p.write_text(to_markdown(results)))
     _plot_capacity_sweep(results, paths["hit_rate_plot"])
     caps = results["grid"]["capacities"]
     if results["grid"]["bandwidths_gbps"]:
@@ -567,9 +553,8 @@ def main(argv: list[str] | None = None) -> int:
         if train_traces is not None:
             results["train_traces"] = str(args.train_traces)
         paths = write_outputs(results, args.out) if args.out is not None else {}
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (*USER_ERRORS, RuntimeError) as exc:
+        return fail(exc)
     results["outputs"] = paths
     if args.json:
         print(json.dumps(results))

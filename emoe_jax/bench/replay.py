@@ -16,32 +16,205 @@ Steps:
      pools of the same size, zero latency, prompt tokens as uncounted warm-up).
 The engine prefills all prompt tokens in one step, the simulator one token at a
 time, so the two hit rates are close but not equal. All rows come from one run.
+
+Steps of one replay (`run_forced_replay`, also used by `bench e2e`):
+  1. build (or take) the replay model and an `OffloadedEngine` over it;
+  2. per batch of trace prompts, a `TraceRouting` (emoe_jax/traces/forced_routing.py)
+     gives the prompts' token ids, the number of new tokens, and the override: token
+     at prompt position p of row b, MoE layer l -> trace experts[p, l] and weights;
+  3. one warm-up generation compiles every stage, then the device cache is emptied;
+  4. the batches are generated with the override; decode-phase counters are
+     separated from prefill ones with a snapshot taken at the first decode step.
+See docs/forced_routing.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
+from emoe_jax.cli import USER_ERRORS, fail
+from ..atomic_io import write_text_atomic
 from ..predict import get_predictor
 from ..runtime.budget import BudgetError, parse_expert_count
-from ..runtime.forced import (ForcedRoutingError, choose_prompts, forced_replay_model, run_forced_replay,
-                              scaled_config)
-from ..sim import SimConfig, simulate, split_by_prompt_id
+from ..config import MoEConfig
+from ..model.random_init import random_dense_params, random_experts, scaled_config
+from ..runtime.compile_count import compile_count
+from ..runtime.engine import OffloadedEngine
+from ..runtime.tiers import InMemoryExperts
+from ..sim import SimConfig, simulate
 from ..traces import TraceSet
+from ..traces.forced_routing import ForcedRoutingError, TraceRouting, forced_routing
+from ..traces.format import PromptTrace
+from ..traces.split import split_by_prompt_id
 
 DEFAULT_TRACES = Path("out/puffin_traces")
+
+
+# ---------------------------------------------------------------------------- model
+
+
+@dataclasses.dataclass
+class ReplayModel:
+    cfg: MoEConfig
+    graphdef: Any
+    params: Any
+    source: InMemoryExperts  # the disk-tier stand-in holding every routed expert
+    dtype: Any
+    build_s: float
+
+    @property
+    def expert_bytes_total(self) -> int:
+        return self.source.expert_bytes * self.cfg.num_experts * self.cfg.num_moe_layers
+
+    def engine(self, **engine_kwargs) -> OffloadedEngine:
+        return OffloadedEngine(self.cfg, self.graphdef, self.params, self.source, dtype=self.dtype, **engine_kwargs)
+
+
+def forced_replay_model(shape: str = "deepseek-v2-lite", scale: float = 0.25, seed: int = 0,
+                        dtype=jnp.bfloat16, vocab_size: int | None = 4096) -> ReplayModel:
+    """A random model of a real family's shape, widths scaled by `scale`, experts in an InMemoryExperts.
+
+    deepseek-v2-lite at scale 1/4: hidden 512, expert width 352, 27 layers (26 MoE),
+    64 experts top-6, 2 shared experts, MLA; 1.08 MB per bf16 expert, 1.8 GB in all.
+    scale=1 is the real size (17.3 MB per expert, 28.8 GB of experts): GPU hosts only.
+    """
+    t0 = time.perf_counter()
+    cfg = scaled_config(shape, scale, vocab_size)
+    dtype = jnp.dtype(dtype)
+    graphdef, params = random_dense_params(cfg, seed, dtype)
+    source = InMemoryExperts(random_experts(cfg, seed + 1, dtype))
+    return ReplayModel(cfg, graphdef, params, source, dtype, time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------- replay
+
+
+def _decode_counters(before: dict, after: dict) -> dict:
+    dev_b, dev_a = before["device"], after["device"]
+    return {"hits": dev_a["hits"] - dev_b["hits"], "misses": dev_a["misses"] - dev_b["misses"],
+            "stall_s": after["stall_s"] - before["stall_s"], "h2d_bytes": after["h2d_bytes"] - before["h2d_bytes"]}
+
+
+def _warm_up(engine: OffloadedEngine, routing: TraceRouting) -> None:
+    """Compile prefill and decode stages for this batch shape, then forget the cache it filled."""
+    short = copy.copy(routing)  # same prompts (same prefill bucket), two decode steps
+    short.decode_tokens = min(2, routing.decode_tokens)
+    with forced_routing(engine, short):
+        engine.generate(short.prompts, short.max_new_tokens, stop_at_eos=False)
+    engine.residency.evict_all()
+
+
+def choose_prompts(traces: TraceSet | Sequence[PromptTrace], n_prompts: int, min_tokens: int) -> list[int]:
+    """Indices of the first `n_prompts` traces (stored order) with at least `min_tokens` tokens."""
+    chosen = [i for i in range(len(traces)) if traces[i].n_tokens >= min_tokens][:n_prompts]
+    if len(chosen) < n_prompts:
+        raise ForcedRoutingError(f"only {len(chosen)} of {len(traces)} trace prompts have >= {min_tokens} tokens "
+                                 f"(prompt + decode tokens); {n_prompts} were asked for. Lower n_prompts, "
+                                 "prompt_tokens or decode_tokens.")
+    return chosen
+
+
+def run_forced_replay(engine_kwargs: dict | None, traces: TraceSet | Sequence[PromptTrace], n_prompts: int, *,
+                      model: ReplayModel | None = None, engine: OffloadedEngine | None = None,
+                      prompt_tokens: int | None = 16, decode_tokens: int | None = 32, batch_size: int = 1,
+                      warmup: bool = True, past_end: str = "wrap") -> dict:
+    """Replay `n_prompts` traces through the engine with forced routing; returns decode-phase figures.
+
+    The engine is `engine` if given (e.g. one with a prefetcher), else a new one over
+    `model` (default: `forced_replay_model()`) built with `engine_kwargs`
+    (device_experts, policy, ...). Prompts: the first `n_prompts` traces with at
+    least prompt_tokens + decode_tokens tokens, in stored order, `batch_size` at a time;
+    the device cache persists from batch to batch (like the simulator's running cache).
+    Each prompt prefills `prompt_tokens` trace tokens (None: its n_prefill) and decodes
+    `decode_tokens` more (None: to its trace's end).
+
+    Returned: decode tokens/s (decode wall time, which includes on-demand fetch stalls),
+    the device hit rate of decode steps alone and of prefill + decode, stall seconds
+    and ms per decode token, bytes moved host->device, compilations during the timed
+    runs and during their decode phases alone (the warm-up compiles decode; a prefill
+    that needs more experts than slots may still compile its wave kernels later, which
+    never touches decode timing), device/all expert bytes.
+    """
+    if engine is None:
+        model = model or forced_replay_model()
+        engine = model.engine(**(engine_kwargs or {}))
+    if batch_size < 1:
+        raise ForcedRoutingError(f"batch_size must be at least 1, got {batch_size}")
+    need = (prompt_tokens or 1) + (decode_tokens or 0)
+    chosen = choose_prompts(traces, n_prompts, need)
+    batches = [chosen[i:i + batch_size] for i in range(0, len(chosen), batch_size)]
+    routings = [TraceRouting(traces, engine.cfg, b, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
+                             past_end=past_end) for b in batches]
+    if warmup:
+        _warm_up(engine, routings[0])
+    totals = dict(decode_tokens=0, decode_s=0.0, prefill_tokens=0, prefill_s=0.0, hits=0, misses=0,
+                  all_hits=0, all_misses=0, stall_s=0.0, h2d_bytes=0, compiles=0, decode_compiles=0)
+    stats: dict = {}
+    for routing in routings:
+        snapshot: dict = {}
+
+        def at_first_decode(step: int, _tokens, snapshot=snapshot) -> None:
+            if step == 0:  # prefill is done, no decode step has run yet
+                snapshot.update(engine.stats(), compiles_before_decode=compile_count())
+
+        with forced_routing(engine, routing):
+            result = engine.generate(routing.prompts, routing.max_new_tokens, stop_at_eos=False,
+                                     on_token=at_first_decode)
+        stats = result.stats
+        totals["decode_compiles"] += compile_count() - snapshot["compiles_before_decode"]
+        dec = _decode_counters(snapshot, stats)
+        totals["decode_tokens"] += stats["decode_tokens"]
+        totals["decode_s"] += stats["decode_s"]
+        totals["prefill_tokens"] += stats["prefill_tokens"]
+        totals["prefill_s"] += stats["prefill_s"]
+        totals["hits"] += dec["hits"]
+        totals["misses"] += dec["misses"]
+        totals["all_hits"] += stats["device"]["hits"]
+        totals["all_misses"] += stats["device"]["misses"]
+        totals["stall_s"] += dec["stall_s"]
+        totals["h2d_bytes"] += dec["h2d_bytes"]
+        totals["compiles"] += stats["compiles"] or 0
+    lookups = totals["hits"] + totals["misses"]
+    all_lookups = totals["all_hits"] + totals["all_misses"]
+    return {
+        "prompts": len(chosen),
+        "prompt_indices": chosen,
+        "batch_size": batch_size,
+        "prompt_tokens": prompt_tokens,
+        "decode_tokens": totals["decode_tokens"],
+        "decode_s": totals["decode_s"],
+        "decode_tokens_per_s": totals["decode_tokens"] / totals["decode_s"] if totals["decode_s"] else 0.0,
+        "prefill_tokens": totals["prefill_tokens"],
+        "prefill_s": totals["prefill_s"],
+        "device_hit_rate": totals["hits"] / lookups if lookups else 1.0,
+        "device_hits": totals["hits"],
+        "device_misses": totals["misses"],
+        "device_hit_rate_with_prefill": totals["all_hits"] / all_lookups if all_lookups else 1.0,
+        "device_hits_with_prefill": totals["all_hits"],
+        "device_misses_with_prefill": totals["all_misses"],
+        "stall_s": totals["stall_s"],
+        "stall_ms_per_token": 1e3 * totals["stall_s"] / max(totals["decode_tokens"], 1),
+        "h2d_bytes": totals["h2d_bytes"],
+        "compiles": totals["compiles"],
+        "decode_compiles": totals["decode_compiles"],
+        "device_slots_per_layer": stats.get("device_slots_per_layer"),
+        "device_expert_bytes": stats.get("device_expert_bytes"),
+        "all_expert_bytes": stats.get("all_expert_bytes"),
+        "mode": stats.get("mode"),
+    }
 
 
 def _cut(traces: TraceSet, indices: list[int], prompt_tokens: int, decode_tokens: int) -> TraceSet:
@@ -124,14 +297,6 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -170,12 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         result = run(args)
         result["wall_s"] = time.perf_counter() - t0
-    except (FileNotFoundError, ValueError) as e:  # ForcedRoutingError, BudgetError, TraceFormatError, ConfigError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:  # ForcedRoutingError, BudgetError, TraceFormatError, ConfigError
+        return fail(e)
     text = json.dumps(result, indent=1)
     if args.out:
-        _write_atomic(args.out, text + "\n")
+        write_text_atomic(args.out, text + "\n")
     print(text if args.json else table(result))
     return 0
 

@@ -32,13 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from emoe_jax.cli import fail
 from ..config import tiny_config
 from ..model.decoder import init_kv_caches
 from ..model.random_init import random_model
 from ..model.resident import ResidentModel, fused_step_fn, greedy_next, left_pad
 from ..runtime.engine import OffloadedEngine
 from ..runtime.tiers import InMemoryExperts
-from ..train.checkpointing import write_json_atomic
+from ..atomic_io import write_json_atomic
 
 MODELS = {
     # name: (family, overrides) -- random weights; shapes chosen to fit a 2-core CPU run.
@@ -211,13 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in names if m not in MODELS and m != "embedded"]
     if unknown:
-        print(f"error: unknown model(s) {unknown}; choose from {', '.join([*MODELS, 'embedded'])}", file=sys.stderr)
-        return 2
+        return fail(f"unknown model(s) {unknown}; choose from {', '.join([*MODELS, 'embedded'])}")
     try:
         fractions = [float(f) for f in args.fractions.split(",")]
     except ValueError:
-        print(f"error: --fractions {args.fractions!r} must be comma-separated numbers", file=sys.stderr)
-        return 2
+        return fail(f"--fractions {args.fractions!r} must be comma-separated numbers")
     meta = {"jax": jax.__version__, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
             "machine": platform.machine(), "processor": platform.processor()}
     from ..runtime.predictors import PredictorSetupError
@@ -231,8 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         models = [bench_model(n, fractions, args.batch, args.prompt_len, args.new_tokens, args.repeats,
                               jnp.dtype(args.dtype), args.predictor, in_graph) for n in names]
     except PredictorSetupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(f"{e}")
     results = {"meta": meta, "rows": [r for m in models for r in m["rows"]], "models": models}
     if args.out:
         write_json_atomic(Path(args.out), results)

@@ -40,13 +40,15 @@ import dataclasses
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from emoe_jax.cli import USER_ERRORS, fail
+from ..atomic_io import write_json_atomic
+from emoe_jax.errors import EmoeError
 from emoe_jax.emoe.latency import LatencyModel
 from emoe_jax.emoe.scheduler import Request, check_fits, fcfs, slo_admit
 from emoe_jax.runtime.engine import prompt_bucket
@@ -60,7 +62,7 @@ DEFAULT_SLO_FACTOR = {"dialogue": 2.0, "news": 4.0, "german": 3.0, "spanish": 3.
                       "math": 6.0}  # fmt: skip
 
 
-class ServeError(ValueError):
+class ServeError(EmoeError):
     """Bad serving benchmark settings."""
 
 
@@ -359,12 +361,6 @@ def _parse_map(text: str | None, cast) -> dict | None:
     return out
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m emoe_jax.bench serve", description=__doc__.split("\n\n")[0] +
@@ -404,11 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         results = _main(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return fail(exc)
     if args.out:
-        _write_json_atomic(Path(args.out), results)
+        write_json_atomic(Path(args.out), results)
     if args.json:
         print(json.dumps(results))
     else:

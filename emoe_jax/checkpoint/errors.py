@@ -6,8 +6,10 @@ so the CLI can print the message alone (no traceback).
 
 from __future__ import annotations
 
+from emoe_jax.errors import EmoeError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(EmoeError):
     """A checkpoint (source or converted) that cannot be read or written as asked."""
 
 

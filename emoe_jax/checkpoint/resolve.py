@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from emoe_jax.atomic_io import copy_atomic
 from emoe_jax.checkpoint.errors import CheckpointError
 from emoe_jax.checkpoint.manifest import MANIFEST, PROGRESS
 from emoe_jax.checkpoint.writer import TOKENIZER_CORE, TOKENIZER_FILES
@@ -103,11 +104,7 @@ def _convert_into_cache(hf_dir: Path, cache: Path, progress: bool, say: Callable
 def _sync_tokenizer_files(hf_dir: Path, out: Path) -> None:
     """Tokenizer files are not part of the weights' fingerprint: a user who adds them to the
     Hugging Face folder after the first run gets them copied into the cached checkpoint."""
-    import shutil
-
     for name in TOKENIZER_FILES:
         src, dst = hf_dir / name, out / name
         if src.is_file() and (not dst.is_file() or src.read_bytes() != dst.read_bytes()):
-            tmp = dst.with_name(f".{name}.tmp")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+            copy_atomic(src, dst)

@@ -21,11 +21,11 @@ from typing import Any, Mapping
 import ml_dtypes
 import numpy as np
 
+from emoe_jax.atomic_io import copy_atomic, write_json_atomic
 from emoe_jax.checkpoint import dense_store, expert_store
 from emoe_jax.checkpoint.errors import CheckpointError
 from emoe_jax.checkpoint.lock import LOCK, conversion_lock
-from emoe_jax.checkpoint.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, PROGRESS, ProgressLog,
-                                          write_json_atomic)
+from emoe_jax.checkpoint.manifest import FORMAT, FORMAT_VERSION, MANIFEST, PROGRESS, ProgressLog
 from emoe_jax.checkpoint.names import group_of
 from emoe_jax.config import MoEConfig
 
@@ -56,12 +56,6 @@ def cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if x.dtype.kind == "f" or x.dtype.name in _ML_FLOATS:
         return np.ascontiguousarray(x.astype(dtype, copy=False))
     return np.ascontiguousarray(x)
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -161,12 +155,12 @@ class CheckpointWriter:
             expert_store.ExpertStore(self.out_dir / "experts", checksums).verify_all()
         write_json_atomic(self.out_dir / "config.json", cfg.to_dict())
         if hf_config is not None:
-            _copy_atomic(hf_config, self.out_dir / "hf_config.json")
+            copy_atomic(hf_config, self.out_dir / "hf_config.json")
         copied = []
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 if (tokenizer_dir / name).is_file():
-                    _copy_atomic(tokenizer_dir / name, self.out_dir / name)
+                    copy_atomic(tokenizer_dir / name, self.out_dir / name)
                     copied.append(name)
         expert_bytes = cfg.expert_params * self.dtype.itemsize
         h, i = cfg.hidden_size, cfg.moe_intermediate_size

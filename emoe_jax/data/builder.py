@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from emoe_jax.data.atomic import replace_dir
+from emoe_jax.atomic_io import replace_dir
 from emoe_jax.data.documents import (
     DEFAULT_SPLIT_FRACTIONS,
     SPLITS,

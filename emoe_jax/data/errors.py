@@ -6,8 +6,10 @@ traceback for bad input (the CLI catches `DataError` and prints its message).
 
 from __future__ import annotations
 
+from emoe_jax.errors import EmoeError
 
-class DataError(ValueError):
+
+class DataError(EmoeError):
     """Bad input to the data pipeline: missing/corrupt corpus, unknown task, bad option."""
 
 

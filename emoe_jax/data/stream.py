@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from emoe_jax.atomic_io import write_atomic
 from emoe_jax.data.corpus import Corpus
 from emoe_jax.data.documents import check_split
 from emoe_jax.data.errors import DataError
@@ -59,19 +59,10 @@ class TokenStreams:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write an .npz (one array per task + metadata), atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"tasks": list(self.tasks), "split": self.split, "vocab_size": self.vocab_size}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                         **{f"task_{i}": self.arrays[t] for i, t in enumerate(self.tasks)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        return write_atomic(path, lambda tmp: np.savez(
+            tmp, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+            **{f"task_{i}": self.arrays[t] for i, t in enumerate(self.tasks)}))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TokenStreams:

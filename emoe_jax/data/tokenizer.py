@@ -33,7 +33,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from tqdm.auto import tqdm
 
 from emoe_jax.data.corpus import Corpus
-from emoe_jax.data.atomic import replace_dir
+from emoe_jax.atomic_io import replace_dir
 from emoe_jax.data.errors import DataError
 
 BOS, EOS, PAD = "<bos>", "<eos>", "<pad>"

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from emoe_jax.errors import EmoeError
 
-class LatencyModelError(ValueError):
+
+class LatencyModelError(EmoeError):
     """Negative or missing constants or inputs of the latency estimate."""
 
 

@@ -8,8 +8,10 @@ import random
 from pathlib import Path
 from typing import Sequence
 
+from emoe_jax.errors import EmoeError
 
-class PromptSourceError(ValueError):
+
+class PromptSourceError(EmoeError):
     """Missing corpus split, unknown task, or too few documents."""
 
 

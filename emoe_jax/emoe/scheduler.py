@@ -30,10 +30,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
+from emoe_jax.errors import EmoeError
 from .latency import LatencyModel
 
 
-class SchedulerError(ValueError):
+class SchedulerError(EmoeError):
     """Bad scheduler input: a request larger than the token cap, a bad cap or batch size."""
 
 

@@ -24,17 +24,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from emoe_jax.cli import USER_ERRORS, fail
+from emoe_jax.atomic_io import write_json_atomic
+from emoe_jax.errors import EmoeError
+
 DECIMALS = 4
 
 
-class SensitivityError(ValueError):
+class SensitivityError(EmoeError):
     """Bad profiling input (no prompts, bad layer, too long prompts)."""
 
 
@@ -131,15 +134,6 @@ def profile_sensitivity(engine, prompts: Mapping[str, Sequence[Sequence[int]]], 
             "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def details_path(profile_path: str | os.PathLike) -> Path:
     p = Path(profile_path)
     return p.with_name(p.stem + ".details.json")
@@ -187,9 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         report = profile_sensitivity(engine, prompts, args.new_tokens, args.seed, progress=not args.json)
         report["model"] = str(args.model)
         main_path, side = write_profile(args.out, report)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return fail(exc)
     report["out"], report["details_file"] = str(main_path), str(side)
     if args.json:
         print(json.dumps(report))

@@ -7,7 +7,7 @@ naive-Bayes classifier of ``emoe_jax.predict.emoe_task``). Per batch:
      batch), eMoE-A (``EMoEPredictor.model``) forecasts every task's per-layer
      expert frequencies from the routing of the most recent prompts (the task
      profiles stand in until that history exists);
-  2. Eq. 2 (``expected_load``) turns the scheduled requests' prompt lengths W_j,
+  2. Eq. 2 (``expected_load``, predict/emoe_selection.py) turns the scheduled requests' prompt lengths W_j,
      the tasks' expected output lengths W_o, their forecast frequencies f and
      the sensitivities s(task, layer) into an expected token load per expert;
      ``select_experts`` keeps the top S_l per layer (S_l: the layer's device
@@ -31,10 +31,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from emoe_jax.predict.emoe import expected_load, select_experts
+from emoe_jax.errors import EmoeError
+from emoe_jax.predict.emoe_selection import expected_load, select_experts
 
 
-class EMoESystemError(ValueError):
+class EMoESystemError(EmoeError):
     """Bad eMoE system setup (engine mode, unfitted predictor, period)."""
 
 
@@ -208,7 +209,7 @@ def fit_emoe_predictor(traces=None, *, engine=None, prompts: Sequence[tuple[str,
     now on ``engine`` (exact mode: the full model's routing) for (task, token ids) ``prompts``."""
     from emoe_jax.predict.emoe import EMoEPredictor
     from emoe_jax.traces import TraceSet
-    from emoe_jax.traces.collect import collect_traces, trace_meta
+    from emoe_jax.runtime.trace_collect import collect_traces, trace_meta
 
     if traces is None:
         if engine is None or not prompts:

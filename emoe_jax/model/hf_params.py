@@ -15,12 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from emoe_jax.errors import EmoeError
 from ..config import MoEConfig
 from .decoder import abstract_model
 from .moe import ExpertSlots
 
 
-class WeightError(ValueError):
+class WeightError(EmoeError):
     """A checkpoint tensor is missing or has the wrong shape."""
 
 

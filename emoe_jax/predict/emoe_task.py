@@ -31,6 +31,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from emoe_jax.atomic_io import write_atomic
+from emoe_jax.errors import EmoeError
+
 PAPER_STYLE_KEYWORDS: dict[str, tuple[str, ...]] = {
     "translation": ("translate", "translation", "in french", "in german", "in spanish", "into english",
                     "to english", "to french", "to german", "to spanish"),
@@ -56,7 +59,7 @@ CORPUS_KEYWORDS: dict[str, tuple[str, ...]] = {
 }
 
 
-class TaskExtractionError(ValueError):
+class TaskExtractionError(EmoeError):
     """A task extractor got bad input or a missing/corrupt model file."""
 
 
@@ -134,12 +137,9 @@ class NaiveBayesTaskClassifier:
         path = Path(path)
         if self.log_lik is None:
             raise TaskExtractionError("nothing to save: the classifier is not trained")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-        np.savez_compressed(tmp, log_lik=self.log_lik.astype(np.float16), log_prior=self.log_prior,
-                            tasks=np.array(json.dumps(self.tasks)), alpha=self.alpha)  # fmt: skip
-        os.replace(tmp, path)
-        return path
+        return write_atomic(path, lambda tmp: np.savez_compressed(
+            tmp, log_lik=self.log_lik.astype(np.float16), log_prior=self.log_prior,
+            tasks=np.array(json.dumps(self.tasks)), alpha=self.alpha))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "NaiveBayesTaskClassifier":

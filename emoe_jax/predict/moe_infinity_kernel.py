@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from emoe_jax.sim.numba_cache import configure as _configure_numba_cache
+from emoe_jax.numba_cache import configure as _configure_numba_cache
 
 _configure_numba_cache()  # compiled code is cached in a user cache directory, not beside this file
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
+from emoe_jax.errors import EmoeError
 from emoe_jax.predict.base import BasePredictor
 from emoe_jax.predict.causal_table import CausalTable
 from emoe_jax.predict.moe_infinity import MoEInfinity
@@ -21,7 +22,7 @@ from emoe_jax.predict.prev_token import PreviousToken
 from emoe_jax.predict.static_freq import StaticFrequency
 
 
-class UnknownPredictorError(ValueError):
+class UnknownPredictorError(EmoeError):
     """Raised for a predictor name that is not registered."""
 
 

@@ -35,10 +35,11 @@ from typing import Any
 
 import numpy as np
 
+from emoe_jax.errors import EmoeError
 from emoe_jax.predict.base import BasePredictor, Prediction, PromptInfo, PromptPredictions, horizon_rows
 
 
-class SpecGatingError(ValueError):
+class SpecGatingError(EmoeError):
     """Speculative gating cannot run: no router weights, or traces without router inputs."""
 
 

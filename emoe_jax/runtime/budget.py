@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from emoe_jax.errors import EmoeError
 
-class BudgetError(ValueError):
+
+class BudgetError(EmoeError):
     """An impossible cache size; the message says what is allowed."""
 
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from emoe_jax.errors import EmoeError
 from ..config import MoEConfig
 from ..model.decoder import MoETransformer, init_kv_caches
 from ..model.jit_cache import canonical
@@ -45,7 +46,7 @@ from .tiers import DeviceSlotCache, ExpertSource, HostTier
 
 
 
-class GenerationError(ValueError):
+class GenerationError(EmoeError):
     """Bad generation input (empty prompt, too long, ...); the message says what to change."""
 
 

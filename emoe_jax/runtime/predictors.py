@@ -13,13 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from emoe_jax.errors import EmoeError
 from ..config import MoEConfig
 
 NO_PREDICTOR = ("none", "on-demand")
 NEEDS_TRACES = ("static-freq", "causal-table", "moe-infinity", "moe-infinity-beyond", "emoe", "emoe-profiles")
 
 
-class PredictorSetupError(ValueError):
+class PredictorSetupError(EmoeError):
     """A predictor that cannot drive this model as asked; the message says what to pass."""
 
 

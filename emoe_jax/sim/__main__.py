@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from emoe_jax.cli import fail
 from emoe_jax.predict import available_predictors, get_predictor
 from emoe_jax.predict.base import EVICTION_POLICIES
 from emoe_jax.sim.config import SimConfig
 from emoe_jax.sim.simulate import simulate
-from emoe_jax.sim.split import split_by_prompt_id
+from emoe_jax.traces.split import split_by_prompt_id
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,11 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list:
@@ -107,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:22s} {desc}")
         return 0
     if args.traces is None or args.predictor is None:
-        return _fail("--traces and --predictor are required (or --list)")
+        return fail("--traces and --predictor are required (or --list)")
     from emoe_jax.traces import TraceSet
 
     try:
@@ -159,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             predictor.fit(train)
         result = simulate(traces, predictor, config, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     out = result.to_dict()
     out["split"] = (
         {"train_prompts": len(train), "eval_prompts": len(traces),

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from emoe_jax.errors import EmoeError
 from emoe_jax.predict.base import EVICTION_POLICIES
 
 
-class SimConfigError(ValueError):
+class SimConfigError(EmoeError):
     """A simulator setting is out of range or inconsistent with the traces."""
 
 

@@ -2,7 +2,7 @@
 
 Compiled with numba when it is installed (about 1 s per million token-layer
 steps); otherwise the same code runs as plain Python, correct but some 100x
-slower. ``emoe_jax/sim/reference.py`` is an independent, readable version of
+slower. ``tests/sim_reference.py`` is an independent, readable version of
 the same model that the tests compare this against.
 
 Model (times in seconds; see docs/simulator.md):
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from emoe_jax.sim.numba_cache import configure as _configure_numba_cache
+from emoe_jax.numba_cache import configure as _configure_numba_cache
 
 _configure_numba_cache()  # compiled code is cached in a user cache directory, not beside this file
 

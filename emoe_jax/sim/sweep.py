@@ -24,21 +24,20 @@ Steps:
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from emoe_jax.cli import USER_ERRORS, fail
+from emoe_jax.atomic_io import write_json_atomic
 from emoe_jax.predict import get_predictor
 from emoe_jax.predict.drive import MemoisedPredictor
 from emoe_jax.sim.config import SimConfig
 from emoe_jax.sim.simulate import simulate
-from emoe_jax.sim.split import split_by_prompt_id
+from emoe_jax.traces.split import split_by_prompt_id
 
 POLICIES = {"lru": dict(eviction="lru", admission="all"), "score": dict(eviction="score", admission="all"),
             "cost": dict(eviction="score", admission="cost")}  # fmt: skip
@@ -181,9 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             zero_latency=args.zero_latency, host_overhead_ms=args.host_overhead_ms, predictor_kwargs=kwargs,
             log=sys.stderr, baselines=tuple(b for b in args.baselines if b in ("lru", "belady")),
         )  # fmt: skip
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (*USER_ERRORS, RuntimeError) as exc:
+        return fail(exc)
     comparisons = []
     for pair in args.compare:
         a_name, b_name = pair.split(":")
@@ -202,12 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{c['a']} vs {c['b']}: hit rate {100 * c['hit_rate_diff']:+.2f} points (95 % CI {100 * lo:+.2f}..{100 * hi:+.2f}); "
               f"stall reduction {100 * c['stall_reduction']:+.1f} % (CI {100 * c['stall_reduction_ci95'][0]:+.1f}..{100 * c['stall_reduction_ci95'][1]:+.1f})")  # fmt: skip
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"args": {k: str(v) for k, v in vars(args).items()}, "train_prompts": len(train),
-                       "test_prompts": len(test), "rows": rows, "comparisons": comparisons}, f)  # fmt: skip
-        os.replace(tmp, args.out)
+        write_json_atomic(args.out, {"args": {k: str(v) for k, v in vars(args).items()}, "train_prompts": len(train),
+                                     "test_prompts": len(test), "rows": rows, "comparisons": comparisons},
+                          indent=None)
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Commands are registered by modules: each module listed in SUBCOMMAND_MODULES
 defines `register_cli(subparsers)`, which adds one argparse sub-parser and sets
-`func=<callable(args) -> int>` on it. Adding a command means writing such a
+`run=<callable(args) -> int>` on it (emoe_jax.cli.run_subcommand calls it). Adding a command means writing such a
 module and naming it here; modules that do not exist (yet) are skipped.
 
     python -m emoe_jax.traces import-moe-beyond SRC OUT [--prompts P] [--tokenizer T] [--limit N] [--json]
@@ -14,9 +14,11 @@ import argparse
 import importlib
 import sys
 
+from emoe_jax.cli import run_subcommand
+
 SUBCOMMAND_MODULES = (
     "emoe_jax.traces.moe_beyond_cli",  # import-moe-beyond
-    "emoe_jax.traces.collect",  # collect (traces from our own engine), once it exists
+    "emoe_jax.runtime.trace_collect",  # collect (traces from our own engine: it runs the runtime)
 )
 
 
@@ -38,8 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    return run_subcommand(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

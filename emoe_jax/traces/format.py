@@ -44,6 +44,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from emoe_jax.atomic_io import replace_dir
+from emoe_jax.errors import EmoeError
+
 FORMAT_NAME = "emoe_jax.traces"
 FORMAT_VERSION = 1
 
@@ -63,7 +66,7 @@ HIDDEN_DTYPE = np.dtype("<f2")
 OFFSET_DTYPE = np.dtype("<i8")
 
 
-class TraceFormatError(ValueError):
+class TraceFormatError(EmoeError):
     """A trace set on disk (or handed to the writer) is missing, corrupt or inconsistent."""
 
 
@@ -333,16 +336,9 @@ class TraceWriter:
     def _publish(self) -> None:
         # mkdtemp made the directory private (0o700); published sets are readable by all.
         os.chmod(self._tmp, 0o755)
-        if not self.path.exists():
-            os.rename(self._tmp, self.path)
-            return
-        if not self.overwrite:
+        if self.path.exists() and not self.overwrite:
             raise FileExistsError(f"{self.path} appeared while writing; the new trace set was not saved")
-        # Move the old set aside first so that a crash never leaves neither.
-        old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old-", dir=self.path.parent))
-        os.rename(self.path, old / "set")
-        os.rename(self._tmp, self.path)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(self._tmp, self.path)
 
     def abort(self) -> None:
         """Discard everything written so far; the destination is left untouched."""

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
+from emoe_jax.errors import EmoeError
 from .format import PromptTrace, TraceMeta, TraceSet, TraceWriter
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ _PROMPT_START = re.compile(r"^>+PROMPT_START: (\d+)$")
 _PROMPT_END = re.compile(r"^>+PROMPT_END: (\d+)$")
 
 
-class MoeBeyondFormatError(ValueError):
+class MoeBeyondFormatError(EmoeError):
     """A MoE-Beyond CSV or prompts.txt does not have the documented layout."""
 
 

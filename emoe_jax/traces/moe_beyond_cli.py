@@ -12,8 +12,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .format import TraceFormatError
-from .moe_beyond import AUTO, ImportSummary, MoeBeyondFormatError, import_moe_beyond
+from emoe_jax.cli import USER_ERRORS, fail
+from .moe_beyond import AUTO, ImportSummary, import_moe_beyond
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -50,7 +50,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="routed experts per layer of the traced model (default 64: DeepSeek-V2-Lite)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new set is complete)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the summary instead of text")
-    p.set_defaults(func=run)
+    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,9 +68,8 @@ def run(args: argparse.Namespace) -> int:
             task=args.task,
             progress=not args.json or sys.stderr.isatty(),
         )
-    except (FileNotFoundError, FileExistsError, MoeBeyondFormatError, TraceFormatError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return fail(e)
     if args.json:
         print(json.dumps(asdict(summary)))
     else:

@@ -12,8 +12,7 @@ import argparse
 import json
 import sys
 
-from emoe_jax.checkpoint.errors import CheckpointError
-from emoe_jax.config import ConfigError
+from emoe_jax.cli import USER_ERRORS, fail, run_subcommand
 
 
 def _add_lm(sub) -> None:
@@ -47,6 +46,7 @@ def _add_lm(sub) -> None:
                    help="require an existing checkpoint in --out (resuming is automatic when one exists)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    p.set_defaults(run=_run_lm)
 
 
 def _run_lm(args) -> int:
@@ -92,6 +92,7 @@ def _add_export(sub) -> None:
                    help="also generate from a few prompts with the offloaded engine and store them in training.json")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print training.json")
+    p.set_defaults(run=_run_export)
 
 
 def _run_export(args) -> int:
@@ -133,6 +134,7 @@ def _add_analyze(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--markdown", action="store_true", help="print the tables as Markdown (model card)")
+    p.set_defaults(run=_run_analyze)
 
 
 def _run_analyze(args) -> int:
@@ -172,10 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_analyze(sub)
     args = parser.parse_args(argv)
     try:
-        return {"lm": _run_lm, "export": _run_export, "analyze": _run_analyze}[args.command](args)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return run_subcommand(args)
+    except USER_ERRORS as error:
+        return fail(error)
 
 
 if __name__ == "__main__":

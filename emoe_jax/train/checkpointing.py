@@ -12,9 +12,7 @@ the run's configuration (preset, optimiser, data) and is checked on resume.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,13 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from emoe_jax import atomic_io
+from emoe_jax.atomic_io import replace_dir
+from emoe_jax.errors import EmoeError
 from emoe_jax.model.moe import ExpertSlots
 
 CKPT_DIR = "checkpoints"
 _PREFIX = "step_"
 
 
-class TrainCheckpointError(ValueError):
+class TrainCheckpointError(EmoeError):
     """A training run directory that cannot be resumed; the message says why and what to do."""
 
 
@@ -94,9 +95,7 @@ def save(run_dir: Path, trainable: dict[str, Any], opt_state: Any, meta: dict[st
     staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
     try:
         _ocp().save(staging / "ckpt", tree)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging / "ckpt", target)
+        replace_dir(staging / "ckpt", target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep]:
@@ -133,7 +132,5 @@ def restore(path: Path, params_template, experts_template: list[ExpertSlots], op
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """The trainer's JSON files (sorted keys, indent 2), written atomically."""
+    atomic_io.write_json_atomic(path, data, indent=2, sort_keys=True)

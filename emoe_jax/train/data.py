@@ -12,6 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from emoe_jax.atomic_io import write_json_atomic
 from emoe_jax.data import TokenStreams, encode_corpus
 from emoe_jax.data.errors import DataError
 
@@ -43,7 +44,5 @@ def cached_streams(corpus_dir: str | Path, tokenizer_dir: str | Path, split: str
     streams = encode_corpus(corpus_dir, tokenizer_dir, split, progress=progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
     streams.save(npz)
-    tmp = meta.with_name(f".{meta.name}.tmp")
-    tmp.write_text(json.dumps(fingerprint))
-    tmp.replace(meta)
+    write_json_atomic(meta, fingerprint, indent=None)
     return streams

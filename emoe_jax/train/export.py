@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from emoe_jax.atomic_io import replace_dir
 from emoe_jax.checkpoint import write_checkpoint
 from emoe_jax.model.hf_params import nest_for_checkpoint, params_to_hf
 from emoe_jax.train import checkpointing
@@ -96,10 +97,7 @@ def compact_expert_layout(experts_dir: Path) -> None:
         target = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(staged)},
                           "metadata": metadata}, create=True, delete_existing=True).result()
         target.write(source.read().result()).result()
-        replaced = experts_dir / f".{weight}.old"
-        old.rename(replaced)
-        staged.rename(old)
-        shutil.rmtree(replaced)
+        replace_dir(staged, old)
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bfloat16", overwrite: bool = False,
@@ -138,11 +136,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bfloat
                        "routed_experts": int(sum(v.size for v in experts.values()))},
         }
         checkpointing.write_json_atomic(staging / "ckpt" / "training.json", info)
-        old = None
-        if out_dir.exists():
-            old = staging / "old"
-            out_dir.rename(old)
-        (staging / "ckpt").rename(out_dir)
+        replace_dir(staging / "ckpt", out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return info

@@ -16,6 +16,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from emoe_jax.cli import fail
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -66,11 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from emoe_jax.predict.learned import checkpoint as ckpt
@@ -78,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from emoe_jax.predict.learned.evaluate import recall_at_k
     from emoe_jax.predict.learned.predictor import LearnedPredictor
     from emoe_jax.predict.learned.train import TrainSettings, train_model
-    from emoe_jax.sim.split import split_by_prompt_id
+    from emoe_jax.traces.split import split_by_prompt_id
     from emoe_jax.traces import TraceSet
 
     progress = not args.no_progress
@@ -126,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                    "params": predictor.training_info.get("params"),
                    "checkpoint_bytes": ckpt.checkpoint_bytes(predictor.checkpoint)}  # fmt: skip
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     if args.json:
         print(json.dumps(out))
         return 0

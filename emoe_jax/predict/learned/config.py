@@ -6,8 +6,10 @@ import json
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from emoe_jax.errors import EmoeError
 
-class LearnedPredictorError(ValueError):
+
+class LearnedPredictorError(EmoeError):
     """A learned-predictor checkpoint, config or input is missing, corrupt or mismatched."""
 
 

@@ -1,7 +1,7 @@
 """Train the learned predictor with optax on routing traces (masked multi-label BCE).
 
 Steps:
-1. Split the trace set by prompt id (``emoe_jax.sim.split_by_prompt_id``:
+1. Split the trace set by prompt id (``emoe_jax.traces.split_by_prompt_id``:
    the lowest ids train, the last ``val_fraction`` validate; contiguous, so the
    turns of a conversation stay together except at most one at the boundary).
 2. Pack the training prompts into rows (``data.pack_prompts``).

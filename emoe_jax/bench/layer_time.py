@@ -1,6 +1,6 @@
 """Measure a checkpoint's decode compute time per MoE layer, for the simulator's ``--layer-compute-ms``.
 
-    python -m emoe_jax.sim.layer_time --model checkpoints/embedded --json
+    python -m emoe_jax.bench.layer_time --model checkpoints/embedded --json
 
 The simulator charges a fixed compute time per layer (default 0.5 ms, an
 assumption for DeepSeek-V2-Lite on a GPU). This tool measures the figure for a
@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from emoe_jax.cli import USER_ERRORS, fail
 
 
 def measure_layer_time(model: str | os.PathLike, *, new_tokens: int = 64, prompt_len: int = 32, repeats: int = 5,
@@ -89,7 +91,7 @@ def measure_layer_time(model: str | os.PathLike, *, new_tokens: int = 64, prompt
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m emoe_jax.sim.layer_time", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m emoe_jax.bench.layer_time", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--model", type=Path, default=Path("checkpoints/embedded"), help="converted checkpoint directory")
     p.add_argument("--new-tokens", type=int, default=64, help="decode steps per timed generation")
@@ -100,9 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = measure_layer_time(args.model, new_tokens=args.new_tokens, prompt_len=args.prompt_len,
                                  repeats=args.repeats)  # fmt: skip
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return fail(exc)
     if args.json:
         print(json.dumps(out))
         return 0

@@ -42,17 +42,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .format import TraceMeta, TraceWriter, PromptTrace
+from emoe_jax.cli import USER_ERRORS, fail
+from emoe_jax.errors import EmoeError
+from ..traces.format import TraceMeta, TraceWriter, PromptTrace
 
 if TYPE_CHECKING:  # the runtime pulls in JAX; importing it lazily keeps `--help` fast
     from ..data.documents import Document
-    from ..runtime.engine import OffloadedEngine, StepRouting
+    from .engine import OffloadedEngine, StepRouting
     from ..tokenizer import Tokenizer
 
 PromptSpec = tuple[str, "str | Sequence[int]"]  # (task label, text or token ids)
 
 
-class CollectError(ValueError):
+class CollectError(EmoeError):
     """Bad input to trace collection; the message names the problem and the fix."""
 
 
@@ -274,7 +276,7 @@ def collect_corpus_traces(model: str | os.PathLike, corpus: str | os.PathLike, o
     context - max_new_tokens - 1 tokens). The trace set appears only once complete.
     """
     from ..data.corpus import Corpus
-    from ..runtime.engine import OffloadedEngine
+    from .engine import OffloadedEngine
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -377,11 +379,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new set is complete)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON object with the summary instead of text")
-    p.set_defaults(func=run)
+    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..runtime.engine import GenerationError
 
     try:
         summary = collect_corpus_traces(
@@ -391,10 +392,8 @@ def run(args: argparse.Namespace) -> int:
             router_inputs=args.router_inputs, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
             overwrite=args.overwrite, progress=not args.no_progress and (not args.json or sys.stderr.isatty()),
         )
-    except (FileNotFoundError, FileExistsError, GenerationError, ValueError) as e:
-        # ValueError covers CollectError, DataError, CheckpointError, BudgetError, TokenizerError.
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return fail(e)
     if args.json:
         print(json.dumps(dataclasses.asdict(summary)))
     else:

@@ -1,4 +1,4 @@
-"""Tiny, deterministic stand-in corpora for tests (this package's and the trainer's).
+"""Tiny, deterministic synthetic corpora: the test suite's corpora and the notebooks' offline fallback.
 
 `fixture_sources(root)` writes three small local "packages" of generated text
 under `root` (English-like prose, German-like prose with umlauts and emoji,
@@ -61,7 +61,7 @@ def fixture_sources(root: str | os.PathLike, docs_per_task: int = 40, seed: int 
             description=f"synthetic {task} text for tests",
             obtain=lambda _cache, files=files: files,
             read=lambda f: readers.read_text_files(f.root),
-            install_hint="created by emoe_jax.data.testing.fixture_sources",
+            install_hint="created by emoe_jax.data.synthetic.fixture_sources",
         )
     return registry
 
