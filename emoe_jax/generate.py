@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from emoe_jax.cli import USER_ERRORS, fail
+from emoe_jax.runtime.policies import CLI_POLICIES
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "embedded"
 
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["exact", "restricted"], default="exact",
                    help="exact: fetch every routed expert (output unchanged); restricted: eMoE's lossy mode, "
                         "tokens go to their best resident expert and nothing is fetched")
-    p.add_argument("--policy", choices=["lru", "lfu"], default="lru", help="device slot eviction policy")
+    p.add_argument("--policy", choices=CLI_POLICIES, default="lru", help="device slot eviction policy")
     p.add_argument("--predictor", default="none",
                    help="prefetch experts this predictor expects (exact mode): spec-gating, prev-token and learned "
                         "run inside the one-jit decode step; the others (static-freq, moe-infinity, emoe, ...) on "

@@ -53,6 +53,7 @@ from ..config import MoEConfig
 from ..model.random_init import random_dense_params, random_experts, scaled_config
 from ..runtime.compile_count import compile_count
 from ..runtime.engine import OffloadedEngine
+from ..runtime.policies import CLI_POLICIES
 from ..runtime.tiers import InMemoryExperts
 from ..sim import SimConfig, simulate
 from ..traces import TraceSet
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-tokens", type=int, default=32, help="trace tokens then decoded (default 32)")
     parser.add_argument("--fractions", default="1.0,0.5,0.25,0.1",
                         help="device-expert fractions (or counts) per layer, comma-separated (default 1.0,0.5,0.25,0.1)")
-    parser.add_argument("--policy", default="lru", choices=("lru", "lfu"), help="device eviction policy (default lru)")
+    parser.add_argument("--policy", default="lru", choices=CLI_POLICIES, help="device eviction policy (default lru)")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default 1)")
     parser.add_argument("--shape", default="deepseek-v2-lite", help="model preset whose shape is replayed")
     parser.add_argument("--scale", type=float, default=0.25,

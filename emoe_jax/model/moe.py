@@ -163,9 +163,14 @@ def mix_sorted(x, routing: Routing, experts: ExpertSlots, slot_of_expert, out_dt
     return jnp.zeros((n, experts.down.shape[-1]), jnp.float32).at[token_of_pair].add(ys).astype(out_dtype or x.dtype)
 
 
-def _mix_blocked_core(x: jax.Array, routing: Routing, experts: ExpertSlots, block: int = 64,
+def mix_blocked_slots(x: jax.Array, routing: Routing, experts: ExpertSlots, block: int = 64,
                       out_dtype=None, act: ExpertAct = SWIGLU) -> jax.Array:
-    """Expert-grouped fixed-size blocks; routing.ids are slot indices here.
+    """Expert-grouped fixed-size blocks; routing.ids are slot indices here (the trainer, with every
+    expert resident, passes expert ids: slot e = expert e).
+
+    Why blocks: measured on this project's 2-core CPU for the `embedded` shapes (N=4096 tokens,
+    E=32, k=4, H=160, I=96, value+grad): dense-over-all-experts einsum 1.57 s, `mix_sorted`
+    (ragged_dot, which XLA:CPU lowers densely) 2.66 s, this kernel 0.145 s at block 64.
 
     Steps: sort the N*k pairs by slot; pad each slot's run to a multiple of `block` inside a
     buffer of static worst-case size (so shapes never depend on the routing); batched SwiGLU
@@ -211,7 +216,7 @@ def mix_blocked(x, routing: Routing, experts: ExpertSlots, slot_of_expert, block
     if block is None:
         per_slot = -(-slots.size // experts.gate.shape[0])
         block = min(64, max(8, 1 << (per_slot - 1).bit_length()))
-    return _mix_blocked_core(x, Routing(slots, weights), experts, block, out_dtype, act)
+    return mix_blocked_slots(x, Routing(slots, weights), experts, block, out_dtype, act)
 
 
 GATHER_MAX_TOKENS = 16  # decode-sized steps gather each token's k experts; larger ones group by expert

@@ -177,6 +177,16 @@ def require_fitted(predictor: BasePredictor, attr: str) -> Any:
     return value
 
 
+def target_steps(token: int, offsets: np.ndarray, layers: np.ndarray, num_layers: int) -> np.ndarray:
+    """Token-major step indices of a Prediction's targets made at `token`.
+
+    Step s = token * L + layer counts (token, MoE layer) pairs in the order they run;
+    target (offset, layer) is layer `layer` of token `token + offset`. The simulator's
+    drive loop and the runtime's predictor driver both place predictions with this.
+    """
+    return (token + np.asarray(offsets, np.int64)) * num_layers + np.asarray(layers, np.int64)
+
+
 def horizon_rows(num_steps: int, lookahead: int) -> tuple[np.ndarray, np.ndarray]:
     """Issue and target steps of a predictor that targets distances 0..lookahead at every step.
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from emoe_jax.predict.base import Prediction, PromptInfo, PromptPredictions
+from emoe_jax.predict.base import Prediction, PromptInfo, PromptPredictions, target_steps
 
 
 def prompt_info(trace: Any, meta: Any) -> PromptInfo:
@@ -48,7 +48,7 @@ def _check_targets(pred: Prediction, t: int, l: int, num_layers: int, num_expert
             f"predictor {name!r} at (t={t}, l={l}) returned targets outside "
             f"(token_offset >= 0, layer in 0..{num_layers - 1}): {pred.targets.tolist()}"
         )
-    target = (t + offsets) * num_layers + layers
+    target = target_steps(t, offsets, layers, num_layers)
     if np.any(target < t * num_layers + l):
         raise ValueError(
             f"predictor {name!r} at (t={t}, l={l}) predicted a step that already ran: "

@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Hashable, Iterable
 
+from ..predict.base import EVICTION_POLICIES
+
 
 class EvictionPolicy:
     name = "base"
+    needs_scores = False  # True: ordered by scores a predictor sets, so not a choice for --policy alone
 
     def insert(self, key: Hashable) -> None:
         raise NotImplementedError
@@ -113,6 +116,7 @@ class ScorePolicy(EvictionPolicy):
     belief that the expert is needed soon); ties broken by LRU."""
 
     name = "score"
+    needs_scores = True
 
     def __init__(self) -> None:
         self.scores: dict[Hashable, float] = {}
@@ -144,7 +148,12 @@ class ScorePolicy(EvictionPolicy):
         return min(enumerate(candidates), key=lambda rk: (self.scores.get(rk[1], 0.0), rk[0]))[1]
 
 
-POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy, "score": ScorePolicy}
+# The runtime's implementations; every name is one of the simulator's EVICTION_POLICIES (belady reads
+# the future, so only the simulator has it).
+POLICIES = {cls.name: cls for cls in (LRUPolicy, LFUPolicy, ScorePolicy)}
+assert set(POLICIES) <= set(EVICTION_POLICIES), "a runtime policy the simulator cannot compare against"
+# What --policy offers on the command lines (generate, bench replay).
+CLI_POLICIES = tuple(name for name, cls in POLICIES.items() if not cls.needs_scores)
 
 
 def make_policy(name: str) -> EvictionPolicy:

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..predict.base import BasePredictor, PromptInfo
+from ..predict.base import BasePredictor, PromptInfo, target_steps
 
 
 class PredictorDriver:
@@ -88,8 +88,8 @@ class PredictorDriver:
             row.observe(t, ml, ids[i, 0], weights[i, 0])
             if pred is None:
                 continue
-            for (offset, layer), scores in zip(pred.targets, pred.scores):
-                target = (step + int(offset)) * self.num_moe_layers + int(layer)
+            targets = target_steps(step, pred.targets[:, 0], pred.targets[:, 1], self.num_moe_layers)
+            for target, layer, scores in zip(targets.tolist(), pred.targets[:, 1].tolist(), pred.scores):
                 if target <= current:
                     continue  # that layer has routed already
                 top = np.argsort(-scores, kind="stable")[: self.prefetch_k]

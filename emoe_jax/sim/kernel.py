@@ -29,9 +29,12 @@ Transfers take ``xfer`` seconds each on one of ``n_links`` serial links.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from emoe_jax.numba_cache import configure as _configure_numba_cache
+from emoe_jax.predict.base import EVICTION_POLICIES
 
 _configure_numba_cache()  # compiled code is cached in a user cache directory, not beside this file
 
@@ -39,8 +42,8 @@ try:  # numba is optional: without it the kernel runs as plain (slow) Python.
     import numba
 
     njit = numba.njit(cache=True, nogil=True)
-    # Helpers are inlined into run_prompt: a call passing ~30 arrays costs more
-    # (reference counting of every argument) than the helper's own work.
+    # Helpers are inlined into run_prompt: they run per slot or per request, and a call
+    # costs more than their own work.
     njit_inline = numba.njit(cache=True, nogil=True, inline="always")
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - exercised only where numba is absent
@@ -52,63 +55,115 @@ except ImportError:  # pragma: no cover - exercised only where numba is absent
     njit_inline = njit
 
 
-POLICY_IDS = {"lru": 0, "lfu": 1, "belady": 2, "score": 3}
-NEVER = np.int64(2**62)  # next use of an expert that is never used again
-ABSENT, QUEUED, RESIDENT = 0, 1, 2
-
-# Integer counters (index into the int64 `counts` array).
-C_ACCESSES, C_HITS, C_TIMELY, C_LATE, C_MISSES = 0, 1, 2, 3, 4
-C_PF_ISSUED, C_PF_STARTED, C_PF_USED, C_PF_WASTED, C_PF_CANCELLED = 5, 6, 7, 8, 9
-C_DEMAND_XFERS, C_TOKENS, C_EVICTIONS, C_STEPS = 10, 11, 12, 13
-C_PF_REFUSED, C_HOST = 14, 15  # prefetches refused by cost-aware admission; misses computed on the host
-N_COUNTS = 16
-# Float counters.
-F_STALL, F_BYTES, F_NOW, F_HOST = 0, 1, 2, 3  # F_HOST: host compute seconds (counted steps)
-F_LAST_STEP = 4  # duration of the latest step (stall + compute): cost-aware admission's pace estimate
-N_FLOATS = 5
+POLICY_IDS = {name: i for i, name in enumerate(EVICTION_POLICIES)}
+LRU, LFU, BELADY, SCORE = (POLICY_IDS[name] for name in ("lru", "lfu", "belady", "score"))
 MISS_MODES = {"copy": 0, "host": 1, "choose": 2}
+MISS_COPY, MISS_HOST, MISS_CHOOSE = (MISS_MODES[name] for name in ("copy", "host", "choose"))
+NEVER = np.int64(2**62)  # next use of an expert that is never used again
+ABSENT, QUEUED, RESIDENT = 0, 1, 2  # CacheState.status of a key
+
+# Counters: the kernel adds to CacheState.counts (int64) and .floats (float64) by these indices;
+# `read_counters` turns them into named figures, the only place that reads them by index.
+INT_COUNTERS = ("accesses", "hits", "timely_prefetches", "late_prefetches", "demand_misses",
+                "prefetches_issued", "prefetches_started", "prefetches_used", "prefetches_wasted",
+                "prefetches_cancelled", "demand_transfers", "tokens", "evictions", "steps",
+                "prefetches_refused",  # refused by cost-aware admission
+                "host_computes")  # misses computed on the host  # fmt: skip
+(C_ACCESSES, C_HITS, C_TIMELY, C_LATE, C_MISSES, C_PF_ISSUED, C_PF_STARTED, C_PF_USED, C_PF_WASTED,
+ C_PF_CANCELLED, C_DEMAND_XFERS, C_TOKENS, C_EVICTIONS, C_STEPS, C_PF_REFUSED, C_HOST) = range(len(INT_COUNTERS))
+FLOAT_COUNTERS = ("stall_seconds", "bytes_moved",
+                  "now",  # the replay clock
+                  "host_seconds",  # host compute seconds of counted steps
+                  "last_step")  # duration of the latest step (stall + compute): cost-aware admission's pace  # fmt: skip
+F_STALL, F_BYTES, F_NOW, F_HOST, F_LAST_STEP = range(len(FLOAT_COUNTERS))
 
 
-class CacheState:
-    """All mutable simulator state, as flat arrays the kernel can take."""
+class CacheState(NamedTuple):
+    """All mutable simulator state: the cache, the prefetch queue, the links, the clock, the counters."""
 
-    def __init__(self, num_keys: int, num_pools: int, pool_capacity: int, n_links: int) -> None:
-        self.status = np.zeros(num_keys, np.int8)  # [K] ABSENT / QUEUED / RESIDENT
-        self.ready = np.zeros(num_keys, np.float64)  # [K] arrival time of a resident expert
-        self.last_use = np.zeros(num_keys, np.int64)  # [K] recency stamp (larger = more recent)
-        self.freq = np.zeros(num_keys, np.int64)  # [K] accesses (LFU)
-        self.next_use = np.full(num_keys, NEVER, np.int64)  # [K] next step that routes to it (Belady)
-        self.score = np.zeros(num_keys, np.float32)  # [K] latest predicted score (score eviction)
-        self.prefetched = np.zeros(num_keys, np.uint8)  # [K] 1: arrived by prefetch, not used yet
-        self.pinned = np.zeros(num_keys, np.uint8)  # [K] 1: needed by the current step
-        self.qseq = np.zeros(num_keys, np.int64)  # [K] sequence number of its live queue entry
-        self.slots = np.full((num_pools, pool_capacity), -1, np.int32)  # [P, cap] keys per pool
-        self.pool_size = np.zeros(num_pools, np.int64)  # [P]
-        self.slot_pos = np.full(num_keys, -1, np.int64)  # [K] position in its pool's slots
-        self.link_free = np.zeros(n_links, np.float64)  # [links] time each link is free
-        qcap = 2 * num_keys + 16  # live entries <= K; stale ones are compacted away
-        self.q_key = np.zeros(qcap, np.int32)  # [Q] ring buffer of queued prefetches
-        self.q_seq = np.zeros(qcap, np.int64)
-        self.q_issue = np.zeros(qcap, np.float64)
-        self.q_target = np.zeros(qcap, np.int64)
-        self.q_score = np.zeros(qcap, np.float32)  # predicted chance its target routes to it
-        self.q_ptr = np.zeros(2, np.int64)  # head, tail (monotonic)
-        self.ints = np.zeros(2, np.int64)  # recency clock, queue sequence counter
-        self.counts = np.zeros(N_COUNTS, np.int64)
-        self.floats = np.zeros(N_FLOATS, np.float64)
+    status: np.ndarray  # [K] int8 ABSENT / QUEUED / RESIDENT
+    ready: np.ndarray  # [K] float64 arrival time of a resident expert
+    last_use: np.ndarray  # [K] int64 recency stamp (larger = more recent)
+    freq: np.ndarray  # [K] int64 accesses (LFU)
+    next_use: np.ndarray  # [K] int64 next step that routes to it (Belady)
+    score: np.ndarray  # [K] float32 latest predicted score (score eviction, admission)
+    prefetched: np.ndarray  # [K] uint8 1: arrived by prefetch, not used yet
+    pinned: np.ndarray  # [K] uint8 1: needed by the current step
+    qseq: np.ndarray  # [K] int64 sequence number of its live queue entry
+    slots: np.ndarray  # [P, cap] int32 keys per pool (-1: empty)
+    pool_size: np.ndarray  # [P] int64
+    slot_pos: np.ndarray  # [K] int64 position in its pool's slots (-1: absent)
+    link_free: np.ndarray  # [links] float64 time each link is free
+    q_key: np.ndarray  # [Q] int32 ring buffer of queued prefetches
+    q_seq: np.ndarray  # [Q] int64
+    q_issue: np.ndarray  # [Q] float64 time the prefetch was requested
+    q_target: np.ndarray  # [Q] int64 step it is for
+    q_score: np.ndarray  # [Q] float32 predicted chance its target routes to it
+    q_ptr: np.ndarray  # [2] int64 head, tail (monotonic)
+    ints: np.ndarray  # [2] int64 recency clock, queue sequence counter
+    counts: np.ndarray  # [len(INT_COUNTERS)] int64
+    floats: np.ndarray  # [len(FLOAT_COUNTERS)] float64
 
-    def arrays(self) -> tuple:
-        return (
-            self.status, self.ready, self.last_use, self.freq, self.next_use, self.score,
-            self.prefetched, self.pinned, self.qseq, self.slots, self.pool_size, self.slot_pos,
-            self.link_free, self.q_key, self.q_seq, self.q_issue, self.q_target, self.q_score, self.q_ptr,
-            self.ints, self.counts, self.floats,
-        )  # fmt: skip
+
+def new_cache_state(num_keys: int, num_pools: int, pool_capacity: int, n_links: int) -> CacheState:
+    """An empty cache of ``num_pools`` pools of ``pool_capacity`` slots over ``num_keys`` (layer, expert) keys."""
+    qcap = 2 * num_keys + 16  # live entries <= K; stale ones are compacted away
+    return CacheState(
+        status=np.zeros(num_keys, np.int8), ready=np.zeros(num_keys, np.float64),
+        last_use=np.zeros(num_keys, np.int64), freq=np.zeros(num_keys, np.int64),
+        next_use=np.full(num_keys, NEVER, np.int64), score=np.zeros(num_keys, np.float32),
+        prefetched=np.zeros(num_keys, np.uint8), pinned=np.zeros(num_keys, np.uint8),
+        qseq=np.zeros(num_keys, np.int64), slots=np.full((num_pools, pool_capacity), -1, np.int32),
+        pool_size=np.zeros(num_pools, np.int64), slot_pos=np.full(num_keys, -1, np.int64),
+        link_free=np.zeros(n_links, np.float64), q_key=np.zeros(qcap, np.int32), q_seq=np.zeros(qcap, np.int64),
+        q_issue=np.zeros(qcap, np.float64), q_target=np.zeros(qcap, np.int64), q_score=np.zeros(qcap, np.float32),
+        q_ptr=np.zeros(2, np.int64), ints=np.zeros(2, np.int64),
+        counts=np.zeros(len(INT_COUNTERS), np.int64), floats=np.zeros(len(FLOAT_COUNTERS), np.float64),
+    )  # fmt: skip
+
+
+def read_counters(state: CacheState) -> dict[str, int | float]:
+    """The counters by name (ints and floats), as Python numbers."""
+    out: dict[str, int | float] = {name: int(state.counts[i]) for i, name in enumerate(INT_COUNTERS)}
+    out.update({name: float(state.floats[i]) for i, name in enumerate(FLOAT_COUNTERS)})
+    return out
+
+
+class ReplayParams(NamedTuple):
+    """The settings of one replay, fixed across its prompts."""
+
+    num_layers: int
+    num_experts: int
+    per_layer: bool  # one pool per layer (else one shared pool)
+    capacity: int  # slots per pool
+    policy: int  # LRU / LFU / BELADY / SCORE
+    xfer: float  # seconds per expert over one link
+    compute: float  # seconds of compute per layer
+    expert_bytes: float
+    admit_cost: bool  # cost-aware admission of prefetches
+    miss_mode: int  # MISS_COPY / MISS_HOST / MISS_CHOOSE
+    host_xfer: float  # seconds to compute one missed expert on the host
+    host_overhead: float  # seconds once per step with host work
+    warmup_tokens: int  # tokens at the start of each prompt that are not counted
+
+
+class PromptInput(NamedTuple):
+    """One prompt's accesses, prefetch requests and score updates, by local step s (token-major)."""
+
+    keys: np.ndarray  # [S, k] int32 layer*E + expert of each routed expert
+    access_next: np.ndarray  # [S, k] int64 next global step routing to the same key (Belady)
+    req_ptr: np.ndarray  # [S+1] int64 CSR offsets of each step's prefetch requests
+    req_key: np.ndarray  # [R] int32
+    req_target: np.ndarray  # [R] int64 global target step
+    req_score: np.ndarray  # [R] float32
+    upd_ptr: np.ndarray  # [S+1] int64 CSR offsets of each step's score updates
+    upd_layer: np.ndarray  # [U] int64
+    upd_scores: np.ndarray  # [U, E] float32
+    reuse: np.ndarray  # [S, E] float32 predicted reuse of step s's layer after s ran ([0, E]: none)
 
 
 @njit_inline
-def _find_victim(pool, by_time, only_arrived, policy, status, ready, last_use, freq, next_use, score,
-                 pinned, slots, pool_size):  # fmt: skip
+def _find_victim(pool, by_time, only_arrived, policy, st):
     """The key the policy evicts first among unpinned residents of ``pool`` (-1: none).
 
     ``only_arrived``: skip experts still in transfer at ``by_time``. Every policy
@@ -119,21 +174,21 @@ def _find_victim(pool, by_time, only_arrived, policy, status, ready, last_use, f
     best = -1
     best_primary = 0.0
     best_recency = 0
-    for i in range(pool_size[pool]):
-        key = slots[pool, i]
-        if pinned[key] != 0:
+    for i in range(st.pool_size[pool]):
+        key = st.slots[pool, i]
+        if st.pinned[key] != 0:
             continue
-        if only_arrived and ready[key] > by_time:
+        if only_arrived and st.ready[key] > by_time:
             continue
-        if policy == 1:  # LFU: fewest accesses first
-            primary = float(freq[key])
-        elif policy == 2:  # Belady: furthest next use first
-            primary = -float(next_use[key])
-        elif policy == 3:  # lowest predicted score first
-            primary = float(score[key])
+        if policy == LFU:  # fewest accesses first
+            primary = float(st.freq[key])
+        elif policy == BELADY:  # furthest next use first
+            primary = -float(st.next_use[key])
+        elif policy == SCORE:  # lowest predicted score first
+            primary = float(st.score[key])
         else:  # LRU: recency alone
             primary = 0.0
-        recency = last_use[key]
+        recency = st.last_use[key]
         if best < 0 or primary < best_primary or (primary == best_primary and recency < best_recency):
             best = key
             best_primary = primary
@@ -142,29 +197,36 @@ def _find_victim(pool, by_time, only_arrived, policy, status, ready, last_use, f
 
 
 @njit_inline
-def _evict(key, counted, prefetched, status, slots, pool_size, slot_pos, pool, counts):
+def _evict(key, counted, pool, st):
     # swap-remove from the pool's slot list
-    pos = slot_pos[key]
-    last = pool_size[pool] - 1
-    moved = slots[pool, last]
-    slots[pool, pos] = moved
-    slot_pos[moved] = pos
-    slots[pool, last] = -1
-    slot_pos[key] = -1
-    pool_size[pool] = last
-    status[key] = 0
+    pos = st.slot_pos[key]
+    last = st.pool_size[pool] - 1
+    moved = st.slots[pool, last]
+    st.slots[pool, pos] = moved
+    st.slot_pos[moved] = pos
+    st.slots[pool, last] = -1
+    st.slot_pos[key] = -1
+    st.pool_size[pool] = last
+    st.status[key] = ABSENT
     if counted:
-        counts[C_EVICTIONS] += 1
-        if prefetched[key] != 0:
-            counts[C_PF_WASTED] += 1
-    prefetched[key] = 0
+        st.counts[C_EVICTIONS] += 1
+        if st.prefetched[key] != 0:
+            st.counts[C_PF_WASTED] += 1
+    st.prefetched[key] = 0
 
 
 @njit_inline
-def _insert(key, pool, slots, pool_size, slot_pos):
-    slots[pool, pool_size[pool]] = key
-    slot_pos[key] = pool_size[pool]
-    pool_size[pool] += 1
+def _insert(key, pool, st):
+    st.slots[pool, st.pool_size[pool]] = key
+    st.slot_pos[key] = st.pool_size[pool]
+    st.pool_size[pool] += 1
+
+
+@njit_inline
+def _touch(key, st):
+    """Make ``key`` the most recently used."""
+    st.ints[0] += 1
+    st.last_use[key] = st.ints[0]
 
 
 @njit_inline
@@ -177,270 +239,250 @@ def _free_link(link_free):
 
 
 @njit_inline
-def _advance(until, step, counted, link_cfg, num_experts, per_layer, capacity, policy, status, ready, last_use, freq, next_use, score, prefetched, pinned, qseq, slots,
-             pool_size, slot_pos, link_free, q_key, q_seq, q_issue, q_target, q_score, q_ptr, ints, counts,
-             floats):  # fmt: skip
-    """Start queued prefetches that can start by time ``until`` (FIFO, first free link).
-
-    ``admit_cost``: a prefetch starts only if it arrives by the time its target step is
-    expected to run (``until`` + steps to go x the latest step's duration, at least
-    ``compute``: the replay's current pace, stalls and host compute included) and
-    its predicted score beats the victim's (the victim's own predicted reuse); otherwise
-    it is refused (counted in C_PF_REFUSED) and nothing is evicted.
-    ``link_cfg`` = (xfer seconds, compute seconds per layer, expert bytes, admit_cost 0/1): packed
-    because CPython 3.11 compiles calls of over 30 arguments to a form numba cannot inline.
-    """
-    xfer, compute, expert_bytes, admit_cost = link_cfg[0], link_cfg[1], link_cfg[2], link_cfg[3] != 0.0
-    qcap = q_key.shape[0]
-    while q_ptr[0] < q_ptr[1]:
-        i = q_ptr[0] % qcap
-        key = q_key[i]
-        if status[key] != 1 or qseq[key] != q_seq[i]:  # stale: bumped by demand or cancelled
-            q_ptr[0] += 1
-            continue
-        j = _free_link(link_free)
-        start = max(link_free[j], q_issue[i])
-        if start > until:
-            break
-        q_ptr[0] += 1
-        if q_target[i] < step:  # its target already ran: a late start is useless
-            status[key] = 0
-            if counted:
-                counts[C_PF_CANCELLED] += 1
-            continue
-        if admit_cost and start + xfer > until + (q_target[i] - step) * max(compute, floats[F_LAST_STEP]):
-            status[key] = 0  # cannot arrive before its layer runs: the link is better left to demand
-            if counted:
-                counts[C_PF_REFUSED] += 1
-            continue
-        pool = key // num_experts if per_layer else 0
-        if pool_size[pool] >= capacity:
-            victim = _find_victim(pool, start, True, policy, status, ready, last_use, freq, next_use,
-                                  score, pinned, slots, pool_size)  # fmt: skip
-            if victim < 0:  # every slot is in transfer
-                status[key] = 0
-                if counted:
-                    counts[C_PF_CANCELLED] += 1
-                continue
-            if admit_cost and score[victim] >= q_score[i]:
-                status[key] = 0  # the victim is as likely to be used again as the prefetch is
-                if counted:
-                    counts[C_PF_REFUSED] += 1
-                continue
-            _evict(victim, counted, prefetched, status, slots, pool_size, slot_pos, pool, counts)
-        _insert(key, pool, slots, pool_size, slot_pos)
-        status[key] = 2
-        ready[key] = start + xfer
-        link_free[j] = start + xfer
-        prefetched[key] = 1
-        ints[0] += 1
-        last_use[key] = ints[0]
-        if counted:
-            counts[C_PF_STARTED] += 1
-            floats[F_BYTES] += expert_bytes
+def _pool_of(key, prm):
+    return key // prm.num_experts if prm.per_layer else 0
 
 
 @njit_inline
-def _push(key, target, sc, now, status, qseq, q_key, q_seq, q_issue, q_target, q_score, q_ptr, ints):
-    qcap = q_key.shape[0]
-    if q_ptr[1] - q_ptr[0] >= qcap:  # full of stale entries: compact the live ones
-        head, tail, w = q_ptr[0], q_ptr[1], q_ptr[0]
+def _advance(until, step, counted, prm, st):
+    """Start queued prefetches that can start by time ``until`` (FIFO, first free link).
+
+    Cost-aware admission (``prm.admit_cost``): a prefetch starts only if it arrives by the
+    time its target step is expected to run (``until`` + steps to go x the latest step's
+    duration, at least ``compute``: the replay's current pace, stalls and host compute
+    included) and its predicted score beats the victim's (the victim's own predicted
+    reuse); otherwise it is refused (counted in C_PF_REFUSED) and nothing is evicted.
+    """
+    qcap = st.q_key.shape[0]
+    while st.q_ptr[0] < st.q_ptr[1]:
+        i = st.q_ptr[0] % qcap
+        key = st.q_key[i]
+        if st.status[key] != QUEUED or st.qseq[key] != st.q_seq[i]:  # stale: bumped by demand or cancelled
+            st.q_ptr[0] += 1
+            continue
+        j = _free_link(st.link_free)
+        start = max(st.link_free[j], st.q_issue[i])
+        if start > until:
+            break
+        st.q_ptr[0] += 1
+        if st.q_target[i] < step:  # its target already ran: a late start is useless
+            st.status[key] = ABSENT
+            if counted:
+                st.counts[C_PF_CANCELLED] += 1
+            continue
+        if prm.admit_cost and start + prm.xfer > until + (st.q_target[i] - step) * max(prm.compute,
+                                                                                      st.floats[F_LAST_STEP]):
+            st.status[key] = ABSENT  # cannot arrive before its layer runs: the link is better left to demand
+            if counted:
+                st.counts[C_PF_REFUSED] += 1
+            continue
+        pool = _pool_of(key, prm)
+        if st.pool_size[pool] >= prm.capacity:
+            victim = _find_victim(pool, start, True, prm.policy, st)
+            if victim < 0:  # every slot is in transfer
+                st.status[key] = ABSENT
+                if counted:
+                    st.counts[C_PF_CANCELLED] += 1
+                continue
+            if prm.admit_cost and st.score[victim] >= st.q_score[i]:
+                st.status[key] = ABSENT  # the victim is as likely to be used again as the prefetch is
+                if counted:
+                    st.counts[C_PF_REFUSED] += 1
+                continue
+            _evict(victim, counted, pool, st)
+        _insert(key, pool, st)
+        st.status[key] = RESIDENT
+        st.ready[key] = start + prm.xfer
+        st.link_free[j] = start + prm.xfer
+        st.prefetched[key] = 1
+        _touch(key, st)
+        if counted:
+            st.counts[C_PF_STARTED] += 1
+            st.floats[F_BYTES] += prm.expert_bytes
+
+
+@njit_inline
+def _push(key, target, sc, now, st):
+    qcap = st.q_key.shape[0]
+    if st.q_ptr[1] - st.q_ptr[0] >= qcap:  # full of stale entries: compact the live ones
+        head, tail, w = st.q_ptr[0], st.q_ptr[1], st.q_ptr[0]
         for r in range(head, tail):
             i = r % qcap
-            k = q_key[i]
-            if status[k] == 1 and qseq[k] == q_seq[i]:
+            k = st.q_key[i]
+            if st.status[k] == QUEUED and st.qseq[k] == st.q_seq[i]:
                 o = w % qcap
-                q_key[o], q_seq[o], q_issue[o], q_target[o] = q_key[i], q_seq[i], q_issue[i], q_target[i]
-                q_score[o] = q_score[i]
+                st.q_key[o], st.q_seq[o], st.q_issue[o], st.q_target[o] = (st.q_key[i], st.q_seq[i], st.q_issue[i],
+                                                                           st.q_target[i])  # fmt: skip
+                st.q_score[o] = st.q_score[i]
                 w += 1
-        q_ptr[1] = w
-    ints[1] += 1
-    i = q_ptr[1] % qcap
-    q_key[i] = key
-    q_seq[i] = ints[1]
-    q_issue[i] = now
-    q_target[i] = target
-    q_score[i] = sc
-    qseq[key] = ints[1]
-    status[key] = 1
-    q_ptr[1] += 1
+        st.q_ptr[1] = w
+    st.ints[1] += 1
+    i = st.q_ptr[1] % qcap
+    st.q_key[i] = key
+    st.q_seq[i] = st.ints[1]
+    st.q_issue[i] = now
+    st.q_target[i] = target
+    st.q_score[i] = sc
+    st.qseq[key] = st.ints[1]
+    st.status[key] = QUEUED
+    st.q_ptr[1] += 1
 
 
 @njit
-def run_prompt(keys, access_next, req_ptr, req_key, req_target, req_score, upd_ptr, upd_layer, upd_scores,
-               reuse, step_offset, warmup_tokens, num_layers, num_experts, per_layer, capacity, policy,
-               xfer, compute, expert_bytes, admit_cost, miss_mode, host_xfer, host_overhead,
-               status, ready, last_use, freq, next_use, score, prefetched, pinned, qseq, slots,
-               pool_size, slot_pos, link_free, q_key, q_seq, q_issue, q_target, q_score, q_ptr, ints, counts,
-               floats):  # fmt: skip
-    """Replay one prompt. ``keys`` [S, k] int32 = layer*E + expert of each routed expert;
-    ``access_next`` [S, k] int64 next global step routing to the same key (Belady);
-    requests in CSR form by local step (``req_ptr`` [S+1]) with their scores ``req_score``;
-    score updates likewise; ``reuse`` [S, E] (or [0, E]: none) the predicted reuse of step
-    s's layer after s ran, written into ``score`` after the step.
+def run_prompt(prompt, step_offset, prm, st):
+    """Replay one prompt (``PromptInput``) from global step ``step_offset`` with settings ``prm``
+    (``ReplayParams``) against the running ``CacheState`` ``st``.
 
-    Misses (``miss_mode``): 0 copy over the link; 1 compute on the host (``host_xfer``
-    seconds per expert, serial, plus ``host_overhead`` once per step that has host
-    work, in parallel with the link; nothing is cached); 2 choose per expert: copy iff
+    Misses (``prm.miss_mode``): MISS_COPY over the link; MISS_HOST compute on the host
+    (``host_xfer`` seconds per expert, serial, plus ``host_overhead`` once per step that has
+    host work, in parallel with the link; nothing is cached); MISS_CHOOSE per expert: copy iff
     (reuse - victim score) x host cost > the extra wait copying costs now."""
+    keys, reuse = prompt.keys, prompt.reuse
     num_steps = keys.shape[0]
     k = keys.shape[1]
-    link_cfg = np.array([xfer, compute, expert_bytes, 1.0 if admit_cost else 0.0])
+    num_layers, num_experts = prm.num_layers, prm.num_experts
     wait_keys = np.empty(k, np.int64)
+    has_reuse = reuse.shape[0] > 0
     for s in range(num_steps):
         g = step_offset + s
         t = s // num_layers
-        counted = t >= warmup_tokens
-        now = floats[F_NOW]
-        _advance(now, g, counted, link_cfg, num_experts, per_layer, capacity, policy, status, ready, last_use, freq, next_use, score, prefetched, pinned, qseq, slots,
-                 pool_size, slot_pos, link_free, q_key, q_seq, q_issue, q_target, q_score, q_ptr, ints,
-                 counts, floats)  # fmt: skip
+        counted = t >= prm.warmup_tokens
+        now = st.floats[F_NOW]
+        _advance(now, g, counted, prm, st)
         # Nearest targets are listed first; apply in reverse so the nearest wins.
-        for u in range(upd_ptr[s + 1] - 1, upd_ptr[s] - 1, -1):
-            base = upd_layer[u] * num_experts
+        for u in range(prompt.upd_ptr[s + 1] - 1, prompt.upd_ptr[s] - 1, -1):
+            base = prompt.upd_layer[u] * num_experts
             for e in range(num_experts):
-                score[base + e] = upd_scores[u, e]
+                st.score[base + e] = prompt.upd_scores[u, e]
         if counted:
-            for r in range(req_ptr[s], req_ptr[s + 1]):
-                key = req_key[r]
-                st = status[key]
-                if st == 2:
-                    ints[0] += 1
-                    last_use[key] = ints[0]
+            for r in range(prompt.req_ptr[s], prompt.req_ptr[s + 1]):
+                key = prompt.req_key[r]
+                status = st.status[key]
+                if status == RESIDENT:
+                    _touch(key, st)
                     continue
-                if st == 1:
+                if status == QUEUED:
                     continue
-                _push(key, req_target[r], req_score[r], now, status, qseq, q_key, q_seq, q_issue, q_target,
-                      q_score, q_ptr, ints)  # fmt: skip
-                counts[C_PF_ISSUED] += 1
-                _advance(now, g, counted, link_cfg, num_experts, per_layer, capacity, policy, status, ready, last_use, freq, next_use, score, prefetched,
-                         pinned, qseq, slots, pool_size, slot_pos, link_free, q_key, q_seq, q_issue,
-                         q_target, q_score, q_ptr, ints, counts, floats)  # fmt: skip
+                _push(key, prompt.req_target[r], prompt.req_score[r], now, st)
+                st.counts[C_PF_ISSUED] += 1
+                _advance(now, g, counted, prm, st)
         # Demand, pass 1: classify and pin.
         n_wait = 0
         latest = now
         for j in range(k):
             key = keys[s, j]
-            pinned[key] = 1
-            st = status[key]
-            if st == 2:
-                if ready[key] <= now:
+            st.pinned[key] = 1
+            status = st.status[key]
+            if status == RESIDENT:
+                if st.ready[key] <= now:
                     if counted:
-                        counts[C_HITS] += 1
-                        if prefetched[key] != 0:
-                            counts[C_TIMELY] += 1
+                        st.counts[C_HITS] += 1
+                        if st.prefetched[key] != 0:
+                            st.counts[C_TIMELY] += 1
                 else:
                     if counted:
-                        counts[C_LATE] += 1
-                    latest = max(latest, ready[key])
+                        st.counts[C_LATE] += 1
+                    latest = max(latest, st.ready[key])
             else:
                 if counted:
-                    if st == 1:
-                        counts[C_LATE] += 1
+                    if status == QUEUED:
+                        st.counts[C_LATE] += 1
                     else:
-                        counts[C_MISSES] += 1
-                status[key] = 0  # a queued entry goes stale: it is fetched now instead
+                        st.counts[C_MISSES] += 1
+                st.status[key] = ABSENT  # a queued entry goes stale: it is fetched now instead
                 wait_keys[n_wait] = key
                 n_wait += 1
         # Demand, pass 2: fetch what is missing, ahead of queued prefetches (or compute it on the host).
-        has_reuse = reuse.shape[0] > 0
         n_host = 0
         for w in range(n_wait):
             key = wait_keys[w]
-            j = _free_link(link_free)
-            start = max(link_free[j], now)
-            pool = key // num_experts if per_layer else 0
-            if miss_mode == 1:
+            j = _free_link(st.link_free)
+            start = max(st.link_free[j], now)
+            pool = _pool_of(key, prm)
+            if prm.miss_mode == MISS_HOST:
                 n_host += 1
                 continue
-            if miss_mode == 2:
+            if prm.miss_mode == MISS_CHOOSE:
                 p_reuse = np.float64(reuse[s, key % num_experts]) if has_reuse else 0.0
                 q_victim = 0.0
-                if pool_size[pool] >= capacity:
-                    v = _find_victim(pool, start, True, policy, status, ready, last_use, freq, next_use,
-                                     score, pinned, slots, pool_size)  # fmt: skip
+                if st.pool_size[pool] >= prm.capacity:
+                    v = _find_victim(pool, start, True, prm.policy, st)
                     if v >= 0:
-                        q_victim = np.float64(score[v])
-                host_cost = host_xfer + host_overhead
-                if not (p_reuse - q_victim) * host_cost > (start + xfer - now) - host_cost:
+                        q_victim = np.float64(st.score[v])
+                host_cost = prm.host_xfer + prm.host_overhead
+                if not (p_reuse - q_victim) * host_cost > (start + prm.xfer - now) - host_cost:
                     n_host += 1
                     continue
-            if pool_size[pool] >= capacity:
-                victim = _find_victim(pool, start, True, policy, status, ready, last_use, freq,
-                                      next_use, score, pinned, slots, pool_size)  # fmt: skip
+            if st.pool_size[pool] >= prm.capacity:
+                victim = _find_victim(pool, start, True, prm.policy, st)
                 if victim < 0:  # all unpinned slots in transfer: abandon one
-                    victim = _find_victim(pool, start, False, policy, status, ready, last_use, freq,
-                                          next_use, score, pinned, slots, pool_size)  # fmt: skip
+                    victim = _find_victim(pool, start, False, prm.policy, st)
                     if counted:
-                        counts[C_PF_CANCELLED] += 1
-                _evict(victim, counted, prefetched, status, slots, pool_size, slot_pos, pool, counts)
-            _insert(key, pool, slots, pool_size, slot_pos)
-            status[key] = 2
-            ready[key] = start + xfer
-            link_free[j] = start + xfer
-            prefetched[key] = 0
-            latest = max(latest, start + xfer)
+                        st.counts[C_PF_CANCELLED] += 1
+                _evict(victim, counted, pool, st)
+            _insert(key, pool, st)
+            st.status[key] = RESIDENT
+            st.ready[key] = start + prm.xfer
+            st.link_free[j] = start + prm.xfer
+            st.prefetched[key] = 0
+            latest = max(latest, start + prm.xfer)
             if counted:
-                counts[C_DEMAND_XFERS] += 1
-                floats[F_BYTES] += expert_bytes
+                st.counts[C_DEMAND_XFERS] += 1
+                st.floats[F_BYTES] += prm.expert_bytes
         if n_host > 0:  # host work of this step: one overhead, then the experts one after another
-            host_time = host_overhead + n_host * host_xfer
+            host_time = prm.host_overhead + n_host * prm.host_xfer
             latest = max(latest, now + host_time)
             if counted:
-                counts[C_HOST] += n_host
-                floats[F_HOST] += host_time
+                st.counts[C_HOST] += n_host
+                st.floats[F_HOST] += host_time
         # Touch in routing order (recency, frequency, next use), unpin.
         for j in range(k):
             key = keys[s, j]
-            if prefetched[key] != 0:
+            if st.prefetched[key] != 0:
                 if counted:
-                    counts[C_PF_USED] += 1
-                prefetched[key] = 0
-            ints[0] += 1
-            last_use[key] = ints[0]
-            freq[key] += 1
-            next_use[key] = access_next[s, j]
-            pinned[key] = 0
+                    st.counts[C_PF_USED] += 1
+                st.prefetched[key] = 0
+            _touch(key, st)
+            st.freq[key] += 1
+            st.next_use[key] = prompt.access_next[s, j]
+            st.pinned[key] = 0
         if has_reuse:  # the layer that just ran: each expert's predicted use by the next token
             base = (s % num_layers) * num_experts
             for e in range(num_experts):
-                score[base + e] = reuse[s, e]
+                st.score[base + e] = reuse[s, e]
         stall = latest - now
         if counted:
-            counts[C_ACCESSES] += k
-            counts[C_STEPS] += 1
+            st.counts[C_ACCESSES] += k
+            st.counts[C_STEPS] += 1
             if s % num_layers == 0:
-                counts[C_TOKENS] += 1
-            floats[F_STALL] += stall
-        floats[F_NOW] = now + stall + compute
-        floats[F_LAST_STEP] = stall + compute
+                st.counts[C_TOKENS] += 1
+            st.floats[F_STALL] += stall
+        st.floats[F_NOW] = now + stall + prm.compute
+        st.floats[F_LAST_STEP] = stall + prm.compute
 
 
 @njit
-def reset_cache(fill_keys, num_experts, per_layer, status, ready, last_use, freq, prefetched,
-                pinned, slots, pool_size, slot_pos, link_free, q_ptr, ints, floats):  # fmt: skip
+def reset_cache(fill_keys, prm, st):
     """Empty the cache and queue, then make ``fill_keys`` resident (first = least recent)."""
-    for key in range(status.shape[0]):
-        status[key] = 0
-        prefetched[key] = 0
-        pinned[key] = 0
-        freq[key] = 0
-        slot_pos[key] = -1
-    for p in range(pool_size.shape[0]):
-        pool_size[p] = 0
-        for i in range(slots.shape[1]):
-            slots[p, i] = -1
-    q_ptr[0] = q_ptr[1]
-    for j in range(link_free.shape[0]):
-        link_free[j] = floats[F_NOW]
+    for key in range(st.status.shape[0]):
+        st.status[key] = ABSENT
+        st.prefetched[key] = 0
+        st.pinned[key] = 0
+        st.freq[key] = 0
+        st.slot_pos[key] = -1
+    for p in range(st.pool_size.shape[0]):
+        st.pool_size[p] = 0
+        for i in range(st.slots.shape[1]):
+            st.slots[p, i] = -1
+    st.q_ptr[0] = st.q_ptr[1]
+    for j in range(st.link_free.shape[0]):
+        st.link_free[j] = st.floats[F_NOW]
     for i in range(fill_keys.shape[0]):
         key = fill_keys[i]
-        pool = key // num_experts if per_layer else 0
-        _insert(key, pool, slots, pool_size, slot_pos)
-        status[key] = 2
-        ready[key] = -1e300
-        ints[0] += 1
-        last_use[key] = ints[0]
+        _insert(key, _pool_of(key, prm), st)
+        st.status[key] = RESIDENT
+        st.ready[key] = -1e300
+        _touch(key, st)
 
 
 @njit

@@ -101,19 +101,21 @@ class SimResult:
         return d
 
 
-# Counters split by task: (name in SimResult.per_task, index into CacheState.counts).
-_TASK_COUNTS = (("tokens", K.C_TOKENS), ("accesses", K.C_ACCESSES), ("hits", K.C_HITS),
-                ("timely_prefetches", K.C_TIMELY), ("late_prefetches", K.C_LATE), ("demand_misses", K.C_MISSES))  # fmt: skip
+# Counters split by task (names of kernel.INT_COUNTERS / FLOAT_COUNTERS).
+_TASK_COUNTERS = ("tokens", "accesses", "hits", "timely_prefetches", "late_prefetches", "demand_misses",
+                  "stall_seconds")  # fmt: skip
 
 
-def _add_task_share(per_task: dict, task: str, before_counts: np.ndarray, before_floats: np.ndarray,
-                    state: K.CacheState) -> None:  # fmt: skip
+def _add_task_share(per_task: dict, task: str, before: dict, after: dict) -> None:
     """Add what one prompt changed in the running counters to its task's entry."""
-    entry = per_task.setdefault(task, {"prompts": 0, **{name: 0 for name, _ in _TASK_COUNTS}, "stall_seconds": 0.0})
+    entry = per_task.setdefault(task, {"prompts": 0, **{name: 0 for name in _TASK_COUNTERS}})
     entry["prompts"] += 1
-    for name, idx in _TASK_COUNTS:
-        entry[name] += int(state.counts[idx] - before_counts[idx])
-    entry["stall_seconds"] += float(state.floats[K.F_STALL] - before_floats[K.F_STALL])
+    for name in _TASK_COUNTERS:
+        entry[name] += after[name] - before[name]
+
+
+# SimResult fields copied from the kernel's counters under the same name.
+_RESULT_COUNTERS = tuple(n for n in (*K.INT_COUNTERS, *K.FLOAT_COUNTERS) if n not in ("now", "last_step"))
 
 
 def _random_fill(rng: np.random.Generator, pools: int, per_pool: int, num_layers: int, num_experts: int) -> np.ndarray:
@@ -138,8 +140,7 @@ def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progr
     pools, per_pool = config.pools(L, E, k)
     prefetch_k = k if config.prefetch_k is None else config.prefetch_k
     ks = config.metric_k or (k,)
-    state = K.CacheState(L * E, pools, per_pool, config.links)
-    arrays = state.arrays()
+    state = K.new_cache_state(L * E, pools, per_pool, config.links)
     layer_base = (np.arange(L, dtype=np.int32) * E)[None, :, None]  # [1, L, 1]
     scorer = PredictionScore(L, config.lookahead_layers, k, tuple(ks))
     xfer, compute = config.transfer_seconds(), config.compute_seconds()
@@ -155,6 +156,12 @@ def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progr
     dummy_next = np.zeros((0, k), np.int64)
     no_reuse = np.zeros((0, E), np.float32)
     host_xfer, host_overhead = config.host_seconds()
+    params = K.ReplayParams(
+        num_layers=L, num_experts=E, per_layer=pools > 1, capacity=per_pool, policy=K.POLICY_IDS[policy],
+        xfer=float(xfer), compute=float(compute), expert_bytes=float(config.expert_bytes),
+        admit_cost=config.admission == "cost", miss_mode=K.MISS_MODES[config.miss_mode], host_xfer=float(host_xfer),
+        host_overhead=float(host_overhead), warmup_tokens=int(config.warmup_tokens),
+    )  # fmt: skip
     rng = np.random.default_rng(config.seed)
     start_wall = time.perf_counter()
     step_offset = 0
@@ -186,26 +193,21 @@ def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progr
                 if config.initial_fill == "random"
                 else np.zeros(0, np.int64)
             )
-            K.reset_cache(fill, E, pools > 1, state.status, state.ready, state.last_use, state.freq,
-                          state.prefetched, state.pinned, state.slots, state.pool_size, state.slot_pos,
-                          state.link_free, state.q_ptr, state.ints, state.floats)  # fmt: skip
-        before_counts, before_floats = state.counts.copy(), state.floats.copy()
+            K.reset_cache(fill, params, state)
+        before = K.read_counters(state)
         access_next = dummy_next if next_use is None else next_use[step_offset : step_offset + num_steps]
         if next_use is None:
             access_next = np.full((num_steps, k), K.NEVER, np.int64)
-        K.run_prompt(
-            keys, access_next, req_ptr, req_key, req_target, req_score, upd_ptr, upd_layer, upd_scores, reuse,
-            step_offset, config.warmup_tokens, L, E, pools > 1, per_pool, K.POLICY_IDS[policy],
-            xfer, compute, config.expert_bytes, config.admission == "cost", K.MISS_MODES[config.miss_mode],
-            host_xfer, host_overhead, *arrays,
-        )  # fmt: skip
-        _add_task_share(per_task, str(getattr(trace, "task", "") or ""), before_counts, before_floats, state)
-        per_prompt_rows.append((int(trace.prompt_id), int(state.counts[K.C_ACCESSES] - before_counts[K.C_ACCESSES]),
-                                int(state.counts[K.C_HITS] - before_counts[K.C_HITS]),
-                                float(state.floats[K.F_STALL] - before_floats[K.F_STALL])))  # fmt: skip
+        prompt = K.PromptInput(keys, access_next, req_ptr, req_key, req_target, req_score, upd_ptr, upd_layer,
+                               upd_scores, reuse)  # fmt: skip
+        K.run_prompt(prompt, step_offset, params, state)
+        after = K.read_counters(state)
+        _add_task_share(per_task, str(getattr(trace, "task", "") or ""), before, after)
+        per_prompt_rows.append((int(trace.prompt_id), after["accesses"] - before["accesses"],
+                                after["hits"] - before["hits"], after["stall_seconds"] - before["stall_seconds"]))
         step_offset += num_steps
     wall = time.perf_counter() - start_wall
-    c, f = state.counts, state.floats
+    totals = K.read_counters(state)
     return SimResult(
         predictor=predictor.name,
         eviction=policy,
@@ -213,25 +215,7 @@ def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progr
         config=asdict(config),
         capacity_experts=pools * per_pool,
         prompts=len(traces),
-        tokens=int(c[K.C_TOKENS]),
-        accesses=int(c[K.C_ACCESSES]),
-        steps=int(c[K.C_STEPS]),
-        hits=int(c[K.C_HITS]),
-        timely_prefetches=int(c[K.C_TIMELY]),
-        late_prefetches=int(c[K.C_LATE]),
-        demand_misses=int(c[K.C_MISSES]),
-        prefetches_issued=int(c[K.C_PF_ISSUED]),
-        prefetches_started=int(c[K.C_PF_STARTED]),
-        prefetches_used=int(c[K.C_PF_USED]),
-        prefetches_wasted=int(c[K.C_PF_WASTED]),
-        prefetches_cancelled=int(c[K.C_PF_CANCELLED]),
-        prefetches_refused=int(c[K.C_PF_REFUSED]),
-        host_computes=int(c[K.C_HOST]),
-        host_seconds=float(f[K.F_HOST]),
-        demand_transfers=int(c[K.C_DEMAND_XFERS]),
-        evictions=int(c[K.C_EVICTIONS]),
-        stall_seconds=float(f[K.F_STALL]),
-        bytes_moved=float(f[K.F_BYTES]),
+        **{name: totals[name] for name in _RESULT_COUNTERS},
         wall_seconds=wall,
         prediction=scorer.summary(),
         per_task=per_task,

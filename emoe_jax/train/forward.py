@@ -8,7 +8,7 @@ Steps of `train_forward`:
      `router_logits` of the same normed input;
   3. the routed experts come from the separate `experts` pytree (one
      `ExpertSlots` per MoE layer, slot e = expert e) and are mixed with an exact
-     kernel (`mix_blocked` by default; no capacity, no dropped tokens), so the
+     kernel (`mix_blocked_slots` by default; no capacity, no dropped tokens), so the
      trained function is exactly the one the engine serves;
   4. final norm + LM head -> float32 logits.
 """
@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from emoe_jax.model.moe import ExpertSlots, mix_experts
-from emoe_jax.train.mixing import mix_blocked
+from emoe_jax.model.moe import ExpertSlots, mix_blocked_slots, mix_experts
 
 MIX_METHODS = ("blocked", "sorted", "gather", "reference")
 
@@ -37,7 +36,7 @@ class RouterStats(NamedTuple):
 def moe_output(layer, normed_flat: jax.Array, routing, experts: ExpertSlots, method: str) -> jax.Array:
     """Routed experts (+ shared experts, as `MoEBlock.combine`) for normed tokens [N, H]."""
     if method == "blocked":
-        out = mix_blocked(normed_flat, routing, experts)
+        out = mix_blocked_slots(normed_flat, routing, experts)
     else:
         identity = jnp.arange(experts.gate.shape[0], dtype=jnp.int32)
         out = mix_experts(normed_flat, routing, experts, identity, method)
