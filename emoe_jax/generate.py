@@ -250,8 +250,8 @@ def _preload_restricted(engine) -> int:
     print("note: restricted mode without a predictor keeps experts 0..S-1 of each layer resident",
           file=sys.stderr)
     before = engine.device_cache.stats.bytes_in
-    for ml in range(engine.cfg.num_moe_layers):
-        engine.preload(ml, range(engine.slots[ml]))
+    for moe_layer in range(engine.cfg.num_moe_layers):
+        engine.preload(moe_layer, range(engine.slots[moe_layer]))
     return engine.device_cache.stats.bytes_in - before
 
 

@@ -19,7 +19,7 @@ from emoe_jax.train.analyze import analyze_checkpoint, experts_for_share, mutual
 from emoe_jax.train.forward import train_forward
 from emoe_jax.train.losses import load_balance_loss
 from emoe_jax.train.loop import RunConfig, train_lm
-from emoe_jax.model.moe import mix_blocked_slots
+from emoe_jax.model.moe import SlotRouting, mix_blocked_slots
 from emoe_jax.train.step import OptimConfig, init_model, make_optimizer, train_step
 
 CFG = tiny_config("qwen3_moe", vocab_size=384, num_layers=2, max_position_embeddings=64, bos_token_id=0,
@@ -86,7 +86,7 @@ def test_mix_blocked_matches_reference_values_and_gradients(n):
         r = route(x @ wr, cfg)
         return jnp.sum(jnp.sin(fn(x, r, ex)))
 
-    blocked = lambda x, r, ex: mix_blocked_slots(x, r, ex, block=4)  # noqa: E731
+    blocked = lambda x, r, ex: mix_blocked_slots(x, SlotRouting(r.ids, r.weights), ex, block=4)  # noqa: E731
     reference = lambda x, r, ex: mix_reference(x, r, ex, identity)  # noqa: E731
     r = route(x @ wr, cfg)
     np.testing.assert_allclose(jax.jit(blocked)(x, r, experts), jax.jit(reference)(x, r, experts),

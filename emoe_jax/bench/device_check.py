@@ -205,12 +205,12 @@ def _time_copy(make, nbytes: int, repeats: int) -> dict:
 # ---- 2. overlap of in-graph copies with expert compute ---------------------------------------------
 
 def _swiglu_passes(x, gate, up, down, passes: int):
-    """`passes` SwiGLU passes of x [T, H] over every slot, gate/up [S, H, I], down [S, I, H].
+    """`passes` SwiGLU passes of x [T, H] over every slot, gate/up [E, H, I], down [E, I, H] (E slots).
     Each pass feeds the next, so XLA can neither hoist nor merge them."""
 
     def body(_, x):
-        hidden = jax.nn.silu(jnp.einsum("TH,SHI->STI", x, gate)) * jnp.einsum("TH,SHI->STI", x, up)
-        y = jnp.einsum("STI,SIH->TH", hidden, down, preferred_element_type=jnp.float32)
+        hidden = jax.nn.silu(jnp.einsum("TH,EHI->ETI", x, gate)) * jnp.einsum("TH,EHI->ETI", x, up)
+        y = jnp.einsum("ETI,EIH->TH", hidden, down, preferred_element_type=jnp.float32)
         return (x.astype(jnp.float32) + 1e-3 * y).astype(x.dtype)
 
     return lax.fori_loop(0, passes, body, x)

@@ -70,8 +70,8 @@ def measure_layer_time(model: str | os.PathLike, *, new_tokens: int = 64, prompt
     fused_decode_rate(resident, prompts(), new_tokens)  # compile
     fused = [fused_decode_rate(resident, prompts(), new_tokens) for _ in range(repeats)]
     engine = OffloadedEngine(cfg, graphdef, params, InMemoryExperts(experts), device_experts=1.0, dtype=dtype)
-    for ml in range(cfg.num_moe_layers):  # every expert resident before timing: no transfer in the time
-        engine.preload(ml, range(cfg.num_experts))
+    for moe_layer in range(cfg.num_moe_layers):  # every expert resident before timing: no transfer in the time
+        engine.preload(moe_layer, range(cfg.num_experts))
     engine.generate(prompts(), new_tokens, stop_at_eos=False)  # compile every stage
     stats = [engine.generate(prompts(), new_tokens, stop_at_eos=False).stats for _ in range(repeats)]
     try:

@@ -62,41 +62,41 @@ def _plan(source: HFSource, cfg: MoEConfig) -> _Plan:
                 f"tensor {name!r}: layer {piece.layer} is not an MoE layer of this config "
                 f"(MoE layers: {list(cfg.moe_layers)})"
             )
-        ml = moe_index[piece.layer]
+        moe_layer = moe_index[piece.layer]
         shape = source.info(name).shape
         if piece.expert is not None:
             want = (i_, h) if piece.role in ("gate", "up") else (h, i_)
             if piece.expert >= e_:
                 raise CheckpointError(f"tensor {name!r}: expert {piece.expert} >= num_experts {e_} {implied}")
-            slot = plan.per_expert.setdefault((ml, piece.expert), {})
+            slot = plan.per_expert.setdefault((moe_layer, piece.expert), {})
         elif cfg.family == "gpt_oss":
             want = gpt_oss_experts.fused_shapes(cfg)[piece.role]
-            slot = plan.fused.setdefault(ml, {})
+            slot = plan.fused.setdefault(moe_layer, {})
         else:
             if piece.role not in ("gate_up", "down"):
                 raise CheckpointError(f"tensor {name!r}: expert biases / quantized experts are only known "
                                       "for gpt_oss checkpoints")
             want = (e_, 2 * i_, h) if piece.role == "gate_up" else (e_, h, i_)
-            slot = plan.fused.setdefault(ml, {})
+            slot = plan.fused.setdefault(moe_layer, {})
         if shape != want:
             raise CheckpointError(f"expert tensor {name!r} has shape {shape}, expected {want} {implied}")
         if piece.role in slot:
             raise CheckpointError(f"expert tensors {slot[piece.role]!r} and {name!r} hold the same weight")
         slot[piece.role] = name
     missing = []
-    for ml, layer in enumerate(cfg.moe_layers):
-        if ml in plan.fused:
-            if any((ml, e) in plan.per_expert for e in range(e_)):
+    for moe_layer, layer in enumerate(cfg.moe_layers):
+        if moe_layer in plan.fused:
+            if any((moe_layer, e) in plan.per_expert for e in range(e_)):
                 raise CheckpointError(f"layer {layer} has both fused and per-expert tensors")
-            roles = (gpt_oss_experts.missing_roles(set(plan.fused[ml])) if cfg.family == "gpt_oss"
-                     else [r for r in ("gate_up", "down") if r not in plan.fused[ml]])
+            roles = (gpt_oss_experts.missing_roles(set(plan.fused[moe_layer])) if cfg.family == "gpt_oss"
+                     else [r for r in ("gate_up", "down") if r not in plan.fused[moe_layer]])
             missing += [f"model.layers.{layer}.mlp.experts.{r}_proj" for r in roles]
             continue
         if cfg.family == "gpt_oss":
             missing.append(f"model.layers.{layer}.mlp.experts.* (gpt_oss stores fused experts)")
             continue
         for e in range(e_):
-            got = plan.per_expert.get((ml, e), {})
+            got = plan.per_expert.get((moe_layer, e), {})
             missing += [f"layer {layer} expert {e} {r}" for r in ("gate", "up", "down") if r not in got]
     if missing:
         raise CheckpointError(
@@ -106,17 +106,17 @@ def _plan(source: HFSource, cfg: MoEConfig) -> _Plan:
     return plan
 
 
-def _read_expert(source: HFSource, plan: _Plan, ml: int, e: int, inter: int,
+def _read_expert(source: HFSource, plan: _Plan, moe_layer: int, e: int, inter: int,
                  cfg_family: str = "") -> dict[str, np.ndarray]:
     """One expert in our orientation: gate/up [H, I], down [I, H]."""
-    if ml in plan.fused and cfg_family == "gpt_oss":
-        return gpt_oss_experts.read_expert(lambda name: source.read(name, e, e + 1)[0], plan.fused[ml])
-    if ml in plan.fused:
-        names = plan.fused[ml]
+    if moe_layer in plan.fused and cfg_family == "gpt_oss":
+        return gpt_oss_experts.read_expert(lambda name: source.read(name, e, e + 1)[0], plan.fused[moe_layer])
+    if moe_layer in plan.fused:
+        names = plan.fused[moe_layer]
         gate_up = source.read(names["gate_up"], e, e + 1)[0]  # [2I, H]: gate rows, then up rows
         down = source.read(names["down"], e, e + 1)[0]  # [H, I]
         return {"gate": gate_up[:inter].T, "up": gate_up[inter:].T, "down": down.T}
-    names = plan.per_expert[(ml, e)]
+    names = plan.per_expert[(moe_layer, e)]
     return {"gate": source.read(names["gate"]).T, "up": source.read(names["up"]).T,
             "down": source.read(names["down"]).T}
 
@@ -186,24 +186,24 @@ def _stream(source: HFSource, plan: _Plan, cfg: MoEConfig, writer: CheckpointWri
     inter, e_ = cfg.moe_intermediate_size, cfg.num_experts
     # Work items: ('dense', group) or ('expert', moe_layer, expert), with their source bytes.
     items: list[tuple[tuple, int]] = []
-    layer_to_ml = {layer: ml for ml, layer in enumerate(cfg.moe_layers)}
+    layer_to_ml = {layer: moe_layer for moe_layer, layer in enumerate(cfg.moe_layers)}
     groups = sorted(plan.dense, key=_group_order)
     for g in groups:
         items.append((("dense", g), nbytes(n for n, _ in plan.dense[g])))
         layer = _group_order(g)[1] if g.startswith("layers_") else None
         if layer is not None and layer in layer_to_ml:
-            ml = layer_to_ml[layer]
+            moe_layer = layer_to_ml[layer]
             for e in range(e_):
-                names = plan.fused[ml].values() if ml in plan.fused else plan.per_expert[(ml, e)].values()
-                share = nbytes(names) // e_ if ml in plan.fused else nbytes(names)
-                items.append((("expert", ml, e), share))
+                names = plan.fused[moe_layer].values() if moe_layer in plan.fused else plan.per_expert[(moe_layer, e)].values()
+                share = nbytes(names) // e_ if moe_layer in plan.fused else nbytes(names)
+                items.append((("expert", moe_layer, e), share))
     # Expert layers whose decoder layer has no dense tensors at all (unusual) still get written.
     planned = {it[1:] for it, _ in items if it[0] == "expert"}
-    for ml in range(cfg.num_moe_layers):
+    for moe_layer in range(cfg.num_moe_layers):
         for e in range(e_):
-            if (ml, e) not in planned:
-                names = plan.fused[ml].values() if ml in plan.fused else plan.per_expert[(ml, e)].values()
-                items.append((("expert", ml, e), nbytes(names) // (e_ if ml in plan.fused else 1)))
+            if (moe_layer, e) not in planned:
+                names = plan.fused[moe_layer].values() if moe_layer in plan.fused else plan.per_expert[(moe_layer, e)].values()
+                items.append((("expert", moe_layer, e), nbytes(names) // (e_ if moe_layer in plan.fused else 1)))
 
     def done(item: tuple) -> bool:
         return writer.dense_done(item[1]) if item[0] == "dense" else writer.expert_done(item[1], item[2])
@@ -222,8 +222,8 @@ def _stream(source: HFSource, plan: _Plan, cfg: MoEConfig, writer: CheckpointWri
                 writer.save_dense_group(item[1], tree)
                 del tree
             else:
-                _, ml, e = item
-                writer.write_expert(ml, e, _read_expert(source, plan, ml, e, inter, cfg.family))
+                _, moe_layer, e = item
+                writer.write_expert(moe_layer, e, _read_expert(source, plan, moe_layer, e, inter, cfg.family))
             bar.update(b)
 
 

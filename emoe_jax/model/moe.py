@@ -109,12 +109,19 @@ def route(logits: jax.Array, cfg: MoEConfig, resident: jax.Array | None = None,
     return Routing(ids.astype(jnp.int32), weights.astype(jnp.float32))
 
 
-def _slots_and_weights(routing: Routing, slot_of_expert: jax.Array):
+class SlotRouting(NamedTuple):
+    """Routing in slot space: the device slot holding each chosen expert (not its expert id)."""
+
+    slots: jax.Array  # [N, k] int32 slot index into ExpertSlots
+    weights: jax.Array  # [N, k] float32 combine weights (0 where the expert has no slot)
+
+
+def _slots_and_weights(routing: Routing, slot_of_expert: jax.Array) -> SlotRouting:
     slots = slot_of_expert[routing.ids]  # [N, k]
     # A pair whose expert is not resident (only possible in restricted mode when
     # fewer than k experts are resident) contributes nothing.
     weights = jnp.where(slots >= 0, routing.weights, 0.0)
-    return jnp.maximum(slots, 0), weights
+    return SlotRouting(jnp.maximum(slots, 0), weights)
 
 
 def _ffn(x, gate, up, down, act: ExpertAct = SWIGLU):
@@ -163,10 +170,10 @@ def mix_sorted(x, routing: Routing, experts: ExpertSlots, slot_of_expert, out_dt
     return jnp.zeros((n, experts.down.shape[-1]), jnp.float32).at[token_of_pair].add(ys).astype(out_dtype or x.dtype)
 
 
-def mix_blocked_slots(x: jax.Array, routing: Routing, experts: ExpertSlots, block: int = 64,
+def mix_blocked_slots(x: jax.Array, routing: SlotRouting, experts: ExpertSlots, block: int = 64,
                       out_dtype=None, act: ExpertAct = SWIGLU) -> jax.Array:
-    """Expert-grouped fixed-size blocks; routing.ids are slot indices here (the trainer, with every
-    expert resident, passes expert ids: slot e = expert e).
+    """Expert-grouped fixed-size blocks over slots (the trainer, with every expert resident,
+    passes its expert ids as slots: slot e = expert e).
 
     Why blocks: measured on this project's 2-core CPU for the `embedded` shapes (N=4096 tokens,
     E=32, k=4, H=160, I=96, value+grad): dense-over-all-experts einsum 1.57 s, `mix_sorted`
@@ -176,9 +183,9 @@ def mix_blocked_slots(x: jax.Array, routing: Routing, experts: ExpertSlots, bloc
     buffer of static worst-case size (so shapes never depend on the routing); batched SwiGLU
     matmuls per block [nb, block, H] x [nb, H, I]; scale and scatter-add back to the tokens.
     No pair is dropped, so this is the same sum as the other kernels."""
-    n, k = routing.ids.shape
+    n, k = routing.slots.shape
     num_experts = experts.gate.shape[0]  # slots
-    flat = routing.ids.reshape(-1)  # [N*k] expert of each pair
+    flat = routing.slots.reshape(-1)  # [N*k] slot of each pair
     order = jnp.argsort(flat, stable=True)  # [N*k] pairs sorted by expert
     sorted_expert = flat[order]
     counts = jnp.bincount(flat, length=num_experts)  # [E]
@@ -197,10 +204,11 @@ def mix_blocked_slots(x: jax.Array, routing: Routing, experts: ExpertSlots, bloc
     hidden = experts.down.shape[-1]
     x = expert_input(x, act)
     x_pad = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])  # [N+1, H], row N = dummy
-    xb = x_pad[token_of_row].reshape(num_blocks, block, -1)  # [nb, block, H]
+    xb = x_pad[token_of_row].reshape(num_blocks, block, -1)  # [G, R, H]: G blocks of R rows
     gate, up, down = experts.gate[block_expert], experts.up[block_expert], experts.down[block_expert]
-    h = glu(jnp.einsum("BTH,BHI->BTI", xb, gate), jnp.einsum("BTH,BHI->BTI", xb, up), act)
-    y = jnp.einsum("BTI,BIH->BTH", h, down).reshape(capacity, -1).astype(jnp.float32)  # [C, H]
+    # G: blocks, R: rows of a block (B and T keep their meaning, batch and tokens, elsewhere)
+    h = glu(jnp.einsum("GRH,GHI->GRI", xb, gate), jnp.einsum("GRH,GHI->GRI", xb, up), act)
+    y = jnp.einsum("GRI,GIH->GRH", h, down).reshape(capacity, -1).astype(jnp.float32)  # [C, H]
     y = y * weight_of_row[:, None]
     out = jnp.zeros((n + 1, hidden), jnp.float32).at[token_of_row].add(y)
     return out[:n].astype(out_dtype or x.dtype)
@@ -216,7 +224,7 @@ def mix_blocked(x, routing: Routing, experts: ExpertSlots, slot_of_expert, block
     if block is None:
         per_slot = -(-slots.size // experts.gate.shape[0])
         block = min(64, max(8, 1 << (per_slot - 1).bit_length()))
-    return mix_blocked_slots(x, Routing(slots, weights), experts, block, out_dtype, act)
+    return mix_blocked_slots(x, SlotRouting(slots, weights), experts, block, out_dtype, act)
 
 
 GATHER_MAX_TOKENS = 16  # decode-sized steps gather each token's k experts; larger ones group by expert

@@ -85,8 +85,8 @@ class ResidentModel:
         dtype = jnp.dtype(dtype or ckpt.manifest.get("dtype", "float32"))
         graphdef, params = build_params(cfg, dense_from_converted(ckpt.dense), dtype)
         experts = []
-        for ml in range(cfg.num_moe_layers):
-            layer = ckpt.experts.read_layer(ml)
+        for moe_layer in range(cfg.num_moe_layers):
+            layer = ckpt.experts.read_layer(moe_layer)
             experts.append(ExpertSlots(*(jnp.asarray(layer[w], dtype) for w in ("gate", "up", "down"))))
         return cls(cfg, graphdef, params, experts, dtype)
 

@@ -122,8 +122,8 @@ class OffloadedEngine:
         model: MoETransformer = nnx.merge(graphdef, params)
         self._embed = _split(model.embed_tokens)
         self._layers = [_split(layer) for layer in model.layers]
-        self._moe_of_layer = {li: mi for mi, li in enumerate(cfg.moe_layers)}
-        self._moe_blocks = {li: _split(model.layers[li].mlp) for li in cfg.moe_layers}
+        self._moe_of_layer = {layer: moe_layer for moe_layer, layer in enumerate(cfg.moe_layers)}
+        self._moe_blocks = {layer: _split(model.layers[layer].mlp) for layer in cfg.moe_layers}
         self._norm = _split(model.norm)
         self._proj = _split(model.embed_tokens if cfg.tie_word_embeddings else model.lm_head)
         e, lm = cfg.num_experts, cfg.num_moe_layers
@@ -203,9 +203,9 @@ class OffloadedEngine:
         if self.residency.fill_host_stacks() and self.prefetcher is not None:
             self.prefetcher.host = self.host
 
-    def _make_resident(self, ml: int, experts: Sequence[int]) -> None:
+    def _make_resident(self, moe_layer: int, experts: Sequence[int]) -> None:
         """Caller holds the residency lock; waits and copies are charged as stall time."""
-        waited, fetching = self.residency.make_resident(ml, experts, prefetcher=self.prefetcher)
+        waited, fetching = self.residency.make_resident(moe_layer, experts, prefetcher=self.prefetcher)
         self._timers.stall_s += waited + fetching
 
     # ---- one forward over new tokens -----------------------------------------
@@ -223,19 +223,19 @@ class OffloadedEngine:
         x = stages.embed(self._embed[0], self._embed[1], np.asarray(tokens, np.int32))
         wi, pad = np.int32(write_index), np.asarray(pad_len, np.int32)
         restricted = self.mode == "restricted"
-        for li, (gdef, state) in enumerate(self._layers):
-            ml = self._moe_of_layer.get(li)
-            resident = self.device_cache.resident(ml) if (ml is not None and restricted) else None
-            residual, normed, caches[li], routing = stages.attend(
-                gdef, state, x, caches[li], wi, pad, resident, restricted=restricted and ml is not None)
-            if ml is None:
+        for layer, (gdef, state) in enumerate(self._layers):
+            moe_layer = self._moe_of_layer.get(layer)
+            resident = self.device_cache.resident(moe_layer) if (moe_layer is not None and restricted) else None
+            residual, normed, caches[layer], routing = stages.attend(
+                gdef, state, x, caches[layer], wi, pad, resident, restricted=restricted and moe_layer is not None)
+            if moe_layer is None:
                 x = stages.ffn(gdef, state, residual, normed, None, None, None, method=self.method)
                 continue
             ids = np.asarray(routing.ids)  # [B*T, k]: the one host sync of the layer
             if self.routing_override is not None or self.routing_hooks:
                 b, t = tokens.shape
                 r = b if rows is None else rows
-                step = StepRouting(ml, ids.reshape(b, t, -1)[:r], np.asarray(routing.weights).reshape(b, t, -1)[:r],
+                step = StepRouting(moe_layer, ids.reshape(b, t, -1)[:r], np.asarray(routing.weights).reshape(b, t, -1)[:r],
                                    valid[:r], normed[:r] if self.record_router_inputs else None,
                                    None if positions is None else positions[:r])
                 if self.routing_override is not None:
@@ -243,18 +243,18 @@ class OffloadedEngine:
                 for hook in self.routing_hooks:
                     hook(step)
             with self._lock:
-                x = self._moe_ffn(gdef, state, ml, residual, normed, routing, ids, valid)
+                x = self._moe_ffn(gdef, state, moe_layer, residual, normed, routing, ids, valid)
                 if self.prefetcher is not None:
-                    self.prefetcher.end_layer(ml)
+                    self.prefetcher.end_layer(moe_layer)
             if captured is not None:
                 b, t = tokens.shape
-                captured[ml] = (ids.reshape(b, t, -1), np.asarray(routing.weights).reshape(b, t, -1))
+                captured[moe_layer] = (ids.reshape(b, t, -1), np.asarray(routing.weights).reshape(b, t, -1))
             elif self.driver is not None and decode_step is not None:
                 b, t = tokens.shape
                 step_ids = ids.reshape(b, t, -1)
                 step_w = np.asarray(routing.weights).reshape(b, t, -1)
                 # predict while the device computes this layer; prefetch for later ones
-                requests = self.driver.layer(decode_step, ml, step_ids, step_w, normed, done)
+                requests = self.driver.layer(decode_step, moe_layer, step_ids, step_w, normed, done)
                 self.prefetcher.submit(requests)
         logits = stages.head(self._norm[0], self._norm[1], self._proj[0], self._proj[1], x,
                              tied=self.cfg.tie_word_embeddings)
@@ -277,30 +277,30 @@ class OffloadedEngine:
         step = dataclasses.replace(step, ids=ids, weights=weights.astype(np.float32))
         return ids.reshape(-1, k), routing, step
 
-    def _moe_ffn(self, gdef, state, ml, residual, normed, routing, ids, valid):
+    def _moe_ffn(self, gdef, state, moe_layer, residual, normed, routing, ids, valid):
         cache = self.device_cache
         if self.mode == "restricted":
-            return stages.ffn(gdef, state, residual, normed, routing, cache.buffers[ml],
-                              cache.device_slot_map(ml), method=self.method)
+            return stages.ffn(gdef, state, residual, normed, routing, cache.buffers[moe_layer],
+                              cache.device_slot_map(moe_layer), method=self.method)
         # Padding tokens need no experts: their pairs fall on non-resident slots and add 0.
         needed = np.unique(ids[valid.reshape(-1)])
-        slots = self.slots[ml]
+        slots = self.slots[moe_layer]
         if needed.size <= slots:
-            self._make_resident(ml, needed.tolist())
-            return stages.ffn(gdef, state, residual, normed, routing, cache.buffers[ml],
-                              cache.device_slot_map(ml), method=self.method)
+            self._make_resident(moe_layer, needed.tolist())
+            return stages.ffn(gdef, state, residual, normed, routing, cache.buffers[moe_layer],
+                              cache.device_slot_map(moe_layer), method=self.method)
         # More distinct experts than slots: stream them through in waves, resident ones first.
-        resident_first = sorted(needed.tolist(), key=lambda e: cache.slot_of_expert[ml, e] < 0)
+        resident_first = sorted(needed.tolist(), key=lambda e: cache.slot_of_expert[moe_layer, e] < 0)
         acc = jnp.zeros((normed.shape[0] * normed.shape[1], normed.shape[2]), jnp.float32)
         for start in range(0, len(resident_first), slots):
             wave = resident_first[start:start + slots]
-            self._make_resident(ml, wave)
+            self._make_resident(moe_layer, wave)
             wave_map = np.full(self.cfg.num_experts, -1, np.int32)
-            wave_map[wave] = cache.slot_of_expert[ml, wave]
-            acc = stages.routed_partial(normed, routing, cache.buffers[ml], wave_map, acc,
+            wave_map[wave] = cache.slot_of_expert[moe_layer, wave]
+            acc = stages.routed_partial(normed, routing, cache.buffers[moe_layer], wave_map, acc,
                                         method=self.method, act=expert_act(self.cfg))
             self._timers.waves += 1
-        moe_gdef, moe_state = self._moe_blocks[self.cfg.moe_layers[ml]]
+        moe_gdef, moe_state = self._moe_blocks[self.cfg.moe_layers[moe_layer]]
         return stages.finish_waves(moe_gdef, moe_state, residual, normed, acc)
 
     # ---- decode path ------------------------------------------------------------
@@ -436,8 +436,8 @@ class OffloadedEngine:
         nxt = self._pick(logits, temperature, top_p, key, 0)
         lm = self.cfg.num_moe_layers
         if host_driver:
-            self.driver.replay_prefill(prompts, [prefill_routing[ml][0] for ml in range(lm)],
-                                       [prefill_routing[ml][1] for ml in range(lm)], pad_len)
+            self.driver.replay_prefill(prompts, [prefill_routing[moe_layer][0] for moe_layer in range(lm)],
+                                       [prefill_routing[moe_layer][1] for moe_layer in range(lm)], pad_len)
         decoder = None
         if onejit:
             if self._onejit is None:
@@ -445,7 +445,7 @@ class OffloadedEngine:
             decoder = self._onejit
             prefill = None
             if self._ingraph_predictor is not None:
-                ids = np.stack([prefill_routing[ml][0] for ml in range(lm)], axis=2)  # [B, t, Lm, k]
+                ids = np.stack([prefill_routing[moe_layer][0] for moe_layer in range(lm)], axis=2)  # [B, t, Lm, k]
                 prefill = PrefillRouting(tokens, ids, valid, positions.astype(np.int32))
             decoder.start(caches, prefill, temperature=temperature, top_p=top_p, return_logits=return_logits,
                           first_index=t, pad_len=pad_len, steps=max_new_tokens - 1, key=key, teacher=teacher,
@@ -511,18 +511,18 @@ class OffloadedEngine:
         `lower(...).compile().memory_analysis()` on abstract shapes (nothing is run)."""
         if not self.cfg.moe_layers:
             return None
-        li = self.cfg.moe_layers[0]
-        ml = self._moe_of_layer[li]
-        gdef, state = self._layers[li]
+        layer = self.cfg.moe_layers[0]
+        moe_layer = self._moe_of_layer[layer]
+        gdef, state = self._layers[layer]
         cfg, sds = self.cfg, jax.ShapeDtypeStruct
         x = sds((batch, 1, cfg.hidden_size), self.dtype)
-        cache = jax.tree.map(lambda a: sds(a.shape, a.dtype), init_kv_caches(cfg, batch, 64, self.dtype)[li])
+        cache = jax.tree.map(lambda a: sds(a.shape, a.dtype), init_kv_caches(cfg, batch, 64, self.dtype)[layer])
         scalar, pad = sds((), jnp.int32), sds((batch,), jnp.int32)
         try:
             attend_fn = stages.attend_fn(gdef, False)
             attend = attend_fn.lower(state, x, cache, scalar, pad, None).compile()
             _, _, _, routing = jax.eval_shape(attend_fn, state, x, cache, scalar, pad, None)
-            slots = self.device_cache.buffers[ml]
+            slots = self.device_cache.buffers[moe_layer]
             ffn = stages.ffn_fn(gdef, self.method).lower(state, x, x, routing, slots,
                                                          sds((cfg.num_experts,), jnp.int32)).compile()
             return int(sum(c.memory_analysis().temp_size_in_bytes for c in (attend, ffn)))

@@ -78,11 +78,11 @@ class LearnedInGraph:
         scores = jax.nn.sigmoid(step_logits(net, h, 0, zeros, zeros, hidden)[:, 0])
         return scores, pstate._replace(cache=cache, h=h, prefix=zeros, last=zeros)
 
-    def after_routing(self, model, pparams, pstate: LearnedState, ml, normed, ids):
+    def after_routing(self, model, pparams, pstate: LearnedState, moe_layer, normed, ids):
         net = self._net(pparams)
-        prefix, last = routing_update(net, ml, ids, pstate.prefix)
+        prefix, last = routing_update(net, moe_layer, ids, pstate.prefix)
         hidden = normed if self.net_cfg.hidden_size is not None else None
-        scores = jax.nn.sigmoid(step_logits(net, pstate.h, ml + 1, prefix, last, hidden)[:, 0])
+        scores = jax.nn.sigmoid(step_logits(net, pstate.h, moe_layer + 1, prefix, last, hidden)[:, 0])
         return scores, pstate._replace(prefix=prefix, last=last)
 
     def end_step(self, pparams, pstate: LearnedState, ids):

@@ -2,7 +2,7 @@
 
 An in-graph predictor is a set of pure functions of in-graph state; the step calls
   begin_step(model, pparams, pstate, tokens [B], positions [B]) -> (scores [B, E] for MoE layer 0 or None, pstate)
-  after_routing(model, pparams, pstate, ml, normed [B, H], ids [B, k]) -> (scores [B, E] for MoE layer ml+1 or None, pstate)
+  after_routing(model, pparams, pstate, moe_layer, normed [B, H], ids [B, k]) -> (scores [B, E] for MoE layer moe_layer+1 or None, pstate)
   end_step(pparams, pstate, ids [Lm, B, k]) -> pstate
 where `model` is the merged decoder (its own router weights are in reach), `pparams`
 the predictor's own parameters (an argument of the step, not a baked-in constant),
@@ -63,7 +63,7 @@ class InGraphPredictor:
     def begin_step(self, model, pparams, pstate, tokens, positions):
         return None, pstate
 
-    def after_routing(self, model, pparams, pstate, ml, normed, ids):
+    def after_routing(self, model, pparams, pstate, moe_layer, normed, ids):
         raise NotImplementedError
 
     def end_step(self, pparams, pstate, ids):
@@ -71,13 +71,13 @@ class InGraphPredictor:
 
 
 class SpecGatingInGraph(InGraphPredictor):
-    """Speculative gating: softmax(router of layer ml+1 (normed input of layer ml)). Layer 0 of a
+    """Speculative gating: softmax(router of layer moe_layer+1 (normed input of layer moe_layer)). Layer 0 of a
     new token has no router input yet, so nothing is predicted at the token start."""
 
     name = "spec-gating"
 
-    def after_routing(self, model, pparams, pstate, ml, normed, ids):
-        nxt = model.layers[self.cfg.moe_layers[ml + 1]].mlp
+    def after_routing(self, model, pparams, pstate, moe_layer, normed, ids):
+        nxt = model.layers[self.cfg.moe_layers[moe_layer + 1]].mlp
         return jax.nn.softmax(nxt.router_logits(normed), axis=-1), pstate
 
 
@@ -97,8 +97,8 @@ class PrevTokenInGraph(InGraphPredictor):
     def begin_step(self, model, pparams, pstate, tokens, positions):
         return _multi_hot(pstate.prev[0], self.cfg.num_experts), pstate
 
-    def after_routing(self, model, pparams, pstate, ml, normed, ids):
-        return _multi_hot(pstate.prev[ml + 1], self.cfg.num_experts), pstate
+    def after_routing(self, model, pparams, pstate, moe_layer, normed, ids):
+        return _multi_hot(pstate.prev[moe_layer + 1], self.cfg.num_experts), pstate
 
     def end_step(self, pparams, pstate, ids):
         return PrevTokenState(ids.astype(jnp.int32))

@@ -263,7 +263,7 @@ def build_decode_step(cfg: MoEConfig, graphdef, *, method: str = "auto", restric
 
 def _make_step(cfg, graphdef, method, restricted, greedy, top_p_enabled, return_logits, predictor, prefetch_k,
                min_score):
-    moe_of_layer = {layer: ml for ml, layer in enumerate(cfg.moe_layers)}
+    moe_of_layer = {layer: moe_layer for moe_layer, layer in enumerate(cfg.moe_layers)}
     num_moe = cfg.num_moe_layers
     pk = cfg.top_k if prefetch_k is None else int(prefetch_k)
     prefetching = predictor is not None and not restricted and pk > 0
@@ -284,25 +284,25 @@ def _make_step(cfg, graphdef, method, restricted, greedy, top_p_enabled, return_
                                                         live)
                 issued[0] = (n0, ev0)
         reports = []
-        for li, layer in enumerate(model.layers):
-            ml = moe_of_layer.get(li)
-            resident = (slot_states[ml].table >= 0) if (restricted and ml is not None) else None
-            residual, normed, caches[li], routing = layer.attend_and_route(x, caches[li], write_index, pad_len,
+        for layer, block in enumerate(model.layers):
+            moe_layer = moe_of_layer.get(layer)
+            resident = (slot_states[moe_layer].table >= 0) if (restricted and moe_layer is not None) else None
+            residual, normed, caches[layer], routing = block.attend_and_route(x, caches[layer], write_index, pad_len,
                                                                            resident)
-            if ml is None:
-                x = layer.ffn(residual, normed, None, None, None, method)
+            if moe_layer is None:
+                x = block.ffn(residual, normed, None, None, None, method)
                 continue
-            n_prefetched, pf_evicted = issued[ml]
-            if prefetching and ml + 1 < num_moe:
+            n_prefetched, pf_evicted = issued[moe_layer]
+            if prefetching and moe_layer + 1 < num_moe:
                 # Issued before this layer's expert compute, which does not depend on it.
-                scores, pstate = predictor.after_routing(model, pparams, pstate, ml, normed[:, 0],
+                scores, pstate = predictor.after_routing(model, pparams, pstate, moe_layer, normed[:, 0],
                                                          routing.ids.reshape(b, -1))
                 if scores is not None:
-                    slot_states[ml + 1], n, ev = _prefetch(slot_states[ml + 1], host_layers[ml + 1], scores, clock,
+                    slot_states[moe_layer + 1], n, ev = _prefetch(slot_states[moe_layer + 1], host_layers[moe_layer + 1], scores, clock,
                                                            pk, min_score, live)
                     n_prefetched, pf_evicted = n_prefetched + n, pf_evicted + ev
-            x, slot_states[ml], (hits, misses, evicted, timely, wasted, waves) = _moe_layer(
-                layer, residual, normed, routing, slot_states[ml], host_layers[ml], clock, live, method=method,
+            x, slot_states[moe_layer], (hits, misses, evicted, timely, wasted, waves) = _moe_layer(
+                block, residual, normed, routing, slot_states[moe_layer], host_layers[moe_layer], clock, live, method=method,
                 restricted=restricted)
             reports.append(LayerReport(routing.ids.reshape(b, -1), routing.weights.reshape(b, -1), hits, misses,
                                        evicted + pf_evicted, n_prefetched, timely, wasted, waves))

@@ -123,8 +123,8 @@ class OneJitDecoder:
             weights = np.asarray(report.weights, np.float32)[:, :live]
             b = ids.shape[1]
             valid = np.ones((b, 1), bool)
-            for ml in range(ids.shape[0]):
-                step = StepRouting(ml, ids[ml][:, None], weights[ml][:, None], valid, None,
+            for moe_layer in range(ids.shape[0]):
+                step = StepRouting(moe_layer, ids[moe_layer][:, None], weights[moe_layer][:, None], valid, None,
                                    np.asarray(positions)[:live].reshape(b, 1))
                 for hook in e.routing_hooks:
                     hook(step)

@@ -5,7 +5,7 @@ The engine calls, per generate call:
   replay_prefill(...)            -> the prefill's routing, token by token (begin_token + observe)
   per decode step: begin_token(step, tokens, done)
     per MoE layer, after the layer's FFN is dispatched:
-      layer(step, ml, ids, weights, router_input, done) -> prefetch requests
+      layer(step, moe_layer, ids, weights, router_input, done) -> prefetch requests
   end()                          -> end_prompt
 
 A predictor sees exactly what it sees in the simulator: at (t, l) the routing
@@ -62,20 +62,20 @@ class PredictorDriver:
             off = int(pad_len[i])
             for p, tok in enumerate(prompt):
                 row.begin_token(p, int(tok))
-                for ml in range(self.num_moe_layers):
-                    row.observe(p, ml, ids[ml][i, off + p], weights[ml][i, off + p])
+                for moe_layer in range(self.num_moe_layers):
+                    row.observe(p, moe_layer, ids[moe_layer][i, off + p], weights[moe_layer][i, off + p])
 
     def begin_token(self, step: int, tokens: np.ndarray, done: np.ndarray) -> None:
         for i, row in enumerate(self.rows):
             if not done[i]:
                 row.begin_token(int(self.lengths[i] + step), int(tokens[i]))
 
-    def layer(self, step: int, ml: int, ids: np.ndarray, weights: np.ndarray, router_input,
+    def layer(self, step: int, moe_layer: int, ids: np.ndarray, weights: np.ndarray, router_input,
               done: np.ndarray) -> list[tuple[int, float, int, int]]:
-        """Predict at (token, ml), then observe its routing. ids/weights [B, 1, k]; router_input
+        """Predict at (token, moe_layer), then observe its routing. ids/weights [B, 1, k]; router_input
         [B, 1, H] (device) or None. Returns requests (target step, score, layer, expert), where a
         step counts token-major from the first decode token: step * L + layer."""
-        current = step * self.num_moe_layers + ml
+        current = step * self.num_moe_layers + moe_layer
         hidden = np.asarray(router_input, np.float32) if (self.wants_router_inputs and router_input is not None) else None
         best: dict[tuple[int, int], tuple[int, float]] = {}
         for i, row in enumerate(self.rows):
@@ -83,9 +83,9 @@ class PredictorDriver:
                 continue
             t = int(self.lengths[i] + step)
             if hidden is not None:
-                row.observe_router_input(t, ml, hidden[i, 0])
-            pred = row.predict(t, ml)
-            row.observe(t, ml, ids[i, 0], weights[i, 0])
+                row.observe_router_input(t, moe_layer, hidden[i, 0])
+            pred = row.predict(t, moe_layer)
+            row.observe(t, moe_layer, ids[i, 0], weights[i, 0])
             if pred is None:
                 continue
             targets = target_steps(step, pred.targets[:, 0], pred.targets[:, 1], self.num_moe_layers)

@@ -73,8 +73,8 @@ class Residency:
     def evict_all(self) -> None:
         """Empty every device slot (a cold start for the next measurement)."""
         with self.lock:
-            for ml in range(self.num_moe_layers):
-                self.device_cache.evict_all(ml)
+            for moe_layer in range(self.num_moe_layers):
+                self.device_cache.evict_all(moe_layer)
 
     # ---- staged path: make experts resident ---------------------------------------------
     def preload(self, moe_layer: int, experts: Sequence[int]) -> None:
@@ -91,32 +91,32 @@ class Residency:
         evicting one of them). With a prefetcher, needed experts still in flight are waited for
         (lock released meanwhile): that wait is stall time and the access a miss, not a hit.
         Returns (seconds waited on late prefetches, seconds spent fetching)."""
-        cache, ml = self.device_cache, moe_layer
+        cache = self.device_cache
         late: set[int] = set()
         waited = 0.0
         if count and prefetcher is not None:
-            events = prefetcher.begin_layer(ml, list(experts))
+            events = prefetcher.begin_layer(moe_layer, list(experts))
             if events:
-                late = {int(e) for e in experts if cache.slot_of_expert[ml, e] < 0}
+                late = {int(e) for e in experts if cache.slot_of_expert[moe_layer, e] < 0}
                 self.lock.release()
                 try:
                     waited = wait_for(events)
                 finally:
                     self.lock.acquire()
-                prefetcher.settle_late(ml, late)
+                prefetcher.settle_late(moe_layer, late)
                 prefetcher.stats.late += len(events)
                 prefetcher.stats.late_wait_s += waited
         if count:
-            missing = cache.lookup(ml, experts, late)
+            missing = cache.lookup(moe_layer, experts, late)
         else:
-            missing = [e for e in experts if cache.slot_of_expert[ml, e] < 0]
+            missing = [e for e in experts if cache.slot_of_expert[moe_layer, e] < 0]
         if not missing:
             return waited, 0.0
         t0 = time.perf_counter()
-        host_copies = self.host.get_many([(ml, e) for e in missing])
+        host_copies = self.host.get_many([(moe_layer, e) for e in missing])
         for e, weights in zip(missing, host_copies):
-            cache.load(ml, e, weights, protected=experts)
-        jax.block_until_ready(cache.buffers[ml])
+            cache.load(moe_layer, e, weights, protected=experts)
+        jax.block_until_ready(cache.buffers[moe_layer])
         return waited, time.perf_counter() - t0
 
     # ---- one-jit path: the device cache as slot states ------------------------------------
@@ -125,28 +125,28 @@ class Residency:
         device). The slot buffers move into the states: the step donates them from now on."""
         cache = self.device_cache
         states = []
-        for ml in range(cache.num_moe_layers):
-            owner = cache.expert_in_slot[ml]
+        for moe_layer in range(cache.num_moe_layers):
+            owner = cache.expert_in_slot[moe_layer]
             last_use = np.zeros(len(owner), np.int32)  # [S] rank in the LRU order, oldest 0
-            for rank, expert in enumerate(cache.policies[ml].order()):
-                last_use[cache.slot_of_expert[ml, expert]] = rank
-            states.append(SlotState(cache.buffers[ml], cache.slot_of_expert[ml].copy(), owner.copy(), last_use,
+            for rank, expert in enumerate(cache.policies[moe_layer].order()):
+                last_use[cache.slot_of_expert[moe_layer, expert]] = rank
+            states.append(SlotState(cache.buffers[moe_layer], cache.slot_of_expert[moe_layer].copy(), owner.copy(), last_use,
                                     np.zeros(len(owner), bool)))
-            cache.buffers[ml] = None
+            cache.buffers[moe_layer] = None
         return states
 
     def from_slot_states(self, states: Sequence[SlotState]) -> None:
         """Take the cache back from the one-jit step: tables, LRU order and slot buffers."""
         cache = self.device_cache
-        for ml, st in enumerate(states):
+        for moe_layer, st in enumerate(states):
             table, owner, last_use = (np.asarray(a) for a in (st.table, st.owner, st.last_use))
-            cache.buffers[ml] = st.slots
-            cache.slot_of_expert[ml] = table
-            cache.expert_in_slot[ml][:] = owner
-            cache._device_maps[ml] = None
+            cache.buffers[moe_layer] = st.slots
+            cache.slot_of_expert[moe_layer] = table
+            cache.expert_in_slot[moe_layer][:] = owner
+            cache._device_maps[moe_layer] = None
             held = np.flatnonzero(owner >= 0)
             order = held[np.lexsort((held, last_use[held]))]  # oldest first, ties by slot (the step's argmin)
-            cache.policies[ml].restore([int(owner[s]) for s in order])
+            cache.policies[moe_layer].restore([int(owner[s]) for s in order])
 
     @property
     def lru_clock(self) -> int:

@@ -86,8 +86,8 @@ def load_for_analysis(path: str | Path):
     cfg = ckpt.config
     graphdef, params = build_params(cfg, dense_from_converted(ckpt.dense), jnp.float32)
     experts = []
-    for ml in range(cfg.num_moe_layers):
-        layer = ckpt.experts.read_layer(ml)
+    for moe_layer in range(cfg.num_moe_layers):
+        layer = ckpt.experts.read_layer(moe_layer)
         experts.append(ExpertSlots(*(jnp.asarray(np.asarray(layer[w], np.float32)) for w in ("gate", "up", "down"))))
     return cfg, graphdef, params, experts
 
@@ -114,8 +114,8 @@ def analyze_checkpoint(path: str | Path, corpus: str | Path, split: str = "valid
             k = b.task_ids[r]
             nll[k] += rows[r]
             predicted[k] += seq_len
-            for ml in range(cfg.num_moe_layers):
-                counts[ml, k] += np.bincount(ids[ml, r].reshape(-1), minlength=cfg.num_experts)
+            for moe_layer in range(cfg.num_moe_layers):
+                counts[moe_layer, k] += np.bincount(ids[moe_layer, r].reshape(-1), minlength=cfg.num_experts)
     perplexity = {t: {"loss": nll[k] / predicted[k], "ppl": math.exp(nll[k] / predicted[k]),
                       "tokens": int(predicted[k])} for k, t in enumerate(tasks) if predicted[k]}
     if predicted.sum():

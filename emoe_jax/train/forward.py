@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from emoe_jax.model.moe import ExpertSlots, mix_blocked_slots, mix_experts
+from emoe_jax.model.moe import ExpertSlots, SlotRouting, mix_blocked_slots, mix_experts
 
 MIX_METHODS = ("blocked", "sorted", "gather", "reference")
 
@@ -36,7 +36,7 @@ class RouterStats(NamedTuple):
 def moe_output(layer, normed_flat: jax.Array, routing, experts: ExpertSlots, method: str) -> jax.Array:
     """Routed experts (+ shared experts, as `MoEBlock.combine`) for normed tokens [N, H]."""
     if method == "blocked":
-        out = mix_blocked_slots(normed_flat, routing, experts)
+        out = mix_blocked_slots(normed_flat, SlotRouting(routing.ids, routing.weights), experts)  # slot e = expert e
     else:
         identity = jnp.arange(experts.gate.shape[0], dtype=jnp.int32)
         out = mix_experts(normed_flat, routing, experts, identity, method)
