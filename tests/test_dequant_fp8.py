@@ -15,7 +15,6 @@ pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize, _dequantize_fp8_weight  # noqa: E402
 
-from hf_tiny import make_hf_model  # noqa: E402
 
 from emoe_jax.checkpoint import load_checkpoint  # noqa: E402
 from emoe_jax.checkpoint.dequant_fp8 import dequantize_fp8_blocks  # noqa: E402
@@ -71,7 +70,7 @@ BLOCK = (16, 16)  # tiny shapes: several blocks per tensor, ragged edges (24, 48
 
 
 @pytest.fixture(scope="module")
-def fp8_checkpoint(tmp_path_factory):
+def fp8_checkpoint(make_hf_model, tmp_path_factory):
     """A tiny DeepSeek-V3 saved the way FP8 releases are: 2-D linear weights as e4m3 + weight_scale_inv,
     everything else unquantized, plus a multi-token-prediction layer after num_hidden_layers."""
     root = tmp_path_factory.mktemp("fp8")
@@ -146,7 +145,7 @@ def test_mtp_layer_is_skipped_with_a_note(fp8_checkpoint):
     ({"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": [128, 128]},
      "activation_scheme='static'"),
 ])
-def test_unsupported_quantization_is_refused_by_name(qc, named, tmp_path):
+def test_unsupported_quantization_is_refused_by_name(make_hf_model, qc, named, tmp_path):
     hf = json.loads(make_hf_model("deepseek_v3").config.to_json_string())
     hf["quantization_config"] = qc
     with pytest.raises(ConfigError, match=named.replace("(", r"\(")):

@@ -22,7 +22,6 @@ from emoe_jax.sim import SimConfig, simulate
 from emoe_jax.traces import PromptTrace, TraceMeta, TraceSet
 
 sys.path.insert(0, str(Path(__file__).parent))
-from trace_fixtures import make_traces  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +174,7 @@ def _replay_counts(tiny, traces, slots):
     return out["device_hits_with_prefill"], out["device_misses_with_prefill"], out
 
 
-def test_hand_computed_lru_count(tiny):
+def test_hand_computed_lru_count(make_traces, tiny):
     # Layer 0, 3 slots (LRU order oldest..newest after each token):
     #   {0,1}: 2 misses -> 0,1 | {1,2}: hit 1, miss 2 -> 0,1,2 | {0,3}: hit 0, miss 3 evicts 1 -> 2,0,3
     #   {1,2}: hit 2, miss 1 evicts 0 -> 3,2,1 | {0,1}: hit 1, miss 0 evicts 3 -> 2,1,0   => 4 hits, 6 misses
@@ -190,7 +189,7 @@ def test_hand_computed_lru_count(tiny):
 
 
 @pytest.mark.parametrize("slots", [3, 5])
-def test_hit_counts_equal_an_independent_lru_on_random_traces(tiny, slots):
+def test_hit_counts_equal_an_independent_lru_on_random_traces(make_traces, tiny, slots):
     cfg = tiny[0]
     rng = np.random.default_rng(slots)
     traces = make_traces([_random_experts(rng, t, 2, 8, 2) for t in (9, 6, 12)], 8)
@@ -199,7 +198,7 @@ def test_hit_counts_equal_an_independent_lru_on_random_traces(tiny, slots):
 
 
 @pytest.mark.parametrize("slots", [2, 8])
-def test_hit_rate_equals_the_lru_simulator(tiny, slots):
+def test_hit_rate_equals_the_lru_simulator(make_traces, tiny, slots):
     # With k slots per layer the cache holds exactly the last token's experts, with E slots it
     # never evicts: either way the order in which one token's experts are touched cannot matter,
     # so the engine and the simulator (zero latency, per-layer pools, running cache) must agree.

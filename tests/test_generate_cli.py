@@ -4,26 +4,8 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from emoe_jax.checkpoint import write_checkpoint
-from emoe_jax.config import tiny_config
-from emoe_jax.data.synthetic import tiny_corpus, tiny_tokenizer
-from emoe_jax.model.hf_params import nest_for_checkpoint, params_to_hf
-from emoe_jax.model.random_init import random_model
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gen")
-    tok = tiny_tokenizer(tiny_corpus(root / "corpus", docs_per_task=10), root / "tok", vocab_size=300)
-    cfg = tiny_config("qwen3_moe", vocab_size=300, bos_token_id=0, eos_token_id=1, pad_token_id=2, add_bos=True)
-    _, params, experts = random_model(cfg, seed=3, router_scale=5.0)
-    stacked = {w: np.stack([np.asarray(getattr(e, w)) for e in experts]) for w in ("gate", "up", "down")}
-    write_checkpoint(root / "ckpt", cfg, nest_for_checkpoint(params_to_hf(cfg, params)), stacked,
-                     tokenizer_dir=tok)
-    return root / "ckpt"
 
 
 def run(*args):

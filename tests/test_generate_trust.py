@@ -11,7 +11,6 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from test_generate_cli import tiny_ckpt  # noqa: F401 - fixture
 
 from emoe_jax import generate
 from emoe_jax.runtime import stages

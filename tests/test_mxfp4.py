@@ -43,32 +43,35 @@ def test_dequantize_rejects_mismatched_shapes():
         dequantize_mxfp4(blocks, scales[..., :0])
 
 
-def _write_quantized_gpt_oss(root, quant_method="mxfp4"):
-    """A tiny gpt-oss checkpoint whose experts are stored as MXFP4 blocks + scales (built here),
-    as openai/gpt-oss-* ship them. Returns the blocks/scales/biases written."""
-    from hf_tiny import make_hf_model
-    from safetensors.numpy import load_file, save_file
+@pytest.fixture(scope="module")
+def _write_quantized_gpt_oss(make_hf_model):
+    def _write_quantized_gpt_oss(root, quant_method="mxfp4"):
+        """A tiny gpt-oss checkpoint whose experts are stored as MXFP4 blocks + scales (built here),
+        as openai/gpt-oss-* ship them. Returns the blocks/scales/biases written."""
+        from safetensors.numpy import load_file, save_file
 
-    model = make_hf_model("gpt_oss", intermediate_size=32)  # MXFP4 packs 32 values along each input
-    model.save_pretrained(root)
-    tensors = load_file(root / "model.safetensors")
-    rng = np.random.default_rng(1)
-    cfg = json.loads((root / "config.json").read_text())
-    e, h, i = cfg["num_local_experts"], cfg["hidden_size"], cfg["intermediate_size"]
-    packed = {}
-    for layer in range(cfg["num_hidden_layers"]):
-        prefix = f"model.layers.{layer}.mlp.experts."
-        for name, rows, cols in (("gate_up_proj", 2 * i, h), ("down_proj", h, i)):
-            del tensors[prefix + name]
-            blocks, scales = _random_mxfp4(rng, e, rows, cols)
-            tensors[prefix + name + "_blocks"], tensors[prefix + name + "_scales"] = blocks, scales
-            packed[(layer, name)] = (blocks, scales, tensors[prefix + name + "_bias"])
-    save_file(tensors, root / "model.safetensors")
-    cfg["quantization_config"] = {"quant_method": quant_method,
-                                  "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
-                                                             "model.embed_tokens", "lm_head"]}
-    (root / "config.json").write_text(json.dumps(cfg))
-    return packed, i
+        model = make_hf_model("gpt_oss", intermediate_size=32)  # MXFP4 packs 32 values along each input
+        model.save_pretrained(root)
+        tensors = load_file(root / "model.safetensors")
+        rng = np.random.default_rng(1)
+        cfg = json.loads((root / "config.json").read_text())
+        e, h, i = cfg["num_local_experts"], cfg["hidden_size"], cfg["intermediate_size"]
+        packed = {}
+        for layer in range(cfg["num_hidden_layers"]):
+            prefix = f"model.layers.{layer}.mlp.experts."
+            for name, rows, cols in (("gate_up_proj", 2 * i, h), ("down_proj", h, i)):
+                del tensors[prefix + name]
+                blocks, scales = _random_mxfp4(rng, e, rows, cols)
+                tensors[prefix + name + "_blocks"], tensors[prefix + name + "_scales"] = blocks, scales
+                packed[(layer, name)] = (blocks, scales, tensors[prefix + name + "_bias"])
+        save_file(tensors, root / "model.safetensors")
+        cfg["quantization_config"] = {"quant_method": quant_method,
+                                      "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                                 "model.embed_tokens", "lm_head"]}
+        (root / "config.json").write_text(json.dumps(cfg))
+        return packed, i
+
+    return _write_quantized_gpt_oss
 
 
 def _convert(src, out):
@@ -76,7 +79,7 @@ def _convert(src, out):
                           capture_output=True, text=True)
 
 
-def test_converter_dequantizes_mxfp4_experts_like_transformers(tmp_path):
+def test_converter_dequantizes_mxfp4_experts_like_transformers(_write_quantized_gpt_oss, tmp_path):
     from emoe_jax.checkpoint import load_checkpoint
 
     packed, inter = _write_quantized_gpt_oss(tmp_path / "hf")
@@ -117,7 +120,7 @@ def test_unsupported_quantization_is_refused_by_name(tmp_path, method):
                         "num_experts_per_tok": 2, "quantization_config": {"quant_method": "mxfp4"}})
 
 
-def test_cli_refuses_unsupported_quantization(tmp_path):
+def test_cli_refuses_unsupported_quantization(_write_quantized_gpt_oss, tmp_path):
     _write_quantized_gpt_oss(tmp_path / "hf", quant_method="gptq")
     proc = _convert(tmp_path / "hf", tmp_path / "ours")
     assert proc.returncode != 0

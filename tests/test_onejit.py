@@ -12,7 +12,6 @@ from emoe_jax.runtime.engine import GenerationError, OffloadedEngine
 from emoe_jax.runtime.ingraph_predictors import PrevTokenInGraph, SpecGatingInGraph
 from emoe_jax.runtime.tiers import InMemoryExperts
 
-from engine_fixtures import model
 
 
 class RandomInGraph:
@@ -60,12 +59,16 @@ PREDICTORS = {"none": None, "spec-gating": SpecGatingInGraph, "prev-token": Prev
               "random": RandomInGraph, "adversarial": AdversarialInGraph}
 
 
-def _engine(family, slots, predictor="none", **kw):
-    cfg, g, p, ex, resident = model(family)
-    make = PREDICTORS[predictor]
-    engine = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=slots,
-                             predictor=None if make is None else make(cfg), **kw)
-    return engine, resident
+@pytest.fixture(scope="module")
+def _engine(tiny_model):
+    def _engine(family, slots, predictor="none", **kw):
+        cfg, g, p, ex, resident = tiny_model(family)
+        make = PREDICTORS[predictor]
+        engine = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=slots,
+                                 predictor=None if make is None else make(cfg), **kw)
+        return engine, resident
+
+    return _engine
 
 
 prompt_lists = st.lists(st.lists(st.integers(3, 120), min_size=1, max_size=9), min_size=1, max_size=3)
@@ -74,8 +77,8 @@ prompt_lists = st.lists(st.lists(st.integers(3, 120), min_size=1, max_size=9), m
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(family=st.sampled_from(["mixtral", "deepseek_v2", "qwen3_moe"]), data=st.data(),
        predictor=st.sampled_from(sorted(PREDICTORS)), prompts=prompt_lists)
-def test_onejit_equals_all_resident(family, data, predictor, prompts):
-    cfg = model(family)[0]
+def test_onejit_equals_all_resident(_engine, tiny_model, family, data, predictor, prompts):
+    cfg = tiny_model(family)[0]
     slots = data.draw(st.integers(1, cfg.num_experts), label="slots")
     engine, resident = _engine(family, slots, predictor)
     new = 6
@@ -93,7 +96,7 @@ def test_onejit_equals_all_resident(family, data, predictor, prompts):
         assert pf["completed"] == pf["timely"] + pf["wasted"] and pf["in_graph"]
 
 
-def test_onejit_logits_are_bit_equal_to_the_staged_engine():
+def test_onejit_logits_are_bit_equal_to_the_staged_engine(_engine):
     prompts = [[5, 9, 13, 22, 7], [3, 17, 8, 99]]
     for family in ("mixtral", "deepseek_v2"):
         outs = [_engine(family, 3, decode_path=path)[0].generate(prompts, 6, stop_at_eos=False, return_logits=True)
@@ -104,7 +107,7 @@ def test_onejit_logits_are_bit_equal_to_the_staged_engine():
         np.testing.assert_allclose(outs[0].logits, outs[1].logits, atol=2e-6)
 
 
-def test_no_compilation_after_warmup_while_experts_swap():
+def test_no_compilation_after_warmup_while_experts_swap(_engine):
     engine, _ = _engine("mixtral", 1, "random")
     engine.generate([[5, 9, 13, 22, 7], [3, 17, 8, 99]], 8, stop_at_eos=False)  # warm-up
     before = compile_count()
@@ -115,7 +118,7 @@ def test_no_compilation_after_warmup_while_experts_swap():
     assert out.stats["waves"] > 0  # 2 rows x top-2 > 1 slot: waves inside the step
 
 
-def test_stats_count_misses_bytes_and_host_hits():
+def test_stats_count_misses_bytes_and_host_hits(_engine):
     engine, _ = _engine("qwen3_moe", 2)
     out = engine.generate([[4, 5, 6, 7]], 8, stop_at_eos=False)
     s = out.stats
@@ -126,7 +129,7 @@ def test_stats_count_misses_bytes_and_host_hits():
     assert again["host"]["misses"] == 0 and again["host"]["hits"] >= again["device"]["misses"]
 
 
-def test_sampling_matches_the_staged_engine():
+def test_sampling_matches_the_staged_engine(_engine):
     prompts = [[5, 9, 13], [7, 7]]
     outs = [_engine("qwen3_moe", 2, decode_path=path)[0].generate(prompts, 8, temperature=0.8, top_p=0.9, seed=3,
                                                                     stop_at_eos=False).tokens
@@ -134,7 +137,7 @@ def test_sampling_matches_the_staged_engine():
     assert outs[0] == outs[1]
 
 
-def test_restricted_mode_and_teacher_forcing_on_onejit():
+def test_restricted_mode_and_teacher_forcing_on_onejit(_engine):
     engines = []
     for path in ("staged", "onejit"):
         engine, _ = _engine("mixtral", 3, mode="restricted", decode_path=path)
@@ -149,7 +152,7 @@ def test_restricted_mode_and_teacher_forcing_on_onejit():
     assert outs[1].stats["device"]["misses"] == 0 and outs[1].stats["h2d_bytes"] == 0
 
 
-def test_routing_hooks_see_the_same_routing_one_step_behind():
+def test_routing_hooks_see_the_same_routing_one_step_behind(_engine):
     seen = {}
     for path in ("staged", "onejit"):
         engine, _ = _engine("deepseek_v2", 2, decode_path=path)
@@ -161,7 +164,7 @@ def test_routing_hooks_see_the_same_routing_one_step_behind():
         assert la == lb and np.array_equal(ia, ib) and np.array_equal(pa, pb)
 
 
-def test_fallback_is_chosen_in_one_place_and_reported():
+def test_fallback_is_chosen_in_one_place_and_reported(_engine):
     engine, _ = _engine("mixtral", 2, host_experts=3)
     out = engine.generate([[5, 6, 7]], 4, stop_at_eos=False)
     assert out.stats["decode_path"] == "staged" and "host tier" in out.stats["decode_path_reason"]
@@ -174,8 +177,8 @@ def test_fallback_is_chosen_in_one_place_and_reported():
         _engine("mixtral", 2, host_experts=3, decode_path="onejit")[0].generate([[5, 6, 7]], 4)
 
 
-def test_bfloat16_onejit_agrees_with_staged():
-    cfg, g, p, ex, _ = model("qwen3_moe")
+def test_bfloat16_onejit_agrees_with_staged(tiny_model):
+    cfg, g, p, ex, _ = tiny_model("qwen3_moe")
     p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, p)
     ex16 = [type(e)(*(a.astype(jnp.bfloat16) for a in e)) for e in ex]
     outs = [OffloadedEngine(cfg, g, p16, InMemoryExperts(ex16), device_experts=2, dtype=jnp.bfloat16,
@@ -186,7 +189,7 @@ def test_bfloat16_onejit_agrees_with_staged():
     np.testing.assert_array_equal(outs[0].logits, outs[1].logits)
 
 
-def test_observers_and_override_are_per_call():
+def test_observers_and_override_are_per_call(_engine):
     engine, _ = _engine("qwen3_moe", 2)
     seen = []
     out = engine.generate([[5, 9, 13]], 4, stop_at_eos=False, observers=[seen.append])
@@ -197,12 +200,12 @@ def test_observers_and_override_are_per_call():
     assert forced.tokens == out.tokens
 
 
-def test_engine_config_is_one_frozen_value():
+def test_engine_config_is_one_frozen_value(tiny_model):
     import dataclasses
 
     from emoe_jax import EngineConfig
 
-    cfg, g, p, ex, _ = model("mixtral")
+    cfg, g, p, ex, _ = tiny_model("mixtral")
     base = EngineConfig(device_experts=2, decode_path="staged")
     engine = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), base, host_experts=5)
     assert engine.config == dataclasses.replace(base, host_experts=5) and engine.slots == [2, 2]

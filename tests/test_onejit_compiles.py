@@ -3,11 +3,10 @@
 from emoe_jax.runtime.engine import OffloadedEngine
 from emoe_jax.runtime.tiers import InMemoryExperts
 
-from engine_fixtures import model
 
 
-def test_second_step_reuses_the_first_steps_executable():
-    cfg, g, p, ex, _ = model("qwen3_moe")
+def test_second_step_reuses_the_first_steps_executable(tiny_model):
+    cfg, g, p, ex, _ = tiny_model("qwen3_moe")
     engine = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=4, decode_path="onejit")
     prompt = [[5, 9, 17, 33]]
     # Two new tokens: the step runs once, on the arguments start() hands it (not yet step outputs).
@@ -16,8 +15,8 @@ def test_second_step_reuses_the_first_steps_executable():
     assert engine.generate(prompt, 6, stop_at_eos=False).stats["compiles"] == 0
 
 
-def test_batches_of_one_bucket_share_one_step_and_dummy_rows_stay_invisible():
-    cfg, g, p, ex, _ = model("qwen3_moe")
+def test_batches_of_one_bucket_share_one_step_and_dummy_rows_stay_invisible(tiny_model):
+    cfg, g, p, ex, _ = tiny_model("qwen3_moe")
     onejit = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=4, decode_path="onejit")
     staged = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=4, decode_path="staged")
     prompts = [[5, 9, 17, 33], [2, 3], [7, 7, 7], [11]]

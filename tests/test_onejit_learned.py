@@ -13,7 +13,6 @@ from emoe_jax.runtime.ingraph_learned import LearnedInGraph
 from emoe_jax.runtime.ingraph_predictors import PrefillRouting
 from emoe_jax.runtime.tiers import InMemoryExperts
 
-from engine_fixtures import model
 
 
 def tiny_learned(cfg, hidden=True, seed=0):
@@ -23,8 +22,8 @@ def tiny_learned(cfg, hidden=True, seed=0):
     return LearnedPredictor(model=RoutingPredictorNet(net_cfg, rngs=nnx.Rngs(seed)))
 
 
-def test_in_graph_scores_equal_the_host_step_path():
-    cfg = model("deepseek_v2")[0]
+def test_in_graph_scores_equal_the_host_step_path(tiny_model):
+    cfg = tiny_model("deepseek_v2")[0]
     lm, e, k, hsz = cfg.num_moe_layers, cfg.num_experts, cfg.top_k, cfg.hidden_size
     for hidden in (True, False):
         host = tiny_learned(cfg, hidden)
@@ -61,8 +60,8 @@ def test_in_graph_scores_equal_the_host_step_path():
             state = end(params, state, ids[t][:, None])
 
 
-def test_learned_in_graph_prefetch_keeps_outputs_exact():
-    cfg, g, p, ex, resident = model("qwen3_moe")
+def test_learned_in_graph_prefetch_keeps_outputs_exact(tiny_model):
+    cfg, g, p, ex, resident = tiny_model("qwen3_moe")
     prompts = [[5, 9, 13, 22, 7], [3, 17, 8]]
     ref = resident.generate(prompts, 8)
     engine = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=2, predictor=tiny_learned(cfg))

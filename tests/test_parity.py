@@ -11,7 +11,6 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from hf_tiny import FAMILIES, make_hf_model  # noqa: E402
 
 from emoe_jax.checkpoint import load_checkpoint  # noqa: E402
 from emoe_jax.model.hf_params import build_params, dense_from_converted  # noqa: E402
@@ -20,6 +19,11 @@ from emoe_jax.model.resident import ResidentModel  # noqa: E402
 from emoe_jax.runtime.engine import OffloadedEngine  # noqa: E402
 
 PROMPTS = [[5, 9, 13, 22, 7, 31, 40, 3, 64], [3, 17, 8], [11, 12, 13, 14, 15, 90]]
+
+# Parity cases: the families (conftest's make_hf_model builds each), plus Mixtral with a sliding
+# window short enough to matter.
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss",
+            "mixtral_sliding")
 
 
 # Variants of a family with structural options its default tiny model lacks.
@@ -30,7 +34,7 @@ VARIANTS = {
 
 
 @pytest.fixture(scope="module", params=FAMILIES + tuple(VARIANTS))
-def converted(request, tmp_path_factory):
+def converted(make_hf_model, request, tmp_path_factory):
     family, overrides = VARIANTS.get(request.param, (request.param, {}))
     hf_model = make_hf_model(family, **overrides)
     family = request.param

@@ -15,7 +15,6 @@ from emoe_jax.predict import (
     step_predictions,
 )
 from emoe_jax.predict.drive import prompt_predictions
-from trace_fixtures import make_traces  # noqa: E402
 
 
 
@@ -23,9 +22,13 @@ def random_experts(rng, T, L, E, k):
     return np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(L)]) for _ in range(T)])
 
 
-def random_traces(seed=0, prompts=4, L=3, E=8, k=2, max_tokens=7):
-    rng = np.random.default_rng(seed)
-    return make_traces([random_experts(rng, int(rng.integers(1, max_tokens)), L, E, k) for _ in range(prompts)], E)
+@pytest.fixture(scope="module")
+def random_traces(make_traces):
+    def random_traces(seed=0, prompts=4, L=3, E=8, k=2, max_tokens=7):
+        rng = np.random.default_rng(seed)
+        return make_traces([random_experts(rng, int(rng.integers(1, max_tokens)), L, E, k) for _ in range(prompts)], E)
+
+    return random_traces
 
 
 PREDICTIVE = ["static-freq", "prev-token", "causal-table", "moe-infinity-beyond", "moe-infinity", "oracle-prefetch"]
@@ -58,13 +61,13 @@ def test_registry_unknown_name_and_option_give_clear_errors():
     assert get_predictor("lru", ignore_unknown=True, lookahead=1).name == "lru"
 
 
-def test_unfitted_predictor_names_the_missing_fit():
+def test_unfitted_predictor_names_the_missing_fit(random_traces):
     traces = random_traces()
     with pytest.raises(RuntimeError, match="call fit"):
         step_predictions(get_predictor("static-freq"), traces[0], traces.meta)
 
 
-def test_prediction_rejects_targets_in_the_past():
+def test_prediction_rejects_targets_in_the_past(random_traces):
     class Bad(BasePredictor):
         name = "bad"
 
@@ -81,7 +84,7 @@ def test_prediction_rejects_targets_in_the_past():
 
 @pytest.mark.parametrize("name", PREDICTIVE)
 @pytest.mark.parametrize("lookahead", [0, 1, 4])
-def test_fast_path_equals_step_path(name, lookahead):
+def test_fast_path_equals_step_path(random_traces, name, lookahead):
     traces = random_traces(seed=1, prompts=5, L=3)
     fast, slow = built(name, traces, lookahead), built(name, traces, lookahead)
     for trace in traces:
@@ -101,7 +104,7 @@ def test_fast_path_equals_step_path(name, lookahead):
 
 @pytest.mark.parametrize("name", [n for n in PREDICTIVE if n != "oracle-prefetch"])
 @pytest.mark.parametrize("fast", [True, False])
-def test_predictions_do_not_depend_on_the_future(name, fast):
+def test_predictions_do_not_depend_on_the_future(random_traces, make_traces, name, fast):
     """Replace everything from step s* on: predictions issued at steps <= s* stay identical."""
     rng = np.random.default_rng(3)
     L, E, k = 3, 8, 2
@@ -120,7 +123,7 @@ def test_predictions_do_not_depend_on_the_future(name, fast):
             np.testing.assert_array_equal(a.reuse[:cut], b.reuse[:cut])
 
 
-def test_the_no_peeking_check_catches_an_oracle():
+def test_the_no_peeking_check_catches_an_oracle(random_traces, make_traces):
     rng = np.random.default_rng(3)
     train = random_traces(seed=4)
     base = random_experts(rng, 5, 3, 8, 2)
@@ -135,7 +138,7 @@ def test_the_no_peeking_check_catches_an_oracle():
 # -- each predictor's arithmetic --------------------------------------------------
 
 
-def test_static_frequency_counts_per_layer():
+def test_static_frequency_counts_per_layer(make_traces):
     # 2 tokens, 2 layers, k=1: layer 0 uses 1 then 1, layer 1 uses 2 then 3.
     traces = make_traces([np.array([[[1], [2]], [[1], [3]]])], num_experts=4)
     p = built("static-freq", traces, lookahead=0)
@@ -145,7 +148,7 @@ def test_static_frequency_counts_per_layer():
     np.testing.assert_allclose(pred.scores, [[0, 0, 0.5, 0.5]])
 
 
-def test_prev_token_uses_latest_routing_at_each_layer():
+def test_prev_token_uses_latest_routing_at_each_layer(make_traces):
     # L=2: at (t=1, l=1) with lookahead 1 the targets are (1, 1) and (2, 0):
     # layer 1 was last routed by token 0 (expert 5), layer 0 by token 1 (expert 2).
     traces = make_traces([np.array([[[0], [5]], [[2], [6]], [[3], [7]]])], num_experts=8)
@@ -158,7 +161,7 @@ def test_prev_token_uses_latest_routing_at_each_layer():
     assert not preds.scores[first].any()  # nothing routed yet: no prediction
 
 
-def test_moe_infinity_beyond_uses_mean_of_nine_lowest_prompt_ids():
+def test_moe_infinity_beyond_uses_mean_of_nine_lowest_prompt_ids(make_traces):
     # Prompt ids 20..9 in reverse; the 9 lowest (9..17) all route to expert 1 except id 9 (expert 2).
     prompts, ids = [], []
     for pid in range(20, 8, -1):
@@ -172,7 +175,7 @@ def test_moe_infinity_beyond_uses_mean_of_nine_lowest_prompt_ids():
     np.testing.assert_allclose(p.centroid, [[0, 16 / 9, 2 / 9, 0]], rtol=1e-6)
 
 
-def test_moe_infinity_picks_nearest_past_request_and_decays_by_distance():
+def test_moe_infinity_picks_nearest_past_request_and_decays_by_distance(make_traces):
     L, E = 3, 6
     a = np.tile(np.array([[0, 1], [0, 1], [0, 1]]), (4, 1, 1))  # request A: experts 0,1 everywhere
     b = np.tile(np.array([[2, 3], [4, 5], [2, 3]]), (4, 1, 1))  # request B
@@ -190,7 +193,7 @@ def test_moe_infinity_picks_nearest_past_request_and_decays_by_distance():
     assert p.size == 3
 
 
-def test_moe_infinity_collection_replaces_least_matched_when_full():
+def test_moe_infinity_collection_replaces_least_matched_when_full(make_traces):
     E = 4
     reqs = [np.full((1, 1, 1), e) for e in range(3)]
     p = get_predictor("moe-infinity", capacity=2)
@@ -200,7 +203,7 @@ def test_moe_infinity_collection_replaces_least_matched_when_full():
     np.testing.assert_allclose(p.store_rows[:, 0], [[1, 0, 0, 0], [0, 0, 0, 1]])
 
 
-def test_oracle_scores_exactly_the_future():
+def test_oracle_scores_exactly_the_future(random_traces):
     traces = random_traces(seed=2)
     preds = prompt_predictions(built("oracle-prefetch", traces, 1), traces[0], traces.meta)
     flat = np.asarray(traces[0].experts).reshape(-1, traces.meta.top_k)
@@ -210,7 +213,7 @@ def test_oracle_scores_exactly_the_future():
             assert sorted(preds.scores[r].nonzero()[0]) == sorted(flat[tgt])
 
 
-def test_causal_table_combines_token_layer_and_previous_token_tables():
+def test_causal_table_combines_token_layer_and_previous_token_tables(make_traces):
     """Each table alone picks the expert its counts say; the combination stays a distribution over k."""
     L, E, k = 2, 6, 1
     # token 0 -> layer0 expert 0 -> layer1 expert 3; token 1 -> layer0 expert 1 -> layer1 expert 4, alternating

@@ -7,18 +7,21 @@ import pytest
 
 from emoe_jax.predict import get_predictor
 from emoe_jax.predict.drive import step_predictions
-from trace_fixtures import make_traces  # noqa: E402
 
 
-def _random(seed: int, prompts: int, L: int = 4, E: int = 12, k: int = 3):
-    rng = np.random.default_rng(seed)
-    skew = np.linspace(3, 0.2, E) / np.linspace(3, 0.2, E).sum()  # repeated experts: counts above 1
-    return make_traces([np.stack([np.stack([rng.choice(E, k, replace=False, p=skew) for _ in range(L)])
-                                  for _ in range(int(n))]) for n in rng.integers(1, 14, prompts)], E)  # fmt: skip
+@pytest.fixture(scope="module")
+def _random(make_traces):
+    def _random(seed: int, prompts: int, L: int = 4, E: int = 12, k: int = 3):
+        rng = np.random.default_rng(seed)
+        skew = np.linspace(3, 0.2, E) / np.linspace(3, 0.2, E).sum()  # repeated experts: counts above 1
+        return make_traces([np.stack([np.stack([rng.choice(E, k, replace=False, p=skew) for _ in range(L)])
+                                      for _ in range(int(n))]) for n in rng.integers(1, 14, prompts)], E)  # fmt: skip
+
+    return _random
 
 
 @pytest.mark.parametrize("lookahead,capacity", [(0, 1000), (2, 1000), (1, 3), (4, 1)])
-def test_compiled_replay_equals_python(lookahead, capacity):
+def test_compiled_replay_equals_python(_random, lookahead, capacity):
     """Same scores and the same collection (stored EAMs, access counts) after every prompt,
     including a full collection whose least-matched entries are replaced."""
     train, replay = _random(0, 6), _random(1, 8)
@@ -37,7 +40,7 @@ def test_compiled_replay_equals_python(lookahead, capacity):
         assert fast.size == slow.size
 
 
-def test_compiled_replay_equals_step_path_and_empty_collection():
+def test_compiled_replay_equals_step_path_and_empty_collection(_random):
     replay = _random(2, 3)
     fast, step = get_predictor("moe-infinity", lookahead=1), get_predictor("moe-infinity", lookahead=1)
     for trace in replay:  # no fit: the first prompt sees an empty collection (zero scores)

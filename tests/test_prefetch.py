@@ -12,7 +12,6 @@ import emoe_jax.runtime.residency as residency_mod  # where the engine waits for
 from emoe_jax.runtime.engine import OffloadedEngine
 from emoe_jax.runtime.tiers import InMemoryExperts
 
-from engine_fixtures import model
 
 
 
@@ -61,9 +60,9 @@ def reference_routing(engine, prompts, new):
        host=st.one_of(st.none(), st.integers(1, 12)), lookahead=st.integers(0, 6),
        prefetch_k=st.integers(1, 8), adversarial=st.booleans(), seed=st.integers(0, 1000),
        prompt=st.lists(st.integers(3, 120), min_size=1, max_size=7))
-def test_prefetching_never_changes_exact_outputs(family, slots, host, lookahead, prefetch_k, adversarial, seed,
+def test_prefetching_never_changes_exact_outputs(tiny_model, family, slots, host, lookahead, prefetch_k, adversarial, seed,
                                                  prompt):
-    cfg, g, p, ex, resident = model(family)
+    cfg, g, p, ex, resident = tiny_model(family)
     new = 6
     ref_tokens = resident.generate([prompt], new)[0].tolist()
     wrong = None
@@ -84,8 +83,8 @@ def test_prefetching_never_changes_exact_outputs(family, slots, host, lookahead,
     assert pf["timely"] + pf["wasted"] <= pf["completed"]
 
 
-def test_batched_prefetching_with_a_real_predictor_is_exact():
-    cfg, g, p, ex, resident = model("qwen3_moe")
+def test_batched_prefetching_with_a_real_predictor_is_exact(tiny_model):
+    cfg, g, p, ex, resident = tiny_model("qwen3_moe")
     prompts = [[5, 9, 13, 22, 7], [3, 17, 8], [40, 41]]
     ref = resident.generate(prompts, 8)
     engine = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=2, host_experts=4,
@@ -128,52 +127,56 @@ def gate_transfers(cache):
     return gate
 
 
-def _run_gated(late: bool):
-    cfg, g, p, ex, _ = model("mixtral")
-    prompt, new = [5, 9, 13, 22, 7], 7
-    plain = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=cfg.num_experts)
-    seen, _ = reference_routing(plain, [prompt], new)
-    routing = {(t, l): e for (_, t, l), e in seen.items()}
-    k = cfg.top_k
-    # Layer 1 has exactly top-k slots, so every new expert of layer 1 must move; host holds all.
-    engine = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=f"{cfg.num_experts},{k}",
-                             host_experts=cfg.num_experts * 2, predictor=ExactNextLayer(routing))
-    pf = engine.prefetcher
-    gate = gate_transfers(engine.device_cache)
+@pytest.fixture(scope="module")
+def _run_gated(tiny_model):
+    def _run_gated(late: bool):
+        cfg, g, p, ex, _ = tiny_model("mixtral")
+        prompt, new = [5, 9, 13, 22, 7], 7
+        plain = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=cfg.num_experts)
+        seen, _ = reference_routing(plain, [prompt], new)
+        routing = {(t, l): e for (_, t, l), e in seen.items()}
+        k = cfg.top_k
+        # Layer 1 has exactly top-k slots, so every new expert of layer 1 must move; host holds all.
+        engine = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=f"{cfg.num_experts},{k}",
+                                 host_experts=cfg.num_experts * 2, predictor=ExactNextLayer(routing))
+        pf = engine.prefetcher
+        gate = gate_transfers(engine.device_cache)
 
-    def idle():
-        return not pf._inflight and not pf._queue
+        def idle():
+            return not pf._inflight and not pf._queue
 
-    def hook(step):
-        if step.positions[0, -1] < len(prompt):
-            return  # prefill
-        if step.moe_layer == 0:
-            gate.clear()  # this step's prefetches for layer 1 will hang until released
-        elif not late:
+        def hook(step):
+            if step.positions[0, -1] < len(prompt):
+                return  # prefill
+            if step.moe_layer == 0:
+                gate.clear()  # this step's prefetches for layer 1 will hang until released
+            elif not late:
+                gate.set()
+                with pf._cond:  # the worker notifies it as each prefetch lands
+                    assert pf._cond.wait_for(idle, timeout=60), "prefetch never landed"
+
+        # Late: release layer 1's prefetches only once the engine is already waiting for them (no
+        # timer: the order is forced, so the arrival is late by construction).
+        real_wait_for = residency_mod.wait_for
+
+        def release_then_wait(events):
             gate.set()
-            with pf._cond:  # the worker notifies it as each prefetch lands
-                assert pf._cond.wait_for(idle, timeout=60), "prefetch never landed"
+            return real_wait_for(events)
 
-    # Late: release layer 1's prefetches only once the engine is already waiting for them (no
-    # timer: the order is forced, so the arrival is late by construction).
-    real_wait_for = residency_mod.wait_for
+        engine.routing_hooks.append(hook)
+        if late:
+            residency_mod.wait_for = release_then_wait
+        try:
+            out = engine.generate([prompt], new, stop_at_eos=False)
+        finally:
+            residency_mod.wait_for = real_wait_for
+            gate.set()
+        return out.stats
 
-    def release_then_wait(events):
-        gate.set()
-        return real_wait_for(events)
-
-    engine.routing_hooks.append(hook)
-    if late:
-        residency_mod.wait_for = release_then_wait
-    try:
-        out = engine.generate([prompt], new, stop_at_eos=False)
-    finally:
-        residency_mod.wait_for = real_wait_for
-        gate.set()
-    return out.stats
+    return _run_gated
 
 
-def test_timely_prefetch_is_a_hit_and_late_prefetch_is_a_stall():
+def test_timely_prefetch_is_a_hit_and_late_prefetch_is_a_stall(_run_gated):
     timely, late = _run_gated(late=False), _run_gated(late=True)
     assert timely["prefetch"]["timely"] > 0 and timely["prefetch"]["late"] == 0
     assert late["prefetch"]["timely"] == 0 and late["prefetch"]["late"] > 0
@@ -189,8 +192,8 @@ def test_timely_prefetch_is_a_hit_and_late_prefetch_is_a_stall():
     assert waits > 0 and late["stall_s"] >= waits  # waited-for time is a stall
 
 
-def test_oracles_and_restricted_mode_are_refused():
-    cfg, g, p, ex, _ = model("mixtral")
+def test_oracles_and_restricted_mode_are_refused(tiny_model):
+    cfg, g, p, ex, _ = tiny_model("mixtral")
     with pytest.raises(ValueError, match="oracle"):
         OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=2, predictor=get_predictor("oracle"))
     with pytest.raises(ValueError, match="restricted"):
@@ -198,8 +201,8 @@ def test_oracles_and_restricted_mode_are_refused():
                         predictor=get_predictor("prev-token"))
 
 
-def test_no_reuse_is_on_demand_offloading():
-    cfg, g, p, ex, resident = model("mixtral")
+def test_no_reuse_is_on_demand_offloading(tiny_model):
+    cfg, g, p, ex, resident = tiny_model("mixtral")
     prompt = [5, 9, 13, 22, 7]
     engine = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=cfg.num_experts, reuse=False)
     out = engine.generate([prompt], 6, stop_at_eos=False)

@@ -13,16 +13,19 @@ from emoe_jax.sim import SimConfig, SimConfigError, simulate, split_by_prompt_id
 from emoe_jax.sim.__main__ import main as sim_main
 from sim_reference import simulate_reference
 from emoe_jax.sim.requests import next_use_table, ranked_experts, ranked_experts_reference
-from trace_fixtures import make_traces  # noqa: E402
 
 from emoe_jax.traces import TraceWriter
 
 MS = 1e-3
 
 
-def sequence(*experts):
-    """One layer, top-1: token t routes to experts[t]."""
-    return make_traces([np.array(experts).reshape(-1, 1, 1)], num_experts=8)
+@pytest.fixture(scope="module")
+def sequence(make_traces):
+    def sequence(*experts):
+        """One layer, top-1: token t routes to experts[t]."""
+        return make_traces([np.array(experts).reshape(-1, 1, 1)], num_experts=8)
+
+    return sequence
 
 
 ZERO = SimConfig(zero_latency=True, lookahead_layers=0)
@@ -31,7 +34,7 @@ ZERO = SimConfig(zero_latency=True, lookahead_layers=0)
 # -- hand-computed cache behaviour ------------------------------------------------
 
 
-def test_lru_misses_by_hand():
+def test_lru_misses_by_hand(sequence):
     # capacity 2, accesses 0 1 2 0 1 3 0
     # 0 miss [0]; 1 miss [0 1]; 2 miss evict 0 [1 2]; 0 miss evict 1 [2 0];
     # 1 miss evict 2 [0 1]; 3 miss evict 0 [1 3]; 0 miss evict 1 [3 0]  -> 7 misses, 0 hits
@@ -39,7 +42,7 @@ def test_lru_misses_by_hand():
     assert (r.accesses, r.demand_misses, r.hits) == (7, 7, 0)
 
 
-def test_belady_min_misses_by_hand():
+def test_belady_min_misses_by_hand(sequence):
     # capacity 2, accesses 0 1 2 0 1 3 0 (steps 0..6)
     # 0 miss; 1 miss; 2 miss: next uses 0@3, 1@4 -> evict 1 [0 2]; 0 hit;
     # 1 miss: next uses 0@6, 2 never -> evict 2 [0 1]; 3 miss: 0@6, 1 never -> evict 1 [0 3];
@@ -49,7 +52,7 @@ def test_belady_min_misses_by_hand():
     assert r.oracle
 
 
-def test_lfu_by_hand():
+def test_lfu_by_hand(sequence):
     # capacity 2, accesses 0 0 1 2 1 0
     # 0 miss; 0 hit (f0=2); 1 miss [0 1]; 2 miss: f0=2, f1=1 -> evict 1 [0 2];
     # 1 miss: f0=2, f2=1 -> evict 2 [0 1]; 0 hit -> 4 misses, 2 hits
@@ -57,7 +60,7 @@ def test_lfu_by_hand():
     assert (r.demand_misses, r.hits) == (4, 2)
 
 
-def test_capacity_fraction_and_pools():
+def test_capacity_fraction_and_pools(make_traces):
     traces = make_traces([np.zeros((1, 4, 2), int) + np.array([0, 1])], num_experts=10)  # L=4, E=10, k=2
     assert SimConfig(capacity=0.1).pools(4, 10, 2) == (1, 4)  # int(0.1 * 40)
     assert SimConfig(capacity=0.2, per_layer=True).pools(4, 10, 2) == (4, 2)
@@ -70,7 +73,7 @@ def test_capacity_fraction_and_pools():
 # -- cost model arithmetic ---------------------------------------------------------
 
 
-def test_demand_misses_charge_full_transfer_time():
+def test_demand_misses_charge_full_transfer_time(make_traces):
     # 10 MB experts over 10 GB/s -> 1 ms per transfer; compute 0.5 ms per layer.
     # L=2, k=1, tokens route (e0, e1) then (e0, e1); the cache holds all.
     # step 0: miss, wait 1 ms; step 1: miss, wait 1 ms; steps 2, 3: hits.
@@ -83,7 +86,7 @@ def test_demand_misses_charge_full_transfer_time():
     assert d["bytes_per_token"] == pytest.approx(10e6)
 
 
-def test_misses_of_one_step_serialise_on_one_link_and_overlap_on_two():
+def test_misses_of_one_step_serialise_on_one_link_and_overlap_on_two(make_traces):
     # k=2, both experts missing: one link -> 2 ms stall, two links -> 1 ms.
     traces = make_traces([np.array([[[0, 1]]])], num_experts=4)
     cfg = SimConfig(capacity=4, expert_bytes=10e6, bandwidth_gbps=10.0, layer_compute_ms=0.5)
@@ -91,7 +94,7 @@ def test_misses_of_one_step_serialise_on_one_link_and_overlap_on_two():
     assert simulate(traces, get_predictor("lru"), cfg.with_(links=2)).stall_seconds == pytest.approx(1 * MS)
 
 
-def test_late_prefetch_is_stall_not_hit_and_early_one_is_timely():
+def test_late_prefetch_is_stall_not_hit_and_early_one_is_timely(make_traces):
     # Oracle prefetch, lookahead 1, 1 ms transfers, 2 ms compute; one token, L=2, k=1: e0 then e1.
     # step 0 at t=0: prefetch e0 (target step 0) starts at 0, ready 1 ms; e1 queued (link busy).
     #   demand e0: in transfer -> LATE, stall 1 ms; now = 1 + 2 = 3 ms.
@@ -104,7 +107,7 @@ def test_late_prefetch_is_stall_not_hit_and_early_one_is_timely():
     assert r.to_dict()["timely_prefetch_rate"] == pytest.approx(0.5)
 
 
-def test_wrong_prefetch_is_waste_and_costs_bandwidth():
+def test_wrong_prefetch_is_waste_and_costs_bandwidth(make_traces):
     class Wrong(BasePredictor):
         name = "wrong"
 
@@ -119,7 +122,7 @@ def test_wrong_prefetch_is_waste_and_costs_bandwidth():
     assert r.bytes_moved == pytest.approx((r.prefetches_started + r.demand_transfers) * 10e6)
 
 
-def test_repeated_pattern_reaches_full_hit_rate():
+def test_repeated_pattern_reaches_full_hit_rate(make_traces):
     # Every token routes to the same experts: after warm-up, frequency and
     # previous-token predictors (and plain LRU) hit every access.
     pattern = np.array([[1, 2], [3, 4], [5, 6]])
@@ -136,7 +139,7 @@ def test_repeated_pattern_reaches_full_hit_rate():
 # -- MoE-Beyond protocol -------------------------------------------------------------
 
 
-def test_moe_beyond_protocol_excludes_warmup_and_moves_nothing_in_time():
+def test_moe_beyond_protocol_excludes_warmup_and_moves_nothing_in_time(make_traces):
     rng = np.random.default_rng(0)
     traces = make_traces([rng.integers(0, 8, (15, 2, 1)), rng.integers(0, 8, (5, 2, 1))], num_experts=8)
     r = simulate(traces, get_predictor("lru"), SimConfig.moe_beyond(capacity=4))
@@ -144,7 +147,7 @@ def test_moe_beyond_protocol_excludes_warmup_and_moves_nothing_in_time():
     assert r.stall_seconds == 0.0
 
 
-def test_zero_latency_prefetch_of_current_layer_is_a_hit():
+def test_zero_latency_prefetch_of_current_layer_is_a_hit(make_traces):
     traces = make_traces([np.array([[[0], [1]], [[2], [3]]])], num_experts=4)
     r = simulate(traces, get_predictor("oracle-prefetch", lookahead=0), SimConfig.moe_beyond(capacity=2, warmup_tokens=0, initial_fill="empty"))
     assert r.hit_rate == 1.0 and r.timely_prefetches == 4
@@ -153,15 +156,19 @@ def test_zero_latency_prefetch_of_current_layer_is_a_hit():
 # -- compiled kernel against the plain reference ---------------------------------------
 
 
-def random_traces(seed, prompts=3, L=3, E=6, k=2, max_tokens=9):
-    rng = np.random.default_rng(seed)
-    return make_traces(
-        [
-            np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(L)]) for _ in range(int(n))])
-            for n in rng.integers(1, max_tokens, prompts)
-        ],
-        E,
-    )
+@pytest.fixture(scope="module")
+def random_traces(make_traces):
+    def random_traces(seed, prompts=3, L=3, E=6, k=2, max_tokens=9):
+        rng = np.random.default_rng(seed)
+        return make_traces(
+            [
+                np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(L)]) for _ in range(int(n))])
+                for n in rng.integers(1, max_tokens, prompts)
+            ],
+            E,
+        )
+
+    return random_traces
 
 
 CONFIGS = {
@@ -195,7 +202,7 @@ REFERENCE_KEYS = {
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 @pytest.mark.parametrize("name", ["lru", "lfu", "belady", "static-freq", "prev-token", "causal-table", "moe-infinity",
                                   "oracle-prefetch"])  # fmt: skip
-def test_kernel_matches_reference(name, config_name):
+def test_kernel_matches_reference(random_traces, name, config_name):
     config = CONFIGS[config_name]
     for seed in range(2):
         traces = random_traces(seed)
@@ -231,7 +238,7 @@ def test_ranking_and_next_use_match_plain_definitions():
 # -- errors and CLI ---------------------------------------------------------------------
 
 
-def test_bad_settings_give_clear_errors():
+def test_bad_settings_give_clear_errors(sequence):
     traces = sequence(0, 1)
     with pytest.raises(SimConfigError, match="below top-k"):
         simulate(traces, get_predictor("lru"), SimConfig(capacity=0.01))
@@ -243,7 +250,7 @@ def test_bad_settings_give_clear_errors():
         simulate(traces.select([]), get_predictor("lru"), SimConfig(capacity=2))
 
 
-def test_split_by_prompt_id_is_contiguous():
+def test_split_by_prompt_id_is_contiguous(make_traces):
     traces = make_traces([np.zeros((1, 1, 1), int)] * 10, 4, ids=[9, 3, 5, 1, 7, 2, 8, 4, 6, 10])
     train, val = split_by_prompt_id(traces, 0.2)
     assert sorted(train.prompt_ids) == list(range(1, 9)) and list(val.prompt_ids) == [9, 10]
@@ -251,7 +258,7 @@ def test_split_by_prompt_id_is_contiguous():
         split_by_prompt_id(traces, 1.5)
 
 
-def test_cli_json_and_errors(tmp_path, capsys):
+def test_cli_json_and_errors(random_traces, tmp_path, capsys):
     traces = random_traces(5, prompts=6)
     path = tmp_path / "traces"
     with TraceWriter(path, traces.meta) as w:
@@ -281,7 +288,7 @@ def _with_tasks(traces, tasks):
 
 
 @pytest.mark.parametrize("config_name", ["timed", "two-links-lookahead3"])
-def test_per_task_counters_sum_to_totals_and_equal_separate_replays(config_name):
+def test_per_task_counters_sum_to_totals_and_equal_separate_replays(random_traces, config_name):
     traces = _with_tasks(random_traces(11, prompts=7), ["a", "b", "a", "c", "b", "a", "c"])
     config = CONFIGS[config_name]
     res = simulate(traces, get_predictor("prev-token", lookahead=config.lookahead_layers), config).to_dict()
@@ -388,7 +395,7 @@ HOST = SimConfig(capacity=4, expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute
                  host_overhead_ms=0.1)  # fmt: skip
 
 
-def test_one_miss_copied_vs_computed_on_the_host():
+def test_one_miss_copied_vs_computed_on_the_host(sequence, make_traces):
     # One token, one layer, expert 0: copy waits 1 ms; the host computes it in 0.6 ms.
     one = sequence(0)
     copy = simulate(one, get_predictor("lru"), HOST).to_dict()
@@ -408,7 +415,7 @@ def test_one_miss_copied_vs_computed_on_the_host():
     assert r.stall_seconds == pytest.approx(1.1 * MS) and r.host_seconds == pytest.approx(1.1 * MS)
 
 
-def test_choose_copies_what_will_be_reused():
+def test_choose_copies_what_will_be_reused(sequence):
     # copy iff (reuse - victim's reuse) x 0.6 ms > 1 ms - 0.6 ms, with a free slot (victim reuse 0):
     # reuse 1.0 -> 0.6 > 0.4: copy (then a hit); reuse 0.5 -> 0.3 < 0.4: host, twice.
     twice = sequence(0, 0)
@@ -422,7 +429,7 @@ def test_choose_copies_what_will_be_reused():
         simulate(twice, FixedReuse(0.5), ZERO.with_(capacity=2, miss_mode="host"))
 
 
-def test_cost_aware_admission_refuses_late_prefetches_and_likelier_victims():
+def test_cost_aware_admission_refuses_late_prefetches_and_likelier_victims(sequence):
     class NextExpert(BasePredictor):
         """One layer: at step t predicts expert 1 for token t+1 with score 0.5 (and reuse ``p``)."""
 
@@ -478,7 +485,7 @@ def test_cost_aware_admission_refuses_late_prefetches_and_likelier_victims():
     assert (cheap.prefetches_refused, cheap.prefetches_started, cheap.late_prefetches, cheap.hits) == (0, 1, 1, 0)
 
 
-def test_numba_cache_goes_to_a_user_cache_dir_not_the_source_tree(monkeypatch, tmp_path):
+def test_numba_cache_goes_to_a_user_cache_dir_not_the_source_tree(sequence, monkeypatch, tmp_path):
     from pathlib import Path
 
     import emoe_jax.sim.kernel as kernel_module

@@ -10,17 +10,20 @@ import pytest
 from emoe_jax.predict import get_predictor
 from emoe_jax.sim import SimConfig, simulate
 from emoe_jax.sim.sweep import main, paired_bootstrap, run_sweep
-from trace_fixtures import make_traces  # noqa: E402
 
 
-def _traces(seed, prompts=4, T=12, L=3, E=8, k=2):
-    rng = np.random.default_rng(seed)
-    w = np.linspace(2, 0.2, E) / np.linspace(2, 0.2, E).sum()
-    return make_traces([np.stack([[rng.choice(E, k, replace=False, p=w) for _ in range(L)] for _ in range(T)])
-                        for _ in range(prompts)], E)  # fmt: skip
+@pytest.fixture(scope="module")
+def _traces(make_traces):
+    def _traces(seed, prompts=4, T=12, L=3, E=8, k=2):
+        rng = np.random.default_rng(seed)
+        w = np.linspace(2, 0.2, E) / np.linspace(2, 0.2, E).sum()
+        return make_traces([np.stack([[rng.choice(E, k, replace=False, p=w) for _ in range(L)] for _ in range(T)])
+                            for _ in range(prompts)], E)  # fmt: skip
+
+    return _traces
 
 
-def test_sweep_cells_equal_direct_simulation():
+def test_sweep_cells_equal_direct_simulation(_traces):
     train, test = _traces(0), _traces(1)
     kw = dict(bandwidth_gbps=2.0, layer_compute_ms=0.3, expert_bytes=1e6, zero_latency=False, host_overhead_ms=0.05)
     rows, per_prompt = run_sweep(train, test, predictors=["causal-table"], lookaheads=[2], capacities=[0.5],
@@ -51,7 +54,7 @@ def test_paired_bootstrap_brackets_the_difference():
         paired_bootstrap(a, dict(b, prompt_id=np.arange(1, 51)))
 
 
-def test_cli_writes_rows_and_comparisons(tmp_path, capsys):
+def test_cli_writes_rows_and_comparisons(_traces, tmp_path, capsys):
     from emoe_jax.traces import TraceWriter
 
     for name, seed in (("train", 0), ("test", 1)):
