@@ -9,6 +9,7 @@ engine, so it lives above it: emoe_jax.runtime.trace_collect.collect_traces).
 """
 
 from .format import PromptTrace, TraceFormatError, TraceMeta, TraceSet, TraceWriter
+from .split import split_by_prompt_id
 from .moe_beyond import ImportSummary, MoeBeyondFormatError, import_moe_beyond, parse_prompts_txt, parse_trace_csv
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "import_moe_beyond",
     "parse_prompts_txt",
     "parse_trace_csv",
+    "split_by_prompt_id",
 ]
