@@ -40,6 +40,9 @@ class EvictionPolicy:
 
 
 class LRUPolicy(EvictionPolicy):
+    """Least recently used. The other policies keep the same recency order and rank keys by
+    their own `_primary` first; recency breaks ties."""
+
     name = "lru"
 
     def __init__(self) -> None:
@@ -56,12 +59,22 @@ class LRUPolicy(EvictionPolicy):
     def remove(self, key):
         self._order.pop(key, None)
 
+    def _primary(self, key: Hashable) -> float:
+        """The policy's own rank of a resident key (lowest is evicted first); LRU has none."""
+        return 0.0
+
     def victim(self, protected=()):
         protected = set(protected)
-        for key in self._order:  # oldest first
-            if key not in protected:
-                return key
-        raise LookupError("every resident entry is protected; nothing can be evicted")
+        best, best_rank = None, None
+        for recency, key in enumerate(self._order):  # oldest first
+            if key in protected:
+                continue
+            rank = (self._primary(key), recency)
+            if best_rank is None or rank < best_rank:
+                best, best_rank = key, rank
+        if best is None:
+            raise LookupError("every resident entry is protected; nothing can be evicted")
+        return best
 
     def order(self):
         return list(self._order)
@@ -70,48 +83,29 @@ class LRUPolicy(EvictionPolicy):
         self._order = OrderedDict((k, None) for k in keys)
 
 
-class LFUPolicy(EvictionPolicy):
+class LFUPolicy(LRUPolicy):
     """Least frequently used; ties broken by least recent use. Counts survive eviction,
     so an expert that was popular earlier is preferred when it returns."""
 
     name = "lfu"
 
     def __init__(self) -> None:
+        super().__init__()
         self._counts: dict[Hashable, int] = {}
-        self._lru = LRUPolicy()
 
     def insert(self, key):
         self._counts[key] = self._counts.get(key, 0) + 1
-        self._lru.insert(key)
+        super().insert(key)
 
     def touch(self, key):
         self._counts[key] = self._counts.get(key, 0) + 1
-        self._lru.touch(key)
+        super().touch(key)
 
-    def remove(self, key):
-        self._lru.remove(key)
-
-    def order(self):
-        return self._lru.order()
-
-    def restore(self, keys):
-        self._lru.restore(keys)
-
-    def victim(self, protected=()):
-        protected = set(protected)
-        best, best_rank = None, None
-        for rank, key in enumerate(self._lru._order):
-            if key in protected:
-                continue
-            score = (self._counts.get(key, 0), rank)
-            if best_rank is None or score < best_rank:
-                best, best_rank = key, score
-        if best is None:
-            raise LookupError("every resident entry is protected; nothing can be evicted")
-        return best
+    def _primary(self, key):
+        return self._counts.get(key, 0)
 
 
-class ScorePolicy(EvictionPolicy):
+class ScorePolicy(LRUPolicy):
     """Evict the resident key with the lowest externally set score (a predictor's
     belief that the expert is needed soon); ties broken by LRU."""
 
@@ -119,33 +113,14 @@ class ScorePolicy(EvictionPolicy):
     needs_scores = True
 
     def __init__(self) -> None:
+        super().__init__()
         self.scores: dict[Hashable, float] = {}
-        self._lru = LRUPolicy()
 
     def set_scores(self, scores: dict[Hashable, float]) -> None:
         self.scores.update(scores)
 
-    def insert(self, key):
-        self._lru.insert(key)
-
-    def touch(self, key):
-        self._lru.touch(key)
-
-    def remove(self, key):
-        self._lru.remove(key)
-
-    def order(self):
-        return self._lru.order()
-
-    def restore(self, keys):
-        self._lru.restore(keys)
-
-    def victim(self, protected=()):
-        protected = set(protected)
-        candidates = [k for k in self._lru._order if k not in protected]
-        if not candidates:
-            raise LookupError("every resident entry is protected; nothing can be evicted")
-        return min(enumerate(candidates), key=lambda rk: (self.scores.get(rk[1], 0.0), rk[0]))[1]
+    def _primary(self, key):
+        return self.scores.get(key, 0.0)
 
 
 # The runtime's implementations; every name is one of the simulator's EVICTION_POLICIES (belady reads
