@@ -286,18 +286,6 @@ PRESETS: dict[str, MoEConfig] = {
                         beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, interleaved=True),
         max_position_embeddings=163840, bos_token_id=0, eos_token_id=1, add_bos=True,
     ),
-    # Kimi-K2 (DeepSeek-V3 architecture): 60 MoE layers x 384 experts, one group, 64 heads.
-    "kimi-k2": MoEConfig(
-        family="deepseek_v3", vocab_size=163840, hidden_size=7168, num_layers=61, num_heads=64,
-        num_kv_heads=64, head_dim=64, intermediate_size=18432, num_experts=384, top_k=8,
-        moe_intermediate_size=2048, norm_topk_prob=True, routed_scaling_factor=2.827,
-        scoring_func="sigmoid", topk_method="noaux_tc", n_group=1, topk_group=1, score_correction_bias=True,
-        dense_layers=(0,), shared_expert_intermediate_size=2048, attention="mla",
-        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        rope=RopeConfig(theta=50000.0, kind="yarn", factor=32.0, original_max_position_embeddings=4096,
-                        beta_fast=1.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, interleaved=True),
-        max_position_embeddings=131072, bos_token_id=163584, eos_token_id=163585, add_bos=True,
-    ),
     # GLM-4.5: 89 MoE layers x 160 experts, top-8, half-rotary GQA with qkv bias and QK norm.
     "glm-4.5": MoEConfig(
         family="glm4_moe", vocab_size=151552, hidden_size=5120, num_layers=92, num_heads=96,
@@ -331,6 +319,14 @@ PRESETS: dict[str, MoEConfig] = {
         rms_norm_eps=1e-5, max_position_embeddings=131072, eos_token_id=200002, pad_token_id=199999,
     ),
 }
+# Kimi-K2: the DeepSeek-V3 architecture with 384 experts in one group, 64 heads, one dense layer.
+PRESETS["kimi-k2"] = PRESETS["deepseek-v3"].replace(
+    vocab_size=163840, num_heads=64, num_kv_heads=64, num_experts=384, routed_scaling_factor=2.827, n_group=1,
+    topk_group=1, dense_layers=(0,),
+    rope=RopeConfig(theta=50000.0, kind="yarn", factor=32.0, original_max_position_embeddings=4096,
+                    beta_fast=1.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, interleaved=True),
+    max_position_embeddings=131072, bos_token_id=163584, eos_token_id=163585,
+)
 # gpt-oss-20b: the 120b architecture with 24 layers and 32 experts.
 PRESETS["gpt-oss-20b"] = PRESETS["gpt-oss-120b"].replace(num_layers=24, num_experts=32,
                                                          sliding_window_layers=tuple(range(0, 24, 2)))
