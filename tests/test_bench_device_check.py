@@ -6,7 +6,8 @@ from emoe_jax.bench.device_check import DECODE_CONFIGS, FETCH_FORMS, default_siz
 
 
 def test_device_check_small_json(capsys):
-    rc = main(["--small", "--json"])
+    # A budget no load can exhaust: every row must report (the default skips rows on a slow machine).
+    rc = main(["--small", "--json", "--decode-budget-s", "100000"])
     result = json.loads(capsys.readouterr().out)
     assert result["failures"] == [] and rc == 0
     meta = result["meta"]
