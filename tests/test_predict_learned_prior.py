@@ -166,3 +166,22 @@ def test_in_graph_step_refuses_a_prior_checkpoint(fitted):
     h = jax.numpy.zeros((1, 16))
     with pytest.raises(LearnedPredictorError, match="causal-table prior"):
         step_logits(model, h, 0, h, h)
+
+
+def test_runtime_in_graph_learned_path_refuses_a_prior_network():
+    """The one-jit runtime's LearnedInGraph cannot compute the table prior: its step raises, naming the prior."""
+    from engine_fixtures import model as engine_model
+
+    from emoe_jax.runtime.ingraph_learned import LearnedInGraph
+    from emoe_jax.runtime.ingraph_predictors import PrefillRouting
+
+    cfg = engine_model("deepseek_v2")[0]
+    lm, e, k = cfg.num_moe_layers, cfg.num_experts, cfg.top_k
+    net_cfg = LearnedConfig(num_layers=lm, num_experts=e, top_k=k, horizon=min(1, lm - 1), d_model=16, num_heads=2,
+                            mlp_hidden=32, token_buckets=64, window=3, table_prior=True, prior_token_rows=2)  # fmt: skip
+    ingraph = LearnedInGraph(LearnedPredictor(model=RoutingPredictorNet(net_cfg, rngs=nnx.Rngs(0))), cfg)
+    ids = np.zeros((1, 2, lm, k), np.int32) + np.arange(k, dtype=np.int32)
+    state = ingraph.init_state(PrefillRouting(np.array([[3, 4]], np.int32), ids, np.ones((1, 2), bool),
+                                              np.arange(2)[None]))  # fmt: skip
+    with pytest.raises(LearnedPredictorError, match="causal-table prior"):
+        ingraph.begin_step(None, ingraph.params(), state, np.array([5], np.int32), np.array([2], np.int32))
