@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-router-inputs", action="store_true",
                    help="ignore the traces' router inputs: a checkpoint that needs only token ids and routing "
                    "(runs where no router inputs are fed)")  # fmt: skip
+    t.add_argument("--table-prior", action="store_true",
+                   help="learn a residual over the causal-table baseline: its tables are fitted on the training "
+                   "prompts only and stored with the checkpoint (table_prior.npz)")
+    t.add_argument("--prior-token-rows", type=int, default=2048,
+                   help="with --table-prior: keep the token table's N most frequent training ids")
+    t.add_argument("--save-every", type=int, default=0,
+                   help="also write the checkpoint (no validation) every N steps, for long runs")
     t.add_argument("--init-from", type=Path, default=None,
                    help="continue training this checkpoint (its architecture replaces the shape options)")
     e = sub.add_parser("evaluate", help="validation recall@k of a checkpoint",
@@ -96,11 +103,25 @@ def main(argv: list[str] | None = None) -> int:
                                 window=args.window,
                                 hidden_size=None if args.no_router_inputs else m.hidden_size)  # fmt: skip
             settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, row_len=args.row_len,
-                                     lr=args.lr, seed=args.seed, time_limit_s=args.time_limit)  # fmt: skip
+                                     lr=args.lr, seed=args.seed, time_limit_s=args.time_limit,
+                                     save_every=args.save_every)  # fmt: skip
             init, init_info = (None, {}) if args.init_from is None else ckpt.load(args.init_from)
+            prior = None
             if init is not None:
                 cfg = init.cfg
-            result = train_model(train, cfg, settings, progress=progress, init=init)
+            elif args.table_prior:
+                from emoe_jax.predict.learned.prior import fit_table_prior
+
+                prior = fit_table_prior(train, args.horizon, max_token_rows=args.prior_token_rows)  # training prompts only
+                cfg = cfg.with_(table_prior=True, prior_token_rows=len(prior.token_ids))
+
+            def save_partial(model, done, history):
+                ckpt.save(args.out, model, {"traces": str(args.traces), "model": m.model, "split": split,
+                                            "steps": done, "partial": True, "settings": asdict(settings),
+                                            "history": history})  # fmt: skip
+
+            result = train_model(train, cfg, settings, progress=progress, init=init, prior=prior,
+                                 save_fn=save_partial)  # fmt: skip
             info = {"traces": str(args.traces), "model": m.model, "split": split, "train_seconds": result.seconds,
                     "steps": result.steps_done, "stopped_early": result.stopped_early,
                     "train_rows": result.train_rows, "train_tokens": result.train_tokens,

@@ -5,6 +5,9 @@ Layout of a checkpoint directory:
   params/       Orbax pytree of the model's nnx.Param values, stored as float16
                 (half the size; restored as float32 — the reported figures are
                 measured with the restored float16-rounded weights)
+  table_prior.npz  only with config table_prior=true: the fitted causal-table
+                arrays the network's prior reads (prior.py; fitted on the
+                training prompts only)
 
 Steps of ``save``: write both into a hidden temporary directory beside the
 target, then swap it in with renames, so a reader sees the old checkpoint or
@@ -27,6 +30,7 @@ from flax import nnx
 
 from emoe_jax.predict.learned.config import LearnedConfig, LearnedPredictorError
 from emoe_jax.predict.learned.model import RoutingPredictorNet
+from emoe_jax.predict.learned.prior import load_npz, save_npz
 
 PREDICTORS_DIR = Path(__file__).resolve().parents[3] / "checkpoints" / "predictors"
 # The DeepSeek-V2-Lite checkpoint (L=26, E=64, k=6). ``LearnedPredictor`` without a
@@ -51,6 +55,9 @@ def save(path: str | os.PathLike, model: RoutingPredictorNet, info: dict[str, An
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         _ocp().save(tmp / "params", params)
+        if model.cfg.table_prior:
+            tp = model.table_prior()
+            save_npz(tp.arrays(), tp.token_ids, tp.top_k, tmp)
         record = {"config": json.loads(model.cfg.to_json()), "info": info or {}}
         (tmp / "config.json").write_text(json.dumps(record, indent=1, sort_keys=True))
         old = None
@@ -90,6 +97,8 @@ def load(path: str | os.PathLike) -> tuple[RoutingPredictorNet, dict[str, Any]]:
     restored = _match(template, saved, "")
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)
+    if cfg.table_prior:
+        model.install_prior(load_npz(path, cfg.num_layers, cfg.num_experts, cfg.horizon, cfg.prior_token_rows))
     return model, record.get("info", {})
 
 

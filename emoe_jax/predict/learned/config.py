@@ -27,6 +27,10 @@ class LearnedConfig:
     token_buckets: int = 4096  # token ids are hashed (id mod buckets); -1 (unknown) gets its own row
     window: int = 256  # causal attention sees at most this many tokens (itself included)
     hidden_size: int | None = None  # router-input width when the traces store router inputs, else None
+    # Learn a residual over the causal-table baseline (prior.py): its fitted tables travel with the
+    # checkpoint (table_prior.npz), prior_token_rows = rows of its token-id table.
+    table_prior: bool = False
+    prior_token_rows: int = 0
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_experts", "top_k", "d_model", "num_heads", "mlp_hidden",
@@ -41,6 +45,11 @@ class LearnedConfig:
             )
         if self.hidden_size is not None and self.hidden_size < 1:
             raise LearnedPredictorError(f"LearnedConfig.hidden_size must be None or >= 1, got {self.hidden_size}")
+        if self.prior_token_rows < 0 or (self.prior_token_rows and not self.table_prior):
+            raise LearnedPredictorError(f"prior_token_rows={self.prior_token_rows} needs table_prior=True and >= 0")
+        if self.table_prior and self.horizon >= self.num_layers:
+            raise LearnedPredictorError(f"table_prior needs horizon < num_layers (targets reach token t+1 at most); "
+                                        f"got horizon={self.horizon}, num_layers={self.num_layers}")
         if self.top_k > self.num_experts:
             raise LearnedPredictorError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
 

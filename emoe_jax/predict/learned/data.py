@@ -16,7 +16,7 @@ Steps:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,7 @@ class PackedRows:
     seg: np.ndarray  # [N, S] int32 piece id inside the row, 0 = padding
     pos: np.ndarray  # [N, S] int32 position inside the piece
     hidden: np.ndarray | None = None  # [N, S, L, H] float16 router inputs, when the traces store them
+    tok_row: np.ndarray | None = None  # [N, S] int32 row in the table prior's token table (-1: none)
 
     def __len__(self) -> int:
         return int(self.tok.shape[0])
@@ -45,6 +46,8 @@ class PackedRows:
     def batch(self, idx: np.ndarray) -> tuple[np.ndarray, ...]:
         out = (self.tok[idx], self.prev_experts[idx].astype(np.int32), self.has_prev[idx],
                self.seg[idx], self.pos[idx], self.experts[idx].astype(np.int32))  # fmt: skip
+        if self.tok_row is not None:  # (..., hidden or None, tok_row): the table-prior network's inputs
+            return (*out, None if self.hidden is None else self.hidden[idx], self.tok_row[idx])
         return out if self.hidden is None else (*out, self.hidden[idx])
 
 
@@ -59,8 +62,12 @@ def _pieces(prompts: Iterable[Any], row_len: int, use_hidden: bool) -> Iterable[
 
 
 def pack_prompts(prompts: Iterable[Any], num_layers: int, top_k: int, row_len: int, buckets: int,
-                 hidden_size: int | None = None) -> PackedRows:  # fmt: skip
-    """Pack the prompts (PromptTrace iterable) into rows of ``row_len`` tokens (router inputs too if hidden_size)."""
+                 hidden_size: int | None = None, token_rows: Callable[[np.ndarray], np.ndarray] | None = None
+                 ) -> PackedRows:  # fmt: skip
+    """Pack the prompts (PromptTrace iterable) into rows of ``row_len`` tokens (router inputs too if hidden_size).
+
+    token_rows: token ids -> table-prior token rows (``TablePrior.token_rows``), stored as ``tok_row``.
+    """
     rows: list[list[tuple[np.ndarray, ...]]] = [[]]
     used = 0
     for piece in _pieces(prompts, row_len, hidden_size is not None):
@@ -83,12 +90,15 @@ def pack_prompts(prompts: Iterable[Any], num_layers: int, top_k: int, row_len: i
     seg = np.zeros((n, row_len), np.int32)
     pos = np.zeros((n, row_len), np.int32)
     hidden_out = None if hidden_size is None else np.zeros((n, row_len, num_layers, hidden_size), np.float16)
+    tok_row = None if token_rows is None else np.full((n, row_len), -1, np.int32)
     for r, pieces in enumerate(rows):
         at = 0
         for j, (ids, experts, hidden) in enumerate(pieces):
             m = len(ids)
             sl = slice(at, at + m)
             tok[r, sl] = token_buckets(ids, buckets)
+            if tok_row is not None:
+                tok_row[r, sl] = token_rows(ids)
             experts_out[r, sl] = experts
             prev[r, at + 1 : at + m] = experts[:-1]
             has_prev[r, at + 1 : at + m] = True
@@ -97,7 +107,7 @@ def pack_prompts(prompts: Iterable[Any], num_layers: int, top_k: int, row_len: i
             if hidden_out is not None:
                 hidden_out[r, sl] = hidden
             at += m
-    return PackedRows(tok, experts_out, prev, has_prev, seg, pos, hidden_out)
+    return PackedRows(tok, experts_out, prev, has_prev, seg, pos, hidden_out, tok_row)
 
 
 def horizon_labels(experts: jax.Array, seg: jax.Array, horizon: int, num_experts: int) -> tuple[jax.Array, jax.Array]:

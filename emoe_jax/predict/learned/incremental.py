@@ -33,7 +33,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from emoe_jax.predict.learned.config import LearnedConfig
+from emoe_jax.predict.learned.config import LearnedConfig, LearnedPredictorError
 from emoe_jax.predict.learned.model import RoutingPredictorNet, alibi_attention
 
 
@@ -114,13 +114,17 @@ def prefill_context(net: RoutingPredictorNet, cache: ContextCache, tok: jax.Arra
 
 
 def step_logits(net: RoutingPredictorNet, h: jax.Array, layer: int | jax.Array, prefix: jax.Array,
-                last: jax.Array, hidden_prev: jax.Array | None = None) -> jax.Array:  # fmt: skip
+                last: jax.Array, hidden_prev: jax.Array | None = None,
+                prior_q: jax.Array | None = None) -> jax.Array:  # fmt: skip
     """logits [B, horizon+1, E] of step (t, layer), as ``net.step_head(net.step_features(...))``.
 
     h [B, d] from ``context_step``; prefix [B, d] (token t's prefix embeddings summed over layers
     < layer) and last [B, d] (layer-1's last embedding), both zeros at layer 0, from
     ``routing_update``; hidden_prev [B, H]: token t's router input at layer-1, required when the
     network uses router inputs (cfg.hidden_size), ignored at layer 0. ``layer`` may be traced.
+    prior_q [B, horizon+1, E]: the causal-table scores of step (t, layer) (``net.prior_q`` row
+    ``layer``), required when the network uses the table prior (cfg.table_prior); a caller that
+    cannot compute them (the runtime's in-graph path) gets a clear error, never a silent skip.
     """
     layer = jnp.asarray(layer, jnp.int32)
     z = h + net.layer_embed(layer) + prefix + last  # same summation order as step_features
@@ -128,7 +132,15 @@ def step_logits(net: RoutingPredictorNet, h: jax.Array, layer: int | jax.Array, 
         if hidden_prev is None:
             raise ValueError("this network was trained with router inputs; pass hidden_prev (layer-1's input)")
         z = z + jnp.where(layer > 0, net.hidden_features(hidden_prev), 0.0)
-    return net.step_head(z)
+    if not net.cfg.table_prior:
+        return net.step_head(z)
+    if prior_q is None:
+        raise LearnedPredictorError(
+            "this learned-predictor checkpoint uses the causal-table prior (config table_prior=true), which "
+            "this caller does not compute (the runtime's in-graph learned path has no causal-table prior); "
+            "use the host-side LearnedPredictor, or a checkpoint trained without --table-prior"
+        )
+    return net.apply_prior(net.step_head(z + net.prior_features(prior_q)), prior_q)
 
 
 def routing_update(net: RoutingPredictorNet, layer: int | jax.Array, experts: jax.Array,

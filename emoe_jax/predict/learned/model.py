@@ -22,6 +22,11 @@ Steps:
    logits [horizon+1, E]: row d scores the experts of step s+d, i.e. layer
    (l+d) mod L of token t + (l+d) // L (the next token's early layers).
 
+4. With ``cfg.table_prior`` (prior.py): the causal-table scores q [horizon+1, E]
+   of the same step, computed from the same causal inputs, enter z through a
+   linear map and the logits as ``+ a_d * logit(q)``; the output layer starts
+   at zero, so an untrained network ranks exactly as the table does.
+
 Training uses masked multi-label BCE over real (non-padding) steps only
 (``train.py``); the predictor uses sigmoid(logits) as scores.
 """
@@ -33,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emoe_jax.predict.learned.config import LearnedConfig
+from emoe_jax.predict.learned.config import LearnedConfig, LearnedPredictorError
+from emoe_jax.predict.learned.prior import TablePrior, prior_logit, prior_scores
 
 NEG_INF = -1e9
 
@@ -117,6 +123,10 @@ class StepBlock(nnx.Module):
         return z + self.down(jax.nn.gelu(self.up(self.norm(z))))
 
 
+class PriorTable(nnx.Variable):
+    """Fitted causal-table arrays (prior.py): not trained, saved in table_prior.npz, not with the params."""
+
+
 class RoutingPredictorNet(nnx.Module):
     def __init__(self, cfg: LearnedConfig, *, rngs: nnx.Rngs) -> None:
         self.cfg = cfg
@@ -135,7 +145,60 @@ class RoutingPredictorNet(nnx.Module):
             self.hidden_proj = nnx.Linear(cfg.hidden_size, d, rngs=rngs)
         self.step_blocks = nnx.List([StepBlock(cfg, rngs=rngs) for _ in range(cfg.step_blocks)])
         self.out_norm = nnx.LayerNorm(d, rngs=rngs)
-        self.out = nnx.Linear(d, (cfg.horizon + 1) * cfg.num_experts, rngs=rngs)
+        if not cfg.table_prior:
+            self.out = nnx.Linear(d, (cfg.horizon + 1) * cfg.num_experts, rngs=rngs)
+            return
+        zeros = nnx.initializers.zeros
+        # a residual over the table: zero output layer = the table's own ranking at step 0
+        self.out = nnx.Linear(d, (cfg.horizon + 1) * cfg.num_experts, kernel_init=zeros, rngs=rngs)
+        L, E, D, U = cfg.num_layers, cfg.num_experts, cfg.horizon + 1, cfg.prior_token_rows
+        G = max(1, min(cfg.horizon + 1, L - 1))
+        self.prior_in = nnx.Linear(D * E, d, kernel_init=small, rngs=rngs)
+        self.prior_scale = nnx.Param(jnp.ones((D,), jnp.float32))
+        self.prior_log_layer = PriorTable(jnp.zeros((L, E), jnp.float32))
+        self.prior_tok = PriorTable(jnp.zeros((U, L, E), jnp.float32))
+        self.prior_token_ids = PriorTable(jnp.full((U,), -1, jnp.int32))
+        self.prior_cond = PriorTable(jnp.zeros((G + 1, L, E, E), jnp.float32))
+        self.prior_cross = PriorTable(jnp.zeros((L, E, E), jnp.float32))
+        self.prior_weights = PriorTable(jnp.zeros((3,), jnp.float32))
+
+    # -- the causal-table prior (cfg.table_prior) --------------------------------------
+    def install_prior(self, prior: TablePrior) -> None:
+        """Set the fitted tables, rounded to float16 as the checkpoint stores them (training sees the same)."""
+        if not self.cfg.table_prior:
+            raise LearnedPredictorError("this network was built without table_prior; it takes no table prior")
+        if prior.top_k != self.cfg.top_k:
+            raise LearnedPredictorError(f"table prior fitted for top-k {prior.top_k}, network has {self.cfg.top_k}")
+        half = lambda x: jnp.asarray(np.asarray(x, np.float16), jnp.float32)  # noqa: E731
+        for name, value in (("log_layer", jnp.asarray(prior.log_layer, jnp.float32)), ("tok", half(prior.tok)),
+                            ("token_ids", jnp.asarray(prior.token_ids, jnp.int32)), ("cond", half(prior.cond)),
+                            ("cross", half(prior.cross)), ("weights", jnp.asarray(prior.weights, jnp.float32))):  # fmt: skip
+            var = getattr(self, f"prior_{name}")
+            if tuple(var.shape) != tuple(value.shape):
+                raise LearnedPredictorError(f"table prior {name} has shape {tuple(value.shape)}, "
+                                            f"the network's config expects {tuple(var.shape)}")  # fmt: skip
+            var.set_value(value)
+
+    def table_prior(self) -> TablePrior:
+        """The installed tables (host copies), e.g. to save them."""
+        g = lambda n: np.asarray(getattr(self, f"prior_{n}")[...])  # noqa: E731
+        return TablePrior(log_layer=g("log_layer"), tok=g("tok"), token_ids=g("token_ids").astype(np.int64),
+                          cond=g("cond"), cross=g("cross"), weights=g("weights"), top_k=self.cfg.top_k)  # fmt: skip
+
+    def prior_q(self, tok_row: jax.Array, experts: jax.Array, prev_experts: jax.Array,
+                has_prev: jax.Array) -> jax.Array:  # fmt: skip
+        """Table scores [B, T, L, horizon+1, E] (prior.prior_scores; no gradient flows into the tables)."""
+        arrays = {n: jax.lax.stop_gradient(getattr(self, f"prior_{n}")[...])
+                  for n in ("log_layer", "tok", "cond", "cross", "weights")}  # fmt: skip
+        return prior_scores(arrays, tok_row, experts, prev_experts, has_prev, self.cfg.horizon, self.cfg.top_k)
+
+    def prior_features(self, q: jax.Array) -> jax.Array:
+        """[..., d] from table scores q [..., horizon+1, E]."""
+        return self.prior_in(q.reshape(*q.shape[:-2], -1))
+
+    def apply_prior(self, logits: jax.Array, q: jax.Array) -> jax.Array:
+        """logits [..., horizon+1, E] + a_d * logit(q)."""
+        return logits + self.prior_scale[...][:, None] * prior_logit(q)
 
     def _keys(self, experts: jax.Array) -> jax.Array:
         """[..., L, k] expert ids -> (layer, expert) keys l*E + e."""
@@ -184,10 +247,20 @@ class RoutingPredictorNet(nnx.Module):
         logits = self.out(self.out_norm(z))
         return logits.reshape(*z.shape[:-1], self.cfg.horizon + 1, self.cfg.num_experts)
 
-    def __call__(self, tok, prev_experts, has_prev, seg, pos, experts, hidden=None) -> jax.Array:
-        """All-step logits [B, T, L, horizon+1, E] of a packed batch."""
+    def __call__(self, tok, prev_experts, has_prev, seg, pos, experts, hidden=None, tok_row=None) -> jax.Array:
+        """All-step logits [B, T, L, horizon+1, E] of a packed batch.
+
+        tok_row [B, T]: each token's row in the table prior's token table (-1: none), required with
+        cfg.table_prior (``prior.TablePrior.token_rows`` of the token ids).
+        """
         h = self.context(tok, prev_experts, has_prev, seg, pos)
-        return self.step_head(self.step_features(h, experts, hidden))
+        z = self.step_features(h, experts, hidden)
+        if not self.cfg.table_prior:
+            return self.step_head(z)
+        if tok_row is None:
+            raise LearnedPredictorError("this network uses the causal-table prior: pass tok_row (token-table rows)")
+        q = self.prior_q(tok_row, experts, prev_experts, has_prev)
+        return self.apply_prior(self.step_head(z + self.prior_features(q)), q)
 
 
 def count_params(model: nnx.Module) -> int:

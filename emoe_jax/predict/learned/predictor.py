@@ -103,6 +103,11 @@ class LearnedPredictor(BasePredictor):
         self._all_logits = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a))
         self._context_step = jax.jit(lambda st, *a: context_step(nnx.merge(graphdef, st), *a))
         self._step_scores = jax.jit(lambda st, *a: jax.nn.sigmoid(step_logits(nnx.merge(graphdef, st), *a)))
+        self._token_rows = None
+        if self.cfg.table_prior:  # the causal-table prior: host-side token rows, in-graph scores
+            self._token_rows = model.table_prior().token_rows
+            # one token's table scores [1, 1, L, horizon+1, E]; row l reads only layers < l of token t
+            self._prior_q = jax.jit(lambda st, *a: nnx.merge(graphdef, st).prior_q(*a))
         self._empty_cache = init_context_cache(self.cfg, 1)  # immutable arrays: every prompt starts from it
         # Embedding tables used by the step path's incremental sums.
         self._prefix_table = np.asarray(model.prefix_embed.embedding[...])  # [L*E, d]
@@ -159,6 +164,9 @@ class LearnedPredictor(BasePredictor):
             if trace.hidden is None:
                 raise LearnedPredictorError("this checkpoint was trained with router inputs; the traces have none")
             extra = (np.pad(np.asarray(trace.hidden), ((0, pad), (0, 0), (0, 0)))[None],)  # [1, n, L, H]
+        if self._token_rows is not None:
+            rows = np.pad(self._token_rows(np.asarray(trace.token_ids)), (0, pad), constant_values=-1)[None]
+            extra = (extra[0] if extra else None, rows)
         logits = self._all_logits(self._state, tok, prev, has_prev, seg, pos, ex, *extra)  # [1, n, L, h, E]
         return np.asarray(jax.nn.sigmoid(logits[0, :num_tokens]), np.float32)
 
@@ -179,6 +187,7 @@ class LearnedPredictor(BasePredictor):
         c = self.cfg
         self._cache = self._empty_cache
         self._current = np.zeros((c.num_layers, c.top_k), np.int32)  # routing of the token being decoded
+        self._previous = np.zeros((c.num_layers, c.top_k), np.int32)  # routing of token t-1
         self._h: jax.Array | None = None  # [1, d]
         self._router_inputs: dict[int, np.ndarray] = {}
 
@@ -186,6 +195,10 @@ class LearnedPredictor(BasePredictor):
         c = self.cfg
         tok = token_buckets(np.asarray([token_id]), c.token_buckets)  # [1]
         prev = self._current[None]  # token t-1's routing [1, L, k] (ignored at t = 0)
+        self._previous = self._current
+        self._has_prev = t > 0
+        if self._token_rows is not None:
+            self._tok_row = self._token_rows(np.asarray([token_id]))[None]  # [1, 1]
         self._h, self._cache = self._context_step(self._state, self._cache, tok, prev, np.asarray([t > 0]),
                                                   np.asarray([t], np.int32), np.ones(1, bool))  # fmt: skip
         self._current = np.zeros((c.num_layers, c.top_k), np.int32)
@@ -205,7 +218,12 @@ class LearnedPredictor(BasePredictor):
             hidden = np.zeros((1, self.cfg.hidden_size), np.float32)
             if l > 0:
                 hidden[0] = self._router_inputs[l - 1]
-        probs = self._step_scores(self._state, self._h, np.int32(l), self._prefix, self._last, hidden)
+        prior_q = None
+        if self._token_rows is not None:  # token t's routing is known at layers < l only; row l reads no more
+            q = self._prior_q(self._state, self._tok_row, self._current[None, None], self._previous[None, None],
+                              np.asarray([[self._has_prev]]))  # fmt: skip
+            prior_q = q[0, 0, l][None]  # [1, horizon+1, E]
+        probs = self._step_scores(self._state, self._h, np.int32(l), self._prefix, self._last, hidden, prior_q)
         targets = self.target_list(t, l, self.cfg.num_layers)
         return Prediction(targets, np.asarray(probs)[0, : self.lookahead + 1])
 

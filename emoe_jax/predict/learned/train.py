@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ from tqdm import tqdm
 from emoe_jax.predict.learned.config import LearnedConfig
 from emoe_jax.predict.learned.data import PackedRows, horizon_labels, pack_prompts
 from emoe_jax.predict.learned.model import RoutingPredictorNet, count_params
+from emoe_jax.predict.learned.prior import TablePrior
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +44,7 @@ class TrainSettings:
     seed: int = 0
     log_every: int = 100
     time_limit_s: float | None = None  # stop early (and say so) after this much training time
+    save_every: int = 0  # call train_model's save_fn every this many steps (0: never)
 
 
 @dataclass
@@ -58,21 +60,38 @@ class TrainResult:
 
 
 def bce_loss(model: RoutingPredictorNet, batch: tuple[jax.Array, ...]) -> jax.Array:
-    tok, prev, has_prev, seg, pos, experts, *hidden = batch
-    logits = model(tok, prev, has_prev, seg, pos, experts, *hidden)  # [B, S, L, h, E]
+    tok, prev, has_prev, seg, pos, experts, *rest = batch  # rest: (hidden,) or (hidden or None, tok_row)
+    hidden = rest[0] if rest else None
+    tok_row = rest[1] if len(rest) > 1 else None
+    logits = model(tok, prev, has_prev, seg, pos, experts, hidden, tok_row)  # [B, S, L, h, E]
     labels, mask = horizon_labels(experts, seg, model.cfg.horizon, model.cfg.num_experts)
     per = optax.sigmoid_binary_cross_entropy(logits, labels).mean(-1)  # [B, S, L, h]
     return jnp.sum(per * mask) / jnp.maximum(mask.sum(), 1)
 
 
 def train_model(train_prompts: Any, cfg: LearnedConfig, settings: TrainSettings, progress: bool = True,
-                init: RoutingPredictorNet | None = None) -> TrainResult:  # fmt: skip
-    """Train on ``train_prompts`` (a TraceSet or list of PromptTrace): a fresh network, or continue ``init``."""
+                init: RoutingPredictorNet | None = None, prior: TablePrior | None = None,
+                save_fn: Callable[[RoutingPredictorNet, int, list], None] | None = None) -> TrainResult:  # fmt: skip
+    """Train on ``train_prompts`` (a TraceSet or list of PromptTrace): a fresh network, or continue ``init``.
+
+    With cfg.table_prior a fresh network needs ``prior`` (``prior.fit_table_prior`` on the same
+    training prompts); a continued one keeps the tables it holds. ``save_fn(model, steps_done,
+    history)`` is called every ``settings.save_every`` steps (a periodic checkpoint).
+    """
     if init is not None and init.cfg != cfg:
         raise ValueError(f"cannot continue a network of config {init.cfg} as {cfg}")
-    rows: PackedRows = pack_prompts(train_prompts, cfg.num_layers, cfg.top_k, settings.row_len, cfg.token_buckets,
-                                    cfg.hidden_size)  # fmt: skip
     model = init if init is not None else RoutingPredictorNet(cfg, rngs=nnx.Rngs(settings.seed))
+    token_rows = None
+    if cfg.table_prior:
+        if prior is not None:
+            model.install_prior(prior)
+        elif init is None:
+            raise ValueError("cfg.table_prior needs the fitted tables: pass prior=fit_table_prior(train, horizon)")
+        token_rows = model.table_prior().token_rows
+    elif prior is not None:
+        raise ValueError("a table prior was given but cfg.table_prior is False")
+    rows: PackedRows = pack_prompts(train_prompts, cfg.num_layers, cfg.top_k, settings.row_len, cfg.token_buckets,
+                                    cfg.hidden_size, token_rows)  # fmt: skip
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, settings.lr, min(settings.warmup, max(settings.steps // 10, 1)), max(settings.steps, 2), settings.lr * 0.05
     )
@@ -104,6 +123,8 @@ def train_model(train_prompts: Any, cfg: LearnedConfig, settings: TrainSettings,
                      "seconds": time.perf_counter() - start}  # fmt: skip
             history.append(entry)
             bar.set_postfix(loss=f"{entry['loss']:.4f}")
+        if save_fn is not None and settings.save_every and done % settings.save_every == 0:
+            save_fn(model, done, history)
         if settings.time_limit_s is not None and time.perf_counter() - start > settings.time_limit_s:
             stopped_early = done < settings.steps
             break
