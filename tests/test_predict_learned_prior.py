@@ -168,18 +168,19 @@ def test_in_graph_step_refuses_a_prior_checkpoint(fitted):
         step_logits(model, h, 0, h, h)
 
 
-def test_runtime_in_graph_learned_path_refuses_a_prior_network():
-    """The one-jit runtime's LearnedInGraph cannot compute the table prior: its step raises, naming the prior."""
-    from engine_fixtures import model as engine_model
-
+def test_runtime_in_graph_learned_path_refuses_a_prior_network(tiny_model):
+    """The one-jit runtime's LearnedInGraph cannot compute the table prior: its step raises, naming the prior;
+    in_graph_predictor therefore leaves a prior network to the host path (None: no in-graph version)."""
     from emoe_jax.runtime.ingraph_learned import LearnedInGraph
-    from emoe_jax.runtime.ingraph_predictors import PrefillRouting
+    from emoe_jax.runtime.ingraph_predictors import PrefillRouting, in_graph_predictor
 
-    cfg = engine_model("deepseek_v2")[0]
+    cfg = tiny_model("deepseek_v2")[0]
     lm, e, k = cfg.num_moe_layers, cfg.num_experts, cfg.top_k
     net_cfg = LearnedConfig(num_layers=lm, num_experts=e, top_k=k, horizon=min(1, lm - 1), d_model=16, num_heads=2,
                             mlp_hidden=32, token_buckets=64, window=3, table_prior=True, prior_token_rows=2)  # fmt: skip
-    ingraph = LearnedInGraph(LearnedPredictor(model=RoutingPredictorNet(net_cfg, rngs=nnx.Rngs(0))), cfg)
+    host = LearnedPredictor(model=RoutingPredictorNet(net_cfg, rngs=nnx.Rngs(0)))
+    assert in_graph_predictor(host, cfg) is None
+    ingraph = LearnedInGraph(host, cfg)
     ids = np.zeros((1, 2, lm, k), np.int32) + np.arange(k, dtype=np.int32)
     state = ingraph.init_state(PrefillRouting(np.array([[3, 4]], np.int32), ids, np.ones((1, 2), bool),
                                               np.arange(2)[None]))  # fmt: skip

@@ -70,15 +70,16 @@ def attention_mask(seg: jax.Array, pos: jax.Array, window: int) -> jax.Array:
 
 def alibi_attention(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Array, mask: jax.Array,
                     dist: jax.Array) -> jax.Array:  # fmt: skip
-    """Softmax attention with ALiBi: q [B, T, N, H], k/v [B, S, N, H], mask/dist [B, T, S] -> [B, T, N, H].
+    """Softmax attention with ALiBi: q [B, T, N, D], k/v [B, S, N, D], mask/dist [B, T, S] -> [B, T, N, D]
+    (N heads of D dims, as in model/attention.py).
 
     Shared by the full context (S = T) and the incremental one (T = 1, S = the cached window).
     """
-    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k) / np.sqrt(q.shape[-1])
+    logits = jnp.einsum("BTND,BSND->BNTS", q, k) / np.sqrt(q.shape[-1])
     logits = logits - slopes[None, :, None, None] * dist[:, None].astype(jnp.float32)
     logits = jnp.where(mask[:, None], logits, NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+    return jnp.einsum("BNTS,BSND->BTND", probs, v)
 
 
 class ContextBlock(nnx.Module):
@@ -96,13 +97,13 @@ class ContextBlock(nnx.Module):
         self.slopes = nnx.Variable(jnp.asarray(alibi_slopes(cfg.num_heads)))  # [N] not trained
 
     def qkv_heads(self, x: jax.Array) -> list[jax.Array]:
-        """q, k, v [B, T, N, H] from x [B, T, d]."""
+        """q, k, v [B, T, N, D] from x [B, T, d]."""
         b, t, d = x.shape
         n = self.num_heads
         return jnp.split(self.qkv(self.attn_norm(x)).reshape(b, t, 3 * n, d // n), 3, axis=2)
 
     def finish(self, x: jax.Array, attended: jax.Array) -> jax.Array:
-        """Block output [B, T, d] from its input x [B, T, d] and the attention result [B, T, N, H]."""
+        """Block output [B, T, d] from its input x [B, T, d] and the attention result [B, T, N, D]."""
         x = x + self.proj(attended.reshape(x.shape))
         return x + self.down(jax.nn.gelu(self.up(self.mlp_norm(x))))
 
