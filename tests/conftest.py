@@ -81,6 +81,29 @@ def _make_traces(experts_per_prompt, num_experts, ids=None) -> TraceSet:
     return TraceSet.from_prompts(meta, prompts)
 
 
+# Reference prompts are left-padded to this many tokens (drawn prompts + new tokens fit), so the
+# all-resident model compiles its steps once per batch size instead of once per example.
+REFERENCE_LENGTH = 32
+
+
+@pytest.fixture(scope="session")
+def assert_equals_resident():
+    """assert_equals_resident(resident, prompts, out, new): the engine's greedy tokens equal the
+    all-resident model's, and its logits equal the resident model's teacher-forced logits at the
+    generated positions (atol 2e-5, rtol 1e-5)."""
+
+    def check(resident, prompts, out, new: int) -> None:
+        ref_tokens = resident.generate(prompts, new, length=REFERENCE_LENGTH)
+        fulls = [list(prompt) + list(out.tokens[i][:-1]) for i, prompt in enumerate(prompts)]
+        logits, _, pad = resident.logits(fulls, length=REFERENCE_LENGTH + new)
+        for i, prompt in enumerate(prompts):
+            assert out.tokens[i] == ref_tokens[i].tolist()
+            start = int(pad[i]) + len(prompt) - 1  # row i's last prompt token
+            np.testing.assert_allclose(out.logits[i], np.asarray(logits[i, start:]), atol=2e-5, rtol=1e-5)
+
+    return check
+
+
 @pytest.fixture(scope="session")
 def make_traces():
     """Factory: make_traces(experts_per_prompt, num_experts, ids=None) -> a TraceSet of [T, L, k] arrays."""

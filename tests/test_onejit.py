@@ -77,19 +77,14 @@ prompt_lists = st.lists(st.lists(st.integers(3, 120), min_size=1, max_size=9), m
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(family=st.sampled_from(["mixtral", "deepseek_v2", "qwen3_moe"]), data=st.data(),
        predictor=st.sampled_from(sorted(PREDICTORS)), prompts=prompt_lists)
-def test_onejit_equals_all_resident(_engine, tiny_model, family, data, predictor, prompts):
+def test_onejit_equals_all_resident(_engine, tiny_model, assert_equals_resident, family, data, predictor, prompts):
     cfg = tiny_model(family)[0]
     slots = data.draw(st.integers(1, cfg.num_experts), label="slots")
     engine, resident = _engine(family, slots, predictor)
     new = 6
     out = engine.generate(prompts, new, stop_at_eos=False, return_logits=True)
     assert out.stats["decode_path"] == "onejit"
-    ref_tokens = resident.generate(prompts, new)
-    for i, prompt in enumerate(prompts):
-        assert out.tokens[i] == ref_tokens[i].tolist()
-        full = prompt + out.tokens[i][:-1]
-        logits, _, _ = resident.logits([full])
-        np.testing.assert_allclose(out.logits[i], np.asarray(logits[0, len(prompt) - 1:]), atol=2e-5, rtol=1e-5)
+    assert_equals_resident(resident, prompts, out, new)
     if predictor != "none":
         pf = out.stats["prefetch"]
         # Every prefetch targets a layer of the same step, so each is settled by the end of it.

@@ -60,11 +60,10 @@ def reference_routing(engine, prompts, new):
        host=st.one_of(st.none(), st.integers(1, 12)), lookahead=st.integers(0, 6),
        prefetch_k=st.integers(1, 8), adversarial=st.booleans(), seed=st.integers(0, 1000),
        prompt=st.lists(st.integers(3, 120), min_size=1, max_size=7))
-def test_prefetching_never_changes_exact_outputs(tiny_model, family, slots, host, lookahead, prefetch_k, adversarial, seed,
+def test_prefetching_never_changes_exact_outputs(tiny_model, assert_equals_resident, family, slots, host, lookahead, prefetch_k, adversarial, seed,
                                                  prompt):
     cfg, g, p, ex, resident = tiny_model(family)
     new = 6
-    ref_tokens = resident.generate([prompt], new)[0].tolist()
     wrong = None
     if adversarial:
         plain = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=cfg.num_experts)
@@ -74,10 +73,7 @@ def test_prefetching_never_changes_exact_outputs(tiny_model, family, slots, host
     engine = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=slots, host_experts=host,
                              predictor=predictor, prefetch_k=prefetch_k)
     out = engine.generate([prompt], new, stop_at_eos=False, return_logits=True)
-    assert out.tokens[0] == ref_tokens
-    full = prompt + out.tokens[0][:-1]
-    logits, _, _ = resident.logits([full])
-    np.testing.assert_allclose(out.logits[0], np.asarray(logits[0, len(prompt) - 1:]), atol=2e-5, rtol=1e-5)
+    assert_equals_resident(resident, [prompt], out, new)
     pf = out.stats["prefetch"]
     assert pf["completed"] <= pf["started"] <= pf["issued"]
     assert pf["timely"] + pf["wasted"] <= pf["completed"]

@@ -90,17 +90,20 @@ class ResidentModel:
             experts.append(ExpertSlots(*(jnp.asarray(layer[w], dtype) for w in ("gate", "up", "down"))))
         return cls(cfg, graphdef, params, experts, dtype)
 
-    def logits(self, prompts: Sequence[Sequence[int]], method: str = "auto"):
-        """Logits [B, T, V] of left-padded prompts (no cache) and routings."""
-        tokens, pad_len = left_pad(prompts)
+    def logits(self, prompts: Sequence[Sequence[int]], method: str = "auto", length: int | None = None):
+        """Logits [B, T, V] of left-padded prompts (no cache) and routings; T = `length` if given
+        (callers with many prompt lengths pad to one and compile once), else the longest prompt."""
+        tokens, pad_len = left_pad(prompts, length=length)
         caches = init_kv_caches(self.cfg, tokens.shape[0], tokens.shape[1], self.dtype)
         step = fused_step_fn(self.graphdef, method=method)
         logits, _, routings = step(self.params, self.experts, self.slot_maps, tokens, caches, np.int32(0), pad_len)
         return logits, routings, pad_len
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, max_len: int | None = None):
-        """Greedy decoding. Returns generated ids [B, max_new_tokens] (np.int32)."""
-        tokens, pad_len = left_pad(prompts)
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, max_len: int | None = None,
+                 length: int | None = None):
+        """Greedy decoding. Returns generated ids [B, max_new_tokens] (np.int32). Prompts are
+        left-padded to `length` if given, else to the longest."""
+        tokens, pad_len = left_pad(prompts, length=length)
         b, t = tokens.shape
         max_len = max_len or t + max_new_tokens
         caches = init_kv_caches(self.cfg, b, max_len, self.dtype)
