@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from emoe_jax.errors import EmoeError
 
@@ -658,6 +658,23 @@ def _check_fields(hf: Mapping[str, Any], family: str) -> None:
         refuse("decoder_sparse_step", "must be >= 1")
 
 
+def _deepseek_fields(hf: Mapping[str, Any], need: Callable[..., Any], *, num_experts: int,
+                     dense: int) -> dict[str, Any]:
+    """What DeepSeek-V2 and V3 share: MLA attention, shared experts n x the expert width, leading
+    dense layers, and a BOS added by the tokenizer."""
+    moe_inter = int(need("moe_intermediate_size"))
+    q_lora = hf.get("q_lora_rank")
+    rope_dim = int(need("qk_rope_head_dim"))
+    return dict(
+        num_experts=num_experts, moe_intermediate_size=moe_inter, dense_layers=tuple(range(dense)),
+        shared_expert_intermediate_size=moe_inter * int(hf.get("n_shared_experts") or 0),
+        attention="mla", qkv_bias=bool(hf.get("attention_bias", False)),
+        q_lora_rank=int(q_lora) if q_lora else None, kv_lora_rank=int(need("kv_lora_rank")),
+        qk_nope_head_dim=int(need("qk_nope_head_dim")), qk_rope_head_dim=rope_dim,
+        v_head_dim=int(need("v_head_dim")), head_dim=rope_dim, add_bos=True,
+    )
+
+
 def from_hf_config(hf: Mapping[str, Any] | str | Path) -> MoEConfig:
     """Map a Hugging Face config (dict, or path to config.json or its directory) to MoEConfig."""
     if not isinstance(hf, Mapping):
@@ -727,46 +744,17 @@ def from_hf_config(hf: Mapping[str, Any] | str | Path) -> MoEConfig:
                   qk_norm="full", qkv_bias=bool(hf.get("attention_bias", False)),
                   clip_qkv=hf.get("clip_qkv"))
     elif family == "deepseek_v2":
-        moe_inter = int(need("moe_intermediate_size"))
-        q_lora = hf.get("q_lora_rank")
-        kw.update(
-            num_experts=int(need("n_routed_experts", "num_experts")),
-            moe_intermediate_size=moe_inter,
-            dense_layers=tuple(range(int(hf.get("first_k_dense_replace", 0)))),
-            shared_expert_intermediate_size=moe_inter * int(hf.get("n_shared_experts") or 0),
-            attention="mla",
-            qkv_bias=bool(hf.get("attention_bias", False)),
-            q_lora_rank=int(q_lora) if q_lora else None,
-            kv_lora_rank=int(need("kv_lora_rank")),
-            qk_nope_head_dim=int(need("qk_nope_head_dim")),
-            qk_rope_head_dim=int(need("qk_rope_head_dim")),
-            v_head_dim=int(need("v_head_dim")),
-            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-            add_bos=True,
-        )
-        kw["head_dim"] = kw["qk_rope_head_dim"]
+        kw.update(_deepseek_fields(hf, need, num_experts=int(need("n_routed_experts", "num_experts")),
+                                   dense=int(hf.get("first_k_dense_replace", 0))),
+                  routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)))
         if hf.get("topk_method") == "group_limited_greedy":
             kw.update(topk_method="group_limited_greedy", n_group=int(need("n_group")),
                       topk_group=int(need("topk_group")))
     elif family == "deepseek_v3":
-        moe_inter = int(need("moe_intermediate_size"))
-        q_lora = hf.get("q_lora_rank")
-        kw.update(
-            num_experts=int(need("n_routed_experts", "num_local_experts", "num_experts")),
-            moe_intermediate_size=moe_inter,
-            dense_layers=tuple(range(min(int(hf.get("first_k_dense_replace") or 0), layers))),
-            shared_expert_intermediate_size=moe_inter * int(hf.get("n_shared_experts") or 0),
-            attention="mla",
-            qkv_bias=bool(hf.get("attention_bias", False)),
-            q_lora_rank=int(q_lora) if q_lora else None,
-            kv_lora_rank=int(need("kv_lora_rank")),
-            qk_nope_head_dim=int(need("qk_nope_head_dim")),
-            qk_rope_head_dim=int(need("qk_rope_head_dim")),
-            v_head_dim=int(need("v_head_dim")),
-            **_sigmoid_router_fields(hf),
-            add_bos=True,
-        )
-        kw["head_dim"] = kw["qk_rope_head_dim"]
+        kw.update(_deepseek_fields(hf, need,
+                                   num_experts=int(need("n_routed_experts", "num_local_experts", "num_experts")),
+                                   dense=min(int(hf.get("first_k_dense_replace") or 0), layers)),
+                  **_sigmoid_router_fields(hf))
     elif family == "glm4_moe":
         moe_inter = int(need("moe_intermediate_size"))
         params = hf.get("rope_parameters") or {}

@@ -33,11 +33,13 @@ def expert_shapes(cfg: MoEConfig) -> tuple[tuple[tuple[int, int, int], ...], tup
     return ((e, h + b, i), (e, h + b, i), (e, i + b, h)), (h, h, i)
 
 
-def random_model(cfg: MoEConfig, seed: int = 0, dtype=jnp.float32, router_scale: float = 1.0):
+def random_model(cfg: MoEConfig, seed: int = 0, dtype=jnp.float32, router_scale: float = 1.0,
+                 down_gain: float = 1.0):
     """(graphdef, params, experts) with random weights.
 
     Router kernels are multiplied by `router_scale`: larger values give peakier,
-    better-separated top-k choices (ties would make exact comparisons flaky).
+    better-separated top-k choices (ties would make exact comparisons flaky). Expert down
+    projections get std `down_gain` / sqrt(I) (the trainer passes GPT-2's 1/sqrt(2 x layers)).
     """
     model = MoETransformer(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
     if router_scale != 1.0:
@@ -53,7 +55,7 @@ def random_model(cfg: MoEConfig, seed: int = 0, dtype=jnp.float32, router_scale:
         experts.append(ExpertSlots(
             (jax.random.normal(kg, gate_shape) * fan_in[0] ** -0.5).astype(dtype),
             (jax.random.normal(ku, up_shape) * fan_in[1] ** -0.5).astype(dtype),
-            (jax.random.normal(kd, down_shape) * fan_in[2] ** -0.5).astype(dtype),
+            (jax.random.normal(kd, down_shape) * (fan_in[2] ** -0.5 * down_gain)).astype(dtype),
         ))
     return graphdef, params, experts
 

@@ -20,11 +20,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from emoe_jax.config import MoEConfig
-from emoe_jax.model.decoder import MoETransformer
-from emoe_jax.model.moe import ExpertSlots
+from emoe_jax.model.random_init import random_model
 from emoe_jax.train.forward import train_forward
 from emoe_jax.train.losses import load_balance_loss, next_token_loss, router_z_loss, token_nll
 
@@ -44,19 +42,9 @@ class OptimConfig:
 
 
 def init_model(cfg: MoEConfig, seed: int):
-    """(graphdef, params State, experts list) with fresh random weights (float32)."""
-    model = MoETransformer(cfg, dtype=jnp.float32, rngs=nnx.Rngs(seed))
-    graphdef, params = nnx.split(model)
-    e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-    # Residual-branch outputs scaled by 1/sqrt(2L) (GPT-2) so the stream does not grow with depth.
-    down_scale = i ** -0.5 / (2 * cfg.num_layers) ** 0.5
-    experts = []
-    for key in jax.random.split(jax.random.PRNGKey(seed + 1), cfg.num_moe_layers):
-        kg, ku, kd = jax.random.split(key, 3)
-        experts.append(ExpertSlots(jax.random.normal(kg, (e, h, i)) * h ** -0.5,
-                                   jax.random.normal(ku, (e, h, i)) * h ** -0.5,
-                                   jax.random.normal(kd, (e, i, h)) * down_scale))
-    return graphdef, params, experts
+    """(graphdef, params State, experts list) with fresh random weights (float32); expert down
+    projections scaled by 1/sqrt(2L) (GPT-2) so the residual stream does not grow with depth."""
+    return random_model(cfg, seed, jnp.float32, down_gain=(2 * cfg.num_layers) ** -0.5)
 
 
 def make_schedule(opt: OptimConfig) -> optax.Schedule:
