@@ -16,7 +16,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from emoe_jax.cli import fail
+from emoe_jax.cli import USER_ERRORS, fail, run_subcommand
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,81 +69,102 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--val-fraction", type=float, default=0.2)
     e.add_argument("--k", type=int, default=None, help="recall@k cut-off (default: top-k)")
     e.add_argument("--max-val-prompts", type=int, default=None)
+    t.set_defaults(run=_train)
+    e.set_defaults(run=_evaluate)
     for sp in (t, e):
         sp.add_argument("--json", action="store_true", help="print one JSON object")
         sp.add_argument("--no-progress", action="store_true")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _load_split(args: argparse.Namespace):
+    """(traces, train, validation, split summary) by prompt id, as both commands use them."""
+    from emoe_jax.traces import TraceSet, split_by_prompt_id
+
+    traces = TraceSet.load(args.traces)
+    train, val = split_by_prompt_id(traces, args.val_fraction)
+    if args.max_val_prompts is not None:
+        val = val.select(slice(0, args.max_val_prompts))
+    split = {"train_prompt_ids": [int(train.prompt_ids.min()), int(train.prompt_ids.max())],
+             "val_prompt_ids": [int(val.prompt_ids.min()), int(val.prompt_ids.max())],
+             "train_prompts": len(train), "val_prompts": len(val), "val_fraction": args.val_fraction}  # fmt: skip
+    return traces, train, val, split
+
+
+def _train(args: argparse.Namespace) -> dict:
     from emoe_jax.predict.learned import checkpoint as ckpt
     from emoe_jax.predict.learned.config import LearnedConfig
     from emoe_jax.predict.learned.evaluate import recall_at_k
     from emoe_jax.predict.learned.predictor import LearnedPredictor
     from emoe_jax.predict.learned.train import TrainSettings, train_model
-    from emoe_jax.traces.split import split_by_prompt_id
-    from emoe_jax.traces import TraceSet
 
     progress = not args.no_progress
+    traces, train, val, split = _load_split(args)
+    m = traces.meta
+    cfg = LearnedConfig(num_layers=m.num_layers, num_experts=m.num_experts, top_k=m.top_k,
+                        horizon=args.horizon, d_model=args.d_model, num_heads=args.heads,
+                        context_layers=args.context_layers, step_blocks=args.step_blocks,
+                        mlp_hidden=args.mlp_hidden, token_buckets=args.token_buckets,
+                        window=args.window,
+                        hidden_size=None if args.no_router_inputs else m.hidden_size)  # fmt: skip
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, row_len=args.row_len,
+                             lr=args.lr, seed=args.seed, time_limit_s=args.time_limit,
+                             save_every=args.save_every)  # fmt: skip
+    init, init_info = (None, {}) if args.init_from is None else ckpt.load(args.init_from)
+    prior = None
+    if init is not None:
+        cfg = init.cfg
+    elif args.table_prior:
+        from emoe_jax.predict.learned.prior import fit_table_prior
+
+        prior = fit_table_prior(train, args.horizon, max_token_rows=args.prior_token_rows)  # training prompts only
+        cfg = cfg.with_(table_prior=True, prior_token_rows=len(prior.token_ids))
+
+    def save_partial(model, done, history):
+        ckpt.save(args.out, model, {"traces": str(args.traces), "model": m.model, "split": split,
+                                    "steps": done, "partial": True, "settings": asdict(settings),
+                                    "history": history})  # fmt: skip
+
+    result = train_model(train, cfg, settings, progress=progress, init=init, prior=prior,
+                         save_fn=save_partial)  # fmt: skip
+    info = {"traces": str(args.traces), "model": m.model, "split": split, "train_seconds": result.seconds,
+            "steps": result.steps_done, "stopped_early": result.stopped_early,
+            "train_rows": result.train_rows, "train_tokens": result.train_tokens,
+            "params": result.params, "settings": asdict(settings),
+            "continued_from": None if init is None else {"checkpoint": str(args.init_from),
+                                                         "steps": init_info.get("steps"),
+                                                         "train_seconds": init_info.get("train_seconds")},
+            "history": result.history}  # fmt: skip
+    path = ckpt.save(args.out, result.model, info)
+    predictor = LearnedPredictor(lookahead=0, checkpoint=path)  # evaluate the saved (fp16) weights
+    metrics = recall_at_k(predictor, val, None, progress=progress)
+    info["validation"] = metrics
+    info["checkpoint_bytes"] = ckpt.checkpoint_bytes(path)
+    ckpt.update_info(path, info)
+    out = {k: v for k, v in info.items() if k != "history"} | {"checkpoint": str(path)}
+    return out
+
+
+def _evaluate(args: argparse.Namespace) -> dict:
+    from emoe_jax.predict.learned import checkpoint as ckpt
+    from emoe_jax.predict.learned.evaluate import recall_at_k
+    from emoe_jax.predict.learned.predictor import LearnedPredictor
+
+    progress = not args.no_progress
+    _, _, val, split = _load_split(args)
+    predictor = LearnedPredictor(lookahead=0, checkpoint=args.checkpoint)
+    metrics = recall_at_k(predictor, val, args.k, progress=progress)
+    out = {"checkpoint": str(predictor.checkpoint), "split": split, "validation": metrics,
+           "params": predictor.training_info.get("params"),
+           "checkpoint_bytes": ckpt.checkpoint_bytes(predictor.checkpoint)}  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        traces = TraceSet.load(args.traces)
-        train, val = split_by_prompt_id(traces, args.val_fraction)
-        if args.max_val_prompts is not None:
-            val = val.select(slice(0, args.max_val_prompts))
-        split = {"train_prompt_ids": [int(train.prompt_ids.min()), int(train.prompt_ids.max())],
-                 "val_prompt_ids": [int(val.prompt_ids.min()), int(val.prompt_ids.max())],
-                 "train_prompts": len(train), "val_prompts": len(val), "val_fraction": args.val_fraction}  # fmt: skip
-        if args.command == "train":
-            m = traces.meta
-            cfg = LearnedConfig(num_layers=m.num_layers, num_experts=m.num_experts, top_k=m.top_k,
-                                horizon=args.horizon, d_model=args.d_model, num_heads=args.heads,
-                                context_layers=args.context_layers, step_blocks=args.step_blocks,
-                                mlp_hidden=args.mlp_hidden, token_buckets=args.token_buckets,
-                                window=args.window,
-                                hidden_size=None if args.no_router_inputs else m.hidden_size)  # fmt: skip
-            settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, row_len=args.row_len,
-                                     lr=args.lr, seed=args.seed, time_limit_s=args.time_limit,
-                                     save_every=args.save_every)  # fmt: skip
-            init, init_info = (None, {}) if args.init_from is None else ckpt.load(args.init_from)
-            prior = None
-            if init is not None:
-                cfg = init.cfg
-            elif args.table_prior:
-                from emoe_jax.predict.learned.prior import fit_table_prior
-
-                prior = fit_table_prior(train, args.horizon, max_token_rows=args.prior_token_rows)  # training prompts only
-                cfg = cfg.with_(table_prior=True, prior_token_rows=len(prior.token_ids))
-
-            def save_partial(model, done, history):
-                ckpt.save(args.out, model, {"traces": str(args.traces), "model": m.model, "split": split,
-                                            "steps": done, "partial": True, "settings": asdict(settings),
-                                            "history": history})  # fmt: skip
-
-            result = train_model(train, cfg, settings, progress=progress, init=init, prior=prior,
-                                 save_fn=save_partial)  # fmt: skip
-            info = {"traces": str(args.traces), "model": m.model, "split": split, "train_seconds": result.seconds,
-                    "steps": result.steps_done, "stopped_early": result.stopped_early,
-                    "train_rows": result.train_rows, "train_tokens": result.train_tokens,
-                    "params": result.params, "settings": asdict(settings),
-                    "continued_from": None if init is None else {"checkpoint": str(args.init_from),
-                                                                 "steps": init_info.get("steps"),
-                                                                 "train_seconds": init_info.get("train_seconds")},
-                    "history": result.history}  # fmt: skip
-            path = ckpt.save(args.out, result.model, info)
-            predictor = LearnedPredictor(lookahead=0, checkpoint=path)  # evaluate the saved (fp16) weights
-            metrics = recall_at_k(predictor, val, None, progress=progress)
-            info["validation"] = metrics
-            info["checkpoint_bytes"] = ckpt.checkpoint_bytes(path)
-            ckpt.update_info(path, info)
-            out = {k: v for k, v in info.items() if k != "history"} | {"checkpoint": str(path)}
-        else:
-            predictor = LearnedPredictor(lookahead=0, checkpoint=args.checkpoint)
-            metrics = recall_at_k(predictor, val, args.k, progress=progress)
-            out = {"checkpoint": str(predictor.checkpoint), "split": split, "validation": metrics,
-                   "params": predictor.training_info.get("params"),
-                   "checkpoint_bytes": ckpt.checkpoint_bytes(predictor.checkpoint)}  # fmt: skip
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        out = run_subcommand(args)
+    except (*USER_ERRORS, RuntimeError) as exc:
         return fail(str(exc))
     if args.json:
         print(json.dumps(out))
