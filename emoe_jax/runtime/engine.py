@@ -75,13 +75,9 @@ def _split(module):
 
 
 def prompt_bucket(n: int, minimum: int = 8) -> int:
-    """Prompt length the prefill compiles for: the next power of two, at least `minimum`."""
+    """Prompt length the prefill compiles for: the next power of two, at least `minimum` (batch
+    sizes of the one-jit step bucket the same way with minimum 1: 1, 2, 4, 8, ...)."""
     return max(minimum, 1 << (n - 1).bit_length())
-
-
-def batch_bucket(rows: int) -> int:
-    """Batch size the one-jit step compiles for: the next power of two (1, 2, 4, 8, ...)."""
-    return 1 << (rows - 1).bit_length()
 
 
 def _pad_batch(tokens, pad_len, teacher, size: int, pad_id: int):
@@ -421,7 +417,7 @@ class OffloadedEngine:
         tokens, pad_len = left_pad(prompts, self.pad_id, length=t)
         rows = tokens.shape[0]  # real rows; the rest (one-jit path) pad the batch to its bucket
         if onejit:
-            tokens, pad_len, teacher = _pad_batch(tokens, pad_len, teacher, batch_bucket(rows), self.pad_id)
+            tokens, pad_len, teacher = _pad_batch(tokens, pad_len, teacher, prompt_bucket(rows, minimum=1), self.pad_id)
         b = tokens.shape[0]
         max_len = min(-(-(t + max_new_tokens) // 64) * 64, max(ctx, t + max_new_tokens))
         caches = init_kv_caches(self.cfg, b, max_len, self.dtype)
