@@ -122,6 +122,8 @@ def bench_model(name: str, fractions, batch: int, prompt_len: int, new_tokens: i
     then the repeats go round-robin over them on the same prompts, so a drift in machine load hits
     all of them alike; medians per configuration, ratios to that fraction's fused median."""
     cfg, graphdef, params, experts, dtype = _model(name, dtype)
+    if predictor not in (None, "none"):
+        _predictor(predictor, name, cfg)  # a predictor that cannot be set up fails before anything is timed
     rm = ResidentModel(cfg, graphdef, params, experts, dtype)
     warm = _prompts(cfg.vocab_size, batch, prompt_len, 0)
     expert_bytes = int(sum(a.nbytes for a in experts[0])) // cfg.num_experts
