@@ -4,6 +4,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from typing import NamedTuple
 
 # One persistent compilation cache for the whole run, fresh each run (nothing carries over
 # between runs): test modules, notebook kernels and CLI subprocesses compile many identical
@@ -46,6 +47,36 @@ def _free_compiled_executables():
 
 
 _TINY_MODELS: dict = {}
+
+
+class CliResult(NamedTuple):
+    """What a command line returned, as subprocess.run would give it."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_main(capsys):
+    """Factory: run_main(main, *args) -> CliResult of a command line's `main(argv)` run in this process.
+    Far cheaper than a subprocess (no interpreter and JAX start-up, compiled programs shared); each CLI
+    keeps one subprocess test of its `python -m` entry point. An exception escaping `main` fails the
+    test, as a traceback on a subprocess's stderr would."""
+
+    def run(main, *args) -> CliResult:
+        capsys.readouterr()  # drop what the test printed before
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's usage errors
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:  # CLIs point the compile cache at their own settings; keep the run's
+            jax.config.update("jax_compilation_cache_dir", _CACHE)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+        out, err = capsys.readouterr()
+        return CliResult(rc, out, err)
+
+    return run
 
 
 @pytest.fixture(scope="session")

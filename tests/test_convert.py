@@ -156,11 +156,20 @@ def test_bf16_source_and_bf16_target(tmp_path):
 
 
 def _cli(*args, env=None) -> subprocess.CompletedProcess:
+    """The real `python -m emoe_jax.convert` (the crash tests need a process to kill)."""
     return subprocess.run([sys.executable, "-m", "emoe_jax.convert", *map(str, args), "--no-progress"],
                           capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})}, timeout=120)
 
 
-def test_interrupted_conversion_resumes(tmp_path):
+@pytest.fixture
+def cli(run_main):
+    """The CLI in this process: cli(*args) -> (returncode, stdout, stderr)."""
+    from emoe_jax.convert import main
+
+    return lambda *args: run_main(main, *args, "--no-progress")
+
+
+def test_interrupted_conversion_resumes(cli, tmp_path):
     hf, ref = make_hf(tmp_path, "mixtral", shard="20KB")
     out = tmp_path / "out"
     crashed = _cli(hf, out, env={"EMOE_JAX_CONVERT_CRASH_AFTER": "5"})
@@ -168,7 +177,7 @@ def test_interrupted_conversion_resumes(tmp_path):
     assert not (out / "manifest.json").exists() and (out / "progress.jsonl").exists()
     with pytest.raises(IncompleteCheckpointError, match="rerun python -m emoe_jax.convert"):
         load_checkpoint(out)
-    done = _cli(hf, out, "--json")
+    done = cli(hf, out, "--json")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     total_items = 5 + 2 * 4  # embed, 2 layers, norm, lm_head + 8 experts
@@ -177,7 +186,7 @@ def test_interrupted_conversion_resumes(tmp_path):
     a, b = load_checkpoint(out), load_checkpoint(tmp_path / "clean")
     assert a.manifest["expert_crc32"] == b.manifest["expert_crc32"]
     assert_matches(out, ref, "mixtral")
-    again = _cli(hf, out, "--json")
+    again = cli(hf, out, "--json")
     assert json.loads(again.stdout)["status"] == "already complete"
 
 
@@ -188,22 +197,22 @@ def _assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> Non
         assert n in proc.stderr, proc.stderr
 
 
-def test_cli_errors_name_the_problem(tmp_path):
+def test_cli_errors_name_the_problem(cli, tmp_path):
     hf, _ = make_hf(tmp_path, "mixtral")
     # Truncated safetensors file.
     bad = tmp_path / "trunc"
     shutil.copytree(hf, bad)
     data = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
-    _assert_clean_error(_cli(bad, tmp_path / "o1"), "model.safetensors", "truncated")
+    _assert_clean_error(cli(bad, tmp_path / "o1"), "model.safetensors", "truncated")
     # Garbage header.
     (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + data[24:200])
-    _assert_clean_error(_cli(bad, tmp_path / "o2"), "model.safetensors", "not JSON")
+    _assert_clean_error(cli(bad, tmp_path / "o2"), "model.safetensors", "not JSON")
     # Missing config.json.
     noconf = tmp_path / "noconf"
     shutil.copytree(hf, noconf)
     (noconf / "config.json").unlink()
-    _assert_clean_error(_cli(noconf, tmp_path / "o3"), "config.json")
+    _assert_clean_error(cli(noconf, tmp_path / "o3"), "config.json")
     # Unsupported and unknown config fields.
     for field, value in (("quantization_config", {"quant_method": "gptq"}), ("frobnicate_experts", True)):
         d = tmp_path / f"field_{field}"
@@ -211,32 +220,32 @@ def test_cli_errors_name_the_problem(tmp_path):
         cfg = json.loads((d / "config.json").read_text())
         cfg[field] = value
         (d / "config.json").write_text(json.dumps(cfg))
-        _assert_clean_error(_cli(d, tmp_path / f"o_{field}"), field)
+        _assert_clean_error(cli(d, tmp_path / f"o_{field}"), field)
     # Expert shape disagreeing with the config.
     d = tmp_path / "shape"
     shutil.copytree(hf, d)
     cfg = json.loads((d / "config.json").read_text())
     cfg["intermediate_size"] = 40
     (d / "config.json").write_text(json.dumps(cfg))
-    _assert_clean_error(_cli(d, tmp_path / "o_shape"), "block_sparse_moe.experts", "shape")
+    _assert_clean_error(cli(d, tmp_path / "o_shape"), "block_sparse_moe.experts", "shape")
     # JSON error output for scripts.
-    proc = _cli(d, tmp_path / "o_shape", "--json")
+    proc = cli(d, tmp_path / "o_shape", "--json")
     assert json.loads(proc.stdout)["status"] == "error"
 
 
-def test_missing_shard_is_named(tmp_path):
+def test_missing_shard_is_named(cli, tmp_path):
     hf, _ = make_hf(tmp_path, "mixtral", shard="20KB")
     victim = sorted(hf.glob("model-*.safetensors"))[1]
     victim.unlink()
-    _assert_clean_error(_cli(hf, tmp_path / "out"), victim.name, "missing")
+    _assert_clean_error(cli(hf, tmp_path / "out"), victim.name, "missing")
 
 
-def test_refuses_foreign_out_dir_and_detects_corruption(tmp_path):
+def test_refuses_foreign_out_dir_and_detects_corruption(cli, tmp_path):
     hf, _ = make_hf(tmp_path, "mixtral")
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    _assert_clean_error(_cli(hf, foreign), "not empty")
+    _assert_clean_error(cli(hf, foreign), "not empty")
     out = tmp_path / "out"
     convert_hf_checkpoint(hf, out, progress=False)
     # Flip bytes of one expert chunk: verify names the layer and expert.
@@ -254,16 +263,16 @@ def test_refuses_foreign_out_dir_and_detects_corruption(tmp_path):
         ckpt.experts.read(1, 2)
 
 
-def test_overwrite_verify_and_mismatched_resume(tmp_path):
+def test_overwrite_verify_and_mismatched_resume(cli, tmp_path):
     hf, ref = make_hf(tmp_path, "olmoe")
     out = tmp_path / "out"
     crashed = _cli(hf, out, env={"EMOE_JAX_CONVERT_CRASH_AFTER": "2"})
     assert crashed.returncode == 86
     # Resuming with another dtype would mix two jobs: refused.
-    _assert_clean_error(_cli(hf, out, "--dtype", "bfloat16"), "partial conversion", "--overwrite")
-    proc = _cli(hf, out, "--dtype", "bfloat16", "--overwrite", "--verify", "--json")
+    _assert_clean_error(cli(hf, out, "--dtype", "bfloat16"), "partial conversion", "--overwrite")
+    proc = cli(hf, out, "--dtype", "bfloat16", "--overwrite", "--verify", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["status"] == "completed"
     assert_matches(out, ref, "olmoe", dtype=ml_dtypes.bfloat16)
     # A finished conversion of the same source with another dtype: refused without --overwrite.
-    _assert_clean_error(_cli(hf, out, "--dtype", "float32"), "already holds a finished conversion")
+    _assert_clean_error(cli(hf, out, "--dtype", "float32"), "already holds a finished conversion")

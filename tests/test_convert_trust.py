@@ -16,6 +16,8 @@ import pytest
 pytest.importorskip("torch")
 from test_convert import _assert_clean_error, _cli, make_hf  # noqa: E402
 
+from emoe_jax.convert import main as convert_main  # noqa: E402
+
 from emoe_jax.checkpoint import CheckpointError, convert_hf_checkpoint, load_checkpoint  # noqa: E402
 from emoe_jax.checkpoint.lock import ConversionLockedError, conversion_lock  # noqa: E402
 
@@ -33,7 +35,7 @@ def test_same_shape_other_model_is_not_already_complete(tmp_path):
     assert load_checkpoint(out).manifest["source"]["fingerprint"]["source"]["files"][0]["sha256_sampled"]
 
 
-def test_resume_after_the_source_changed_is_refused(tmp_path):
+def test_resume_after_the_source_changed_is_refused(run_main, tmp_path):
     a, _ = make_hf(tmp_path, "mixtral", shard="20KB", seed=0)
     b, _ = make_hf(tmp_path, "mixtral", shard="20KB", seed=1)
     out = tmp_path / "out"
@@ -41,8 +43,9 @@ def test_resume_after_the_source_changed_is_refused(tmp_path):
     # Swap one shard's content under the same name and size: the resume must not mix them.
     victim = sorted(a.glob("model-*.safetensors"))[-1]
     shutil.copyfile(b / victim.name, victim)
-    _assert_clean_error(_cli(a, out), "partial conversion", f"{victim.name} changed (content)", "--overwrite")
-    proc = _cli(a, out, "--overwrite", "--json")
+    _assert_clean_error(run_main(convert_main, a, out, "--no-progress"), "partial conversion",
+                        f"{victim.name} changed (content)", "--overwrite")
+    proc = run_main(convert_main, a, out, "--overwrite", "--json", "--no-progress")
     assert proc.returncode == 0 and json.loads(proc.stdout)["status"] == "completed", proc.stderr
 
 
@@ -55,10 +58,10 @@ def test_second_conversion_into_a_locked_folder_names_the_holder(tmp_path):
     assert convert_hf_checkpoint(hf, out, progress=False)["status"] == "completed"  # released
 
 
-def test_missing_tokenizer_warns_at_conversion(tmp_path):
+def test_missing_tokenizer_warns_at_conversion(run_main, tmp_path):
     hf, _ = make_hf(tmp_path, "olmoe")
     assert not (hf / "tokenizer.json").exists()
-    proc = _cli(hf, tmp_path / "out")
+    proc = run_main(convert_main, hf, tmp_path / "out", "--no-progress")
     assert proc.returncode == 0 and "warning" in proc.stderr and "no tokenizer" in proc.stderr, proc.stderr
     (hf / "tokenizer.json").write_text("{}")
     summary = convert_hf_checkpoint(hf, tmp_path / "out2", progress=False)

@@ -6,13 +6,20 @@ import sys
 
 import pytest
 
+from emoe_jax.generate import main
 
 
-def run(*args):
+def run_subprocess(*args):
     return subprocess.run([sys.executable, "-m", "emoe_jax.generate", *args], capture_output=True, text=True)
 
 
-def test_json_output_and_exactness(tiny_ckpt):
+@pytest.fixture
+def run(run_main):
+    """The CLI in this process (test_streaming_text_and_stats runs the real `python -m` entry point)."""
+    return lambda *args: run_main(main, *args)
+
+
+def test_json_output_and_exactness(run, tiny_ckpt):
     outs = []
     for frac in ("1.0", "0.25", "1"):
         proc = run("--model", str(tiny_ckpt), "--prompt", "hello world", "--prompt", "x",
@@ -30,7 +37,7 @@ def test_json_output_and_exactness(tiny_ckpt):
 
 
 def test_streaming_text_and_stats(tiny_ckpt):
-    proc = run("--model", str(tiny_ckpt), "--prompt", "abc", "--max-new-tokens", "5")
+    proc = run_subprocess("--model", str(tiny_ckpt), "--prompt", "abc", "--max-new-tokens", "5")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("abc")
     assert "device hit rate" in proc.stderr and "compilations" in proc.stderr
@@ -42,18 +49,18 @@ def test_streaming_text_and_stats(tiny_ckpt):
     (["--prompt", "a", "--device-experts", "0"], "device-experts"),
     (["--prompt", "a", "--max-new-tokens", "100000"], "context"),
 ])
-def test_bad_input_is_a_clear_error(tiny_ckpt, args, needle):
+def test_bad_input_is_a_clear_error(run, tiny_ckpt, args, needle):
     proc = run("--model", str(tiny_ckpt), *args)
     assert proc.returncode != 0
     assert needle in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_missing_model_dir(tmp_path):
+def test_missing_model_dir(run, tmp_path):
     proc = run("--model", str(tmp_path / "nope"), "--prompt", "a")
     assert proc.returncode != 0 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_incomplete_checkpoint_is_refused(tiny_ckpt, tmp_path):
+def test_incomplete_checkpoint_is_refused(run, tiny_ckpt, tmp_path):
     import shutil
 
     broken = tmp_path / "broken"
@@ -63,7 +70,7 @@ def test_incomplete_checkpoint_is_refused(tiny_ckpt, tmp_path):
     assert proc.returncode != 0 and "incomplete" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_corrupt_or_missing_expert_chunk_is_named(tiny_ckpt, tmp_path):
+def test_corrupt_or_missing_expert_chunk_is_named(run, tiny_ckpt, tmp_path):
     import shutil
 
     from emoe_jax.checkpoint import ExpertIntegrityError
@@ -103,7 +110,7 @@ def test_runs_from_the_tensorstore_disk_tier_with_a_small_host_budget(tiny_ckpt)
     assert out.stats["disk_to_host_bytes"] == store.bytes_read
 
 
-def test_decode_path_flag_and_stats(tiny_ckpt):
+def test_decode_path_flag_and_stats(run, tiny_ckpt):
     outs = {}
     for path in ("auto", "staged"):
         proc = run("--model", str(tiny_ckpt), "--prompt", "hello world", "--max-new-tokens", "6",
