@@ -567,6 +567,8 @@ class OffloadedEngine:
             "waves": tm.waves,
             "compiles": compiles,
             "mode": self.mode,
+            "policy": self.policy,
+            "admission": self.admission,
             "reuse": self.reuse,
             "predictor": self.predictor_name,
             "prefetch": self._prefetch_stats(),
