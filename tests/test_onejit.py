@@ -255,14 +255,19 @@ def test_score_eviction_evicts_the_lowest_scored_expert_and_admission_compares_w
     assert fetch(state, 3, prefetch=True)[:2] == ([0, 3, 2], 1)  # admission "all" takes it
 
 
-@pytest.mark.parametrize("predictor,slots,admission", [("spec-gating", 2, "all"), ("random", 1, "cost"),
-                                                        ("prev-token", 3, "cost")])
-def test_score_eviction_on_onejit_equals_all_resident(_engine, assert_equals_resident, predictor, slots, admission):
+@pytest.mark.parametrize("predictor,slots,admission,prefetch_k", [
+    ("spec-gating", 2, "all", None), ("random", 1, "cost", None), ("prev-token", 3, "cost", None),
+    ("spec-gating", 3, "all", 0),  # the predictor only ranks the slots: nothing is prefetched
+])
+def test_score_eviction_on_onejit_equals_all_resident(_engine, assert_equals_resident, predictor, slots, admission,
+                                                      prefetch_k):
     prompts = [[5, 9, 13, 22, 7], [3, 17, 8, 99]]
-    engine, resident = _engine("mixtral", slots, predictor, policy="score", admission=admission)
+    engine, resident = _engine("mixtral", slots, predictor, policy="score", admission=admission,
+                               prefetch_k=prefetch_k)
     out = engine.generate(prompts, 6, stop_at_eos=False, return_logits=True)
     assert out.stats["decode_path"] == "onejit" and engine._onejit_ranking()["eviction"] == "score"
     assert out.stats["device"]["evictions"] > 0
+    assert (out.stats["prefetch"]["completed"] == 0) == (prefetch_k == 0)
     assert_equals_resident(resident, prompts, out, 6)
     # The step hands its latest scores back to the staged path's ScorePolicy.
     assert engine.device_cache.policies[1].scores
