@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from emoe_jax.cli import USER_ERRORS, fail
-from emoe_jax.runtime.policies import CLI_POLICIES
+from emoe_jax.runtime.policies import POLICIES, check_policy
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "embedded"
 
@@ -61,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["exact", "restricted"], default="exact",
                    help="exact: fetch every routed expert (output unchanged); restricted: eMoE's lossy mode, "
                         "tokens go to their best resident expert and nothing is fetched")
-    p.add_argument("--policy", choices=CLI_POLICIES, default="lru", help="device slot eviction policy")
+    p.add_argument("--policy", choices=list(POLICIES), default="lru",
+                   help="device slot eviction: lru, lfu (staged path), or score (needs --predictor): evict the "
+                        "expert the predictor's latest scores rank lowest, LRU breaking ties")
+    p.add_argument("--admission", choices=["all", "cost"], default="all",
+                   help="cost (with --policy score and an in-graph predictor): prefetch a predicted expert only if "
+                        "it scores above the expert it would evict")
     p.add_argument("--predictor", default="none",
                    help="prefetch experts this predictor expects (exact mode): spec-gating, prev-token and learned "
                         "run inside the one-jit decode step; the others (static-freq, moe-infinity, emoe, ...) on "
@@ -183,6 +188,12 @@ def _main(argv: list[str] | None) -> int:
         raise SystemExit(f"error: {e}") from None
     if args.system and not args.chat:
         raise SystemExit("error: --system is a chat message; add --chat")
+    try:
+        check_policy(args.policy, args.predictor not in ("none", "on-demand"))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.admission == "cost" and args.policy != "score":
+        raise SystemExit("error: --admission cost compares a prediction with its victim's score; add --policy score")
     prompts = _prompts(args)
     note = note_device_experts(args.device_experts)
     if note:
@@ -217,7 +228,8 @@ def _main(argv: list[str] | None) -> int:
                                           args.train_traces, args.lookahead, args.predictor_checkpoint)
         engine = OffloadedEngine.from_checkpoint(model_dir, dtype=dtype, device_experts=args.device_experts,
                                                  host_experts=args.host_experts, mode=args.mode,
-                                                 policy=args.policy, predictor=predictor,
+                                                 policy=args.policy, admission=args.admission,
+                                                 predictor=predictor,
                                                  prefetch_k=args.prefetch_k, reuse=not args.no_reuse,
                                                  decode_path=args.decode_path)
         preload_bytes = _preload_restricted(engine) if args.mode == "restricted" else 0
@@ -294,7 +306,8 @@ def format_stats(s: dict) -> str:
         f"moved: host->device {s['h2d_bytes'] * mib:.1f} MiB, disk->host {s['disk_to_host_bytes'] * mib:.1f} MiB"
         + (f", plus the resident set loaded up front: {s['preload_h2d_bytes'] * mib:.1f} MiB"
            if "preload_h2d_bytes" in s else ""),
-        f"stalled on misses: {s['stall_s']:.3f} s; compilations: {s['compiles']}; mode: {s['mode']}",
+        f"stalled on misses: {s['stall_s']:.3f} s; compilations: {s['compiles']}; mode: {s['mode']}; "
+        f"eviction: {s.get('policy', 'lru')}" + (", cost-aware admission" if s.get("admission") == "cost" else ""),
         f"decode path: {s['decode_path']}" + (f" ({s['decode_path_reason']})" if s.get("decode_path_reason") else ""),
     ]
     pf = s.get("prefetch")

@@ -319,6 +319,8 @@ def test_bench_replay_cli(tmp_path, capsys):
     assert main(["--traces", str(tmp_path / "missing")]) == 2
     assert main(args + ["--fractions", "1.5"]) == 2  # the last --fractions counts
     assert main(args + ["--prompts", "5"]) == 2  # only 2 validation prompts
+    assert main(args + ["--policy", "score"]) == 2  # score eviction without a predictor
     err = capsys.readouterr().err
-    assert err.count("error:") == 3 and "Traceback" not in err
+    assert err.count("error:") == 4 and "Traceback" not in err
     assert "no trace set" in err and "--fractions=1.5" in err and "only 2 of 2" in err
+    assert "predictor's scores" in err

@@ -48,6 +48,7 @@ def test_streaming_text_and_stats(tiny_ckpt):
     ([], "at least one --prompt"),
     (["--prompt", "a", "--device-experts", "0"], "device-experts"),
     (["--prompt", "a", "--max-new-tokens", "100000"], "context"),
+    (["--prompt", "a", "--policy", "score"], "predictor's scores"),
 ])
 def test_bad_input_is_a_clear_error(run, tiny_ckpt, args, needle):
     proc = run("--model", str(tiny_ckpt), *args)

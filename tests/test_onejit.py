@@ -210,3 +210,71 @@ def test_engine_config_is_one_frozen_value(tiny_model):
         OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_expert=2)
     with pytest.raises(ValueError, match="decode_path"):
         EngineConfig(decode_path="fast")
+
+
+def _slot_state(owner, last_use, score, num_experts=6):
+    """A hand-built SlotState whose slot s holds weights filled with its expert id (H = I = 1)."""
+    from emoe_jax.model.moe import ExpertSlots
+    from emoe_jax.runtime.onejit import SlotState
+
+    owner = np.asarray(owner, np.int32)
+    table = np.full(num_experts, -1, np.int32)
+    table[owner[owner >= 0]] = np.flatnonzero(owner >= 0)
+    w = jnp.asarray(np.maximum(owner, 0), jnp.float32).reshape(-1, 1, 1)
+    return SlotState(ExpertSlots(w, w, w), jnp.asarray(table), jnp.asarray(owner), jnp.asarray(last_use, jnp.int32),
+                     jnp.zeros(len(owner), bool), jnp.asarray(score, jnp.float32))
+
+
+def test_score_eviction_evicts_the_lowest_scored_expert_and_admission_compares_with_it():
+    from emoe_jax.model.moe import ExpertSlots
+    from emoe_jax.runtime.onejit import _fetch_list
+
+    host = ExpertSlots(*[jnp.arange(6, dtype=jnp.float32).reshape(6, 1, 1)] * 3)  # expert e's weights = e
+    #        slot:    0    1    2        experts 0, 1, 2 resident; 0 is the least recently used
+    owner, last_use = [0, 1, 2], [1, 5, 3]
+    score = [0.9, 0.1, 0.5, 0.0, 0.0, 0.3]
+
+    def fetch(state, expert, protect=(), prefetch=False, eviction="score", admission="all"):
+        protected = np.zeros(6, bool)
+        protected[[expert, *protect]] = True
+        st, n, ev = jax.jit(lambda s: _fetch_list(s, host, jnp.array([expert], jnp.int32), jnp.asarray(protected),
+                                                  jnp.int32(9), prefetch, eviction, admission))(state)
+        return np.asarray(st.owner).tolist(), int(n), float(st.slots.gate[int(np.asarray(st.table)[expert])].item()) \
+            if int(n) else None
+
+    state = _slot_state(owner, last_use, score)
+    assert fetch(state, 4, eviction="lru")[0] == [4, 1, 2]  # LRU: expert 0, the oldest
+    assert fetch(state, 4) == ([0, 4, 2], 1, 4.0)  # score: expert 1, the lowest score (its slot now holds 4)
+    assert fetch(state, 4, protect=[1])[0] == [0, 1, 4]  # a needed expert is never evicted: next lowest, 2
+    tied = _slot_state(owner, last_use, [0.5, 0.5, 0.5, 0, 0, 0])
+    assert fetch(tied, 4)[0] == [4, 1, 2]  # equal scores: LRU decides
+    assert fetch(_slot_state([0, -1, 2], last_use, score), 4)[0] == [0, 4, 2]  # an empty slot first
+    # Cost-aware admission: expert 5 (0.3) is worth more than the victim, expert 1 (0.1); expert 3 (0.0) is not.
+    assert fetch(state, 5, prefetch=True, admission="cost")[:2] == ([0, 5, 2], 1)
+    assert fetch(state, 3, prefetch=True, admission="cost")[:2] == ([0, 1, 2], 0)
+    assert fetch(state, 3, prefetch=True)[:2] == ([0, 3, 2], 1)  # admission "all" takes it
+
+
+@pytest.mark.parametrize("predictor,slots,admission,prefetch_k", [
+    ("spec-gating", 2, "all", None), ("random", 1, "cost", None), ("prev-token", 3, "cost", None),
+    ("spec-gating", 3, "all", 0),  # the predictor only ranks the slots: nothing is prefetched
+])
+def test_score_eviction_on_onejit_equals_all_resident(_engine, assert_equals_resident, predictor, slots, admission,
+                                                      prefetch_k):
+    prompts = [[5, 9, 13, 22, 7], [3, 17, 8, 99]]
+    engine, resident = _engine("mixtral", slots, predictor, policy="score", admission=admission,
+                               prefetch_k=prefetch_k)
+    out = engine.generate(prompts, 6, stop_at_eos=False, return_logits=True)
+    assert out.stats["decode_path"] == "onejit" and engine._onejit_ranking()["eviction"] == "score"
+    assert out.stats["device"]["evictions"] > 0
+    assert (out.stats["prefetch"]["completed"] == 0) == (prefetch_k == 0)
+    assert_equals_resident(resident, prompts, out, 6)
+    # The step hands its latest scores back to the staged path's ScorePolicy.
+    assert engine.device_cache.policies[1].scores
+
+
+def test_score_policy_needs_a_predictor(_engine):
+    with pytest.raises(ValueError, match="predictor's scores"):
+        _engine("mixtral", 2, policy="score")
+    with pytest.raises(ValueError, match="policy='score'"):
+        _engine("mixtral", 2, "spec-gating", admission="cost")

@@ -79,15 +79,46 @@ def test_prefetching_never_changes_exact_outputs(tiny_model, assert_equals_resid
     assert pf["timely"] + pf["wasted"] <= pf["completed"]
 
 
-def test_batched_prefetching_with_a_real_predictor_is_exact(tiny_model):
+@pytest.mark.parametrize("policy", ["lru", "score"])
+def test_batched_prefetching_with_a_real_predictor_is_exact(tiny_model, policy):
     cfg, g, p, ex, resident = tiny_model("qwen3_moe")
     prompts = [[5, 9, 13, 22, 7], [3, 17, 8], [40, 41]]
     ref = resident.generate(prompts, 8)
     engine = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=2, host_experts=4,
-                             predictor=get_predictor("prev-token"))
+                             predictor=get_predictor("prev-token"), policy=policy)
     out = engine.generate(prompts, 8, stop_at_eos=False)
+    assert out.stats["decode_path"] == "staged"
     assert out.tokens == [r.tolist() for r in ref]
     assert out.stats["predictor"] == "prev-token" and out.stats["prefetch"]["completed"] > 0
+    if policy == "score":  # the driver's latest scores rank the device slots: prev-token's multi-hot rows
+        scores = engine.device_cache.policies[1].scores
+        assert set(scores) == set(range(cfg.num_experts)) and set(scores.values()) <= {0.0, 1.0}
+        assert 0 < sum(scores.values()) <= len(prompts) * cfg.top_k
+
+
+def test_driver_scores_are_the_nearest_target_per_layer_best_over_rows():
+    from emoe_jax.runtime.predictor_driver import PredictorDriver
+
+    class Fixed(BasePredictor):
+        """Row r predicts layer 1 of this token (r, then 0) and of the next token (0.9)."""
+
+        name = "fixed"
+
+        def __init__(self):
+            super().__init__(lookahead=1)
+
+        def predict(self, t, l):
+            r = float(self.info.prompt_id)
+            near, far = np.array([0.0, r, 0.0, 0.0], np.float32), np.full(4, 0.9, np.float32)
+            return Prediction(np.array([[0, 1], [1, 1]]), np.stack([near, far]))
+
+    driver = PredictorDriver(Fixed(), num_moe_layers=2, num_experts=4, top_k=1, prefetch_k=0)
+    driver.begin([[3], [4]], None, None)
+    ids, weights = np.zeros((2, 1, 1), np.int32), np.ones((2, 1, 1), np.float32)
+    assert driver.layer(0, 0, ids, weights, None, np.zeros(2, bool)) == []  # prefetch_k=0: no requests
+    np.testing.assert_array_equal(driver.scores[1], [0.0, 1.0, 0.0, 0.0])  # rows 0 and 1: the best, 1.0
+    driver.layer(0, 0, ids, weights, None, np.array([False, True]))
+    np.testing.assert_array_equal(driver.scores[1], [0.0, 0.0, 0.0, 0.0])  # row 1 is done
 
 
 class ExactNextLayer(BasePredictor):

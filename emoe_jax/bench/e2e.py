@@ -9,7 +9,9 @@ Sections (all in one process run, so ratios within a table are comparable):
    device-expert fraction, on the embedded model with real prompts of every corpus task:
    on-demand (nothing kept between steps), LRU cache, prefetching driven by
    previous-token, speculative gating, the learned predictor, eMoE's task profiles,
-   eMoE in restricted mode (lossy, nothing fetched), and the fused all-resident step.
+   eMoE in restricted mode (lossy, nothing fetched), and the fused all-resident step;
+   NAME+score is predictor NAME with score eviction (the slot whose expert NAME scores
+   lowest goes first), NAME+cost adds cost-aware admission.
 2. the same on a forced-routing replay: a random model of DeepSeek-V2-Lite's shape
    (widths scaled for CPU) routed by the real DeepSeek-V2-Lite traces (validation prompts).
 3. eMoE's claims in form: output similarity of restricted mode vs the fraction (token
@@ -38,7 +40,11 @@ from emoe_jax.errors import EmoeError
 
 ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED = ROOT / "checkpoints" / "embedded"
-CONFIGS = ("on-demand", "lru", "prev-token", "spec-gating", "learned", "emoe-prefetch", "emoe-restricted", "fused")
+PREDICTOR_CONFIGS = ("prev-token", "spec-gating", "learned")
+# NAME+score: the same predictor evicting by its scores; NAME+cost: and admitting by them (one-jit step).
+CONFIGS = ("on-demand", "lru", *PREDICTOR_CONFIGS, *(f"{n}+score" for n in PREDICTOR_CONFIGS),
+           *(f"{n}+cost" for n in PREDICTOR_CONFIGS), "emoe-prefetch", "emoe-restricted", "fused")
+DEFAULT_CONFIGS = ("on-demand", "lru", *PREDICTOR_CONFIGS, "emoe-prefetch", "emoe-restricted", "fused")
 REPLAY_CONFIGS = ("on-demand", "lru", "prev-token", "static-freq", "learned", "all-resident")
 
 
@@ -66,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-traces", default=None,
                    help="trace set of the model for eMoE's profiles (default: collected now on training-split prompts)")
     p.add_argument("--fractions", type=_floats, default=[0.125, 0.25, 0.5], help="device-expert fractions")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {','.join(CONFIGS)}")
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"subset of {','.join(CONFIGS)}")
     p.add_argument("--per-task", type=int, default=1, help="prompts per corpus task")
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length cap (tokens)")
     p.add_argument("--new-tokens", type=int, default=32, help="decode tokens per prompt")
@@ -231,12 +237,14 @@ def embedded_section(args, configs, progress) -> dict:
             elif name == "emoe-prefetch":  # eMoE's task profiles drive prefetching in exact mode
                 engine = engine_factory(fraction, _fitted_profiles(traces))
             else:
+                base, _, ranking = name.partition("+")
                 try:
-                    predictor = runtime_predictor(name, cfg, model_dir)
+                    predictor = runtime_predictor(base, cfg, model_dir)
                 except Exception as e:  # noqa: BLE001 - e.g. no learned checkpoint of this shape: skip the row, say why
                     rows.append({"config": name, "fraction": fraction, "skipped": str(e)})
                     continue
-                engine = engine_factory(fraction, predictor)
+                kw = {} if not ranking else {"policy": "score", "admission": "cost" if ranking == "cost" else "all"}
+                engine = engine_factory(fraction, predictor, **kw)
             row = _run_engine(engine, prompts, args.new_tokens, system, teacher=reference["_tokens"])
             sim = output_similarity(reference["_tokens"], np.stack(reference["_logits"]),
                                     row.pop("_tokens"), np.stack(row.pop("_logits")))

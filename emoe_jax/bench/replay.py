@@ -9,7 +9,8 @@ Steps:
      least --prompt-tokens + --decode-tokens tokens;
   2. build the replay model once (`forced_replay_model`: DeepSeek-V2-Lite's depth,
      64 experts top-6, 2 shared experts and MLA, widths times --scale, random weights);
-  3. per device fraction, a fresh engine (exact mode, --policy on-demand eviction):
+  3. per device fraction, a fresh engine (exact mode, --policy eviction; with --predictor, a host
+     predictor fitted on the training side of the split prefetches on the staged path):
      warm-up generation (compiles), empty cache, then every prompt in turn with the
      trace's routing forced (prefill --prompt-tokens, decode --decode-tokens);
   4. next to each row, the simulator's LRU hit rate on the same tokens (per-layer
@@ -53,7 +54,8 @@ from ..config import MoEConfig
 from ..model.random_init import random_dense_params, random_experts, scaled_config
 from ..runtime.compile_count import compile_count
 from ..runtime.engine import OffloadedEngine
-from ..runtime.policies import CLI_POLICIES
+from ..runtime.policies import POLICIES, check_policy
+from ..runtime.predictors import NO_PREDICTOR, runtime_predictor
 from ..runtime.tiers import InMemoryExperts
 from ..sim import SimConfig, simulate
 from ..traces import TraceSet
@@ -245,17 +247,21 @@ def sim_lru_hit_rate(cut: TraceSet, slots: int, prompt_tokens: int) -> float | N
 def run(args) -> dict:
     cfg = scaled_config(args.shape, args.scale, args.vocab)
     slot_counts = [parse_expert_count(f, cfg.num_experts, "--fractions") for f in args.fractions]  # fail before building
+    check_policy(args.policy, args.predictor not in NO_PREDICTOR)  # before the minutes of loading and building
     traces = TraceSet.load(args.traces)
-    _, val = split_by_prompt_id(traces, args.val_fraction)
+    train, val = split_by_prompt_id(traces, args.val_fraction)
     chosen = choose_prompts(val, args.prompts, args.prompt_tokens + args.decode_tokens)
     replay = val.select(chosen)
     cut = _cut(val, chosen, args.prompt_tokens, args.decode_tokens)
     model = forced_replay_model(args.shape, args.scale, args.seed, jnp.dtype(args.dtype), args.vocab)
     cfg = model.cfg
+    # Forced routing runs the staged path, so the predictor runs on the host (fitted on the training side).
+    predictor = runtime_predictor(args.predictor, cfg, None, train, args.lookahead, args.predictor_checkpoint)
     rows = []
     for fraction, slots in tqdm(list(zip(args.fractions, slot_counts)), desc="device fractions",
                                 disable=not args.progress, file=sys.stderr):
-        out = run_forced_replay(dict(device_experts=fraction, policy=args.policy), replay, len(chosen), model=model,
+        out = run_forced_replay(dict(device_experts=fraction, policy=args.policy, predictor=predictor), replay,
+                                len(chosen), model=model,
                                 prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                                 batch_size=args.batch_size)
         out.pop("prompt_indices")
@@ -272,6 +278,7 @@ def run(args) -> dict:
                   "build_s": model.build_s},
         "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens, "batch_size": args.batch_size,
         "policy": args.policy,
+        "predictor": args.predictor,
         "rows": rows,
     }
 
@@ -283,7 +290,8 @@ def table(result: dict) -> str:
         f"top-{m['top_k']}, {m['expert_bytes'] / 1e6:.2f} MB/expert, {m['all_expert_bytes'] / 1e9:.2f} GB of experts, "
         f"{m['dtype']}), built in {m['build_s']:.1f} s",
         f"prompts {result['prompt_ids']} of {result['traces']} (validation side), {result['prompt_tokens']} prompt + "
-        f"{result['decode_tokens']} decode tokens each, batch {result['batch_size']}, {result['policy']}; "
+        f"{result['decode_tokens']} decode tokens each, batch {result['batch_size']}, {result['policy']}, "
+        f"predictor {result.get('predictor', 'none')}; "
         f"{result['machine']}",
         "",
         "| device fraction | slots/layer | device experts MB | decode tok/s | decode hit rate | sim LRU hit rate "
@@ -304,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m emoe_jax.bench replay",
         description="Decode tokens/s and device hit rate vs device-expert fraction, with the routing of real "
                     "DeepSeek-V2-Lite traces forced onto a random model of DeepSeek-V2-Lite's shape (widths scaled "
-                    "for CPU). Exact mode, on-demand fetching with --policy eviction. See docs/forced_routing.md.")
+                    "for CPU). Exact mode, on-demand fetching with --policy eviction, prefetching with --predictor. "
+                    "See docs/forced_routing.md.")
     parser.add_argument("--traces", type=Path, default=DEFAULT_TRACES,
                         help="trace set (default out/puffin_traces; make it with python -m emoe_jax.traces "
                              "import-moe-beyond ../shared/data/deepseek-v2-lite-puffin/traces.tar.gz out/puffin_traces)")
@@ -314,7 +323,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-tokens", type=int, default=32, help="trace tokens then decoded (default 32)")
     parser.add_argument("--fractions", default="1.0,0.5,0.25,0.1",
                         help="device-expert fractions (or counts) per layer, comma-separated (default 1.0,0.5,0.25,0.1)")
-    parser.add_argument("--policy", default="lru", choices=CLI_POLICIES, help="device eviction policy (default lru)")
+    parser.add_argument("--policy", default="lru", choices=list(POLICIES),
+                        help="device eviction policy (default lru); score (needs --predictor) evicts the expert the "
+                             "predictor's latest scores rank lowest, LRU breaking ties")
+    parser.add_argument("--predictor", default="none",
+                        help="host predictor that prefetches (staged path: forced routing runs there), e.g. "
+                             "prev-token, learned, or one fitted on the training side of the split (static-freq, "
+                             "causal-table, moe-infinity, emoe); default none")
+    parser.add_argument("--lookahead", type=int, default=None, help="predictor lookahead in layers (default: its own)")
+    parser.add_argument("--predictor-checkpoint", default=None, help="learned predictor checkpoint directory")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default 1)")
     parser.add_argument("--shape", default="deepseek-v2-lite", help="model preset whose shape is replayed")
     parser.add_argument("--scale", type=float, default=0.25,

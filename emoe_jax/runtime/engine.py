@@ -35,6 +35,7 @@ from .budget import parse_expert_count, parse_per_layer_counts
 from ..sampling import check_sampling
 from .compile_count import compile_count
 from .engine_config import DECODE_PATHS, MODES, EngineConfig
+from .policies import check_policy
 from .predictor_driver import PredictorDriver
 from .prefetch import Prefetcher
 from .host_stack import has_pinned_host
@@ -110,6 +111,8 @@ class OffloadedEngine:
         if predictor is not None and mode != "exact":
             raise ValueError("a predictor drives prefetching, which only exact mode does; restricted mode "
                              "moves nothing during generation (choose its resident set with preload)")
+        check_policy(policy, predictor is not None)  # score eviction ranks by the predictor's scores
+        self.admission = config.admission
         self.cfg, self.mode, self.method, self.dtype = cfg, mode, method, dtype
         self.policy, self.link_gbps, self.decode_path = policy, link_gbps, decode_path
         self._graphdef, self._params = graphdef, params
@@ -251,6 +254,10 @@ class OffloadedEngine:
                 step_w = np.asarray(routing.weights).reshape(b, t, -1)
                 # predict while the device computes this layer; prefetch for later ones
                 requests = self.driver.layer(decode_step, moe_layer, step_ids, step_w, normed, done)
+                if self.policy == "score" and self.driver.scores:
+                    with self._lock:  # the prefetch worker evicts by the same policies
+                        for target_layer, scores in self.driver.scores.items():
+                            self.device_cache.policies[target_layer].set_scores(dict(enumerate(scores.tolist())))
                 self.prefetcher.submit(requests)
         logits = stages.head(self._norm[0], self._norm[1], self._proj[0], self._proj[1], x,
                              tied=self.cfg.tie_word_embeddings)
@@ -319,15 +326,24 @@ class OffloadedEngine:
             why = "reuse=False (on-demand baseline) evicts everything between steps on the host"
         elif self.link_gbps:
             why = "the emulated host->device link (link_gbps) is a host-side model"
-        elif self.policy != "lru" and self.mode == "exact":
-            why = f"device policy {self.policy!r}: the one-jit step evicts by LRU"
+        elif self.policy not in ("lru", "score") and self.mode == "exact":
+            why = f"device policy {self.policy!r}: the one-jit step evicts by LRU or by in-graph scores"
         elif self.driver is not None and self._ingraph_predictor is None:
             why = f"predictor {self.driver.name!r} runs on the host (no in-graph version)"
         if why is None:
             return "onejit", None
         if self.decode_path == "onejit":
             raise GenerationError(f"decode_path='onejit' cannot be used here: {why}")
+        if self.admission == "cost":
+            raise GenerationError(f"admission='cost' is built into the one-jit decode step only, which cannot "
+                                  f"be used here: {why}")
         return "staged", why
+
+    def _onejit_ranking(self) -> dict:
+        """How the one-jit step picks victims and admits prefetches (`build_decode_step` options)."""
+        if self.mode == "exact" and self.policy == "score" and self._ingraph_predictor is not None:
+            return {"eviction": "score", "admission": self.admission}
+        return {"eviction": "lru", "admission": "all"}
 
     # ---- generation ---------------------------------------------------------
     def _validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
@@ -551,6 +567,8 @@ class OffloadedEngine:
             "waves": tm.waves,
             "compiles": compiles,
             "mode": self.mode,
+            "policy": self.policy,
+            "admission": self.admission,
             "reuse": self.reuse,
             "predictor": self.predictor_name,
             "prefetch": self._prefetch_stats(),

@@ -6,6 +6,7 @@ import dataclasses
 
 MODES = ("exact", "restricted")
 DECODE_PATHS = ("auto", "onejit", "staged")
+ADMISSIONS = ("all", "cost")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -14,7 +15,10 @@ class EngineConfig:
 
     device_experts: slots per MoE layer (default: all). host_experts: experts held in host memory over
     all layers (default: all; fewer means the disk tier serves the rest, on the staged path).
-    policy / host_policy: device / host eviction (lru | lfu | score). mode: exact (outputs equal the
+    policy / host_policy: device / host eviction (lru | lfu | score; device score eviction ranks experts by
+    the predictor's latest scores, so it needs a predictor). admission: all (every prediction is
+    prefetched) or cost (only one that scores above the expert it would evict; score eviction on the
+    one-jit path). mode: exact (outputs equal the
     all-resident model's) or restricted (eMoE, lossy). method: expert mixing kernel (auto | gather |
     sorted | blocked | reference). pad_id: padding token (default: the model's). prefetch_k: experts
     prefetched per predicted layer (default: top-k), with score above min_score. reuse=False keeps
@@ -26,6 +30,7 @@ class EngineConfig:
     host_experts: str | float | int | None = None
     policy: str = "lru"
     host_policy: str = "lru"
+    admission: str = "all"
     mode: str = "exact"
     method: str = "auto"
     pad_id: int | None = None
@@ -40,6 +45,10 @@ class EngineConfig:
             raise ValueError(f"link_gbps must be positive, got {self.link_gbps}")
         if self.decode_path not in DECODE_PATHS:
             raise ValueError(f"unknown decode_path {self.decode_path!r}; choose {', '.join(DECODE_PATHS)}")
+        if self.admission not in ADMISSIONS:
+            raise ValueError(f"unknown admission {self.admission!r}; choose {', '.join(ADMISSIONS)}")
+        if self.admission == "cost" and self.policy != "score":
+            raise ValueError("admission='cost' compares a prediction with its victim's score: use policy='score'")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose exact or restricted")
 
@@ -54,4 +63,4 @@ class EngineConfig:
         return dataclasses.replace(base or cls(), **options)
 
 
-__all__ = ["EngineConfig", "MODES", "DECODE_PATHS"]
+__all__ = ["EngineConfig", "MODES", "DECODE_PATHS", "ADMISSIONS"]

@@ -8,14 +8,18 @@ step behind. Inside, for each decoder layer:
      expert->slot table; each miss is fetched inside the graph, guarded by a
      `lax.cond`: `dynamic_index_in_dim(host_stack, expert)` then at once
      `device_put(..., Space.Device)` (the form XLA's host offloader supports), and a
-     donated `dynamic_update_index_in_dim` into the victim slot: the least recently
-     used slot that holds no expert of this step;
+     donated `dynamic_update_index_in_dim` into the victim slot among those that hold
+     no expert of this step: empty slots first, then the least recently used one, or
+     (score eviction) the one whose expert the predictor scored lowest, LRU breaking ties;
      when a step needs more distinct experts than slots, they pass through the
      slots in waves (resident ones first) whose float32 partial sums add up;
   3. an in-graph predictor (optional) scores the next MoE layer's experts and their
      top ones are copied into that layer's slots *before* this layer's expert
      compute, so XLA can overlap the copies with it. A prefetch only fills slots; a
-     layer still computes with exactly the experts its tokens routed to;
+     layer still computes with exactly the experts its tokens routed to. With score
+     eviction the scores (max over the batch's live rows) are also kept per expert as
+     the layer's eviction rank, and with cost-aware admission a prediction is copied
+     only if it scores above the expert it would evict;
   4. routed experts over the slots + shared experts, residual.
 Then the final norm, the vocabulary head and the sampler (greedy, temperature,
 top-p), all in the same executable.
@@ -52,6 +56,7 @@ class SlotState(NamedTuple):
     owner: jax.Array  # [S] int32: expert in each slot, -1 when empty
     last_use: jax.Array  # [S] int32: step clock of the slot's last use (LRU)
     prefetched: jax.Array  # [S] bool: filled by a prefetch and not yet looked at by its layer
+    score: jax.Array  # [E] float32: the predictor's latest score of each expert (score eviction's rank)
 
 
 COUNTERS = ("hits", "misses", "evictions", "prefetched", "timely", "wasted", "waves")
@@ -84,16 +89,31 @@ def num_waves(pairs: int, num_experts: int, slots: int) -> int:
     return max(1, math.ceil(min(pairs, num_experts) / slots))
 
 
-def _fetch(state: SlotState, host: ExpertSlots, expert, protected, clock, prefetch: bool):
-    """Copy `expert` from the host stacks into the LRU slot not holding a `protected` expert.
+EVICTIONS = ("lru", "score")  # device eviction the step implements
+ADMISSIONS = ("all", "cost")  # "cost": a prefetch must score above its victim
 
-    protected [E] bool. The caller guarantees an unprotected slot exists (demand) or
-    checks it (prefetch). Returns the new state and whether a resident expert was evicted."""
+
+def _victim(state: SlotState, protected, eviction: str):
+    """The slot a fetch writes into, and whether it is free to take (holds no `protected` [E] expert).
+
+    Empty slots first; then LRU, or with score eviction the lowest score of the slot's expert,
+    LRU breaking ties. A locked slot is chosen only when every slot is locked."""
     owner = state.owner
     held = owner >= 0
-    locked = held & protected[jnp.maximum(owner, 0)]
-    score = jnp.where(locked, _NEVER, jnp.where(held, state.last_use, _EMPTY))
-    victim = jnp.argmin(score).astype(jnp.int32)
+    safe_owner = jnp.maximum(owner, 0)
+    locked = held & protected[safe_owner]
+    recency = jnp.where(locked, _NEVER, jnp.where(held, state.last_use, _EMPTY))  # [S]
+    if eviction == "score":
+        primary = jnp.where(locked, jnp.inf, jnp.where(held, state.score[safe_owner], -jnp.inf))  # [S]
+        recency = jnp.where(primary == jnp.min(primary), recency, _NEVER)
+    victim = jnp.argmin(recency).astype(jnp.int32)
+    return victim, ~locked[victim]
+
+
+def _fetch(state: SlotState, host: ExpertSlots, expert, victim, clock, prefetch: bool):
+    """Copy `expert` from the host stacks into slot `victim` (from `_victim`). Returns the new
+    state and whether a resident expert was evicted."""
+    owner = state.owner
     old = owner[victim]
     table = state.table.at[jnp.maximum(old, 0)].set(jnp.where(old >= 0, -1, state.table[jnp.maximum(old, 0)]))
     table = table.at[expert].set(victim)
@@ -103,12 +123,14 @@ def _fetch(state: SlotState, host: ExpertSlots, expert, protected, clock, prefet
         return jax.lax.dynamic_update_index_in_dim(buf, w.astype(buf.dtype), victim, 0)
 
     slots = ExpertSlots(*(put(b, s) for b, s in zip(state.slots, host)))
-    new = SlotState(slots, table, owner.at[victim].set(expert), state.last_use.at[victim].set(clock),
-                    state.prefetched.at[victim].set(prefetch))
+    new = state._replace(slots=slots, table=table, owner=owner.at[victim].set(expert),
+                         last_use=state.last_use.at[victim].set(clock),
+                         prefetched=state.prefetched.at[victim].set(prefetch))
     return new, (old >= 0).astype(jnp.int32)
 
 
-def _fetch_list(state: SlotState, host: ExpertSlots, experts, protected, clock, prefetch: bool):
+def _fetch_list(state: SlotState, host: ExpertSlots, experts, protected, clock, prefetch: bool,
+                eviction: str = "lru", admission: str = "all"):
     """Guarded fetches of `experts` [F] (-1 = nothing); already-resident ones are skipped.
     Returns (state, fetched count, evictions)."""
 
@@ -117,10 +139,15 @@ def _fetch_list(state: SlotState, host: ExpertSlots, experts, protected, clock, 
         safe = jnp.maximum(e, 0)
         go = (e >= 0) & (st.table[safe] < 0)
         if prefetch:  # a prefetch needs a slot that holds no protected expert
-            held = st.owner >= 0
-            go = go & jnp.any(~(held & protected[jnp.maximum(st.owner, 0)]))
-        st, ev = jax.lax.cond(go, lambda s: _fetch(s, host, safe, protected, clock, prefetch),
-                              lambda s: (s, jnp.int32(0)), st)
+            victim, free = _victim(st, protected, eviction)
+            go = go & free
+            if admission == "cost":  # and must be worth more than what it evicts
+                old = st.owner[victim]
+                go = go & ((old < 0) | (st.score[safe] > st.score[jnp.maximum(old, 0)]))
+            fetch = lambda s: _fetch(s, host, safe, victim, clock, True)  # noqa: E731
+        else:  # the caller guarantees a slot without a needed expert
+            fetch = lambda s: _fetch(s, host, safe, _victim(s, protected, eviction)[0], clock, False)  # noqa: E731
+        st, ev = jax.lax.cond(go, fetch, lambda s: (s, jnp.int32(0)), st)
         return st, fetched + go.astype(jnp.int32), evicted + ev
 
     carry = (state, jnp.int32(0), jnp.int32(0))
@@ -139,7 +166,7 @@ def _touch(state: SlotState, used, clock) -> SlotState:
 
 
 def _moe_layer(layer, residual, normed, routing: Routing, state: SlotState, host: ExpertSlots, clock, live, *,
-               method: str, restricted: bool):
+               method: str, restricted: bool, eviction: str = "lru"):
     """Make the step's experts resident (waves if needed) and run the layer's FFN. live [B] bool:
     rows that are real (a batch padded up to its bucket has dummy rows, which need no expert:
     their pairs fall on non-resident slots and add 0, and only their own output is affected)."""
@@ -166,7 +193,7 @@ def _moe_layer(layer, residual, normed, routing: Routing, state: SlotState, host
     if waves == 1:
         def fetch_misses(st):
             missing = jnp.nonzero(needed & ~resident, size=per_wave, fill_value=-1)[0].astype(jnp.int32)
-            st, _, ev = _fetch_list(st, host, missing, needed, clock, prefetch=False)
+            st, _, ev = _fetch_list(st, host, missing, needed, clock, prefetch=False, eviction=eviction)
             return st, ev
 
         # One predicate for the whole layer: with every needed expert resident (the common case at
@@ -190,7 +217,7 @@ def _moe_layer(layer, residual, normed, routing: Routing, state: SlotState, host
         def run(carry, in_wave=in_wave):
             st, acc_, ev_ = carry
             missing = jnp.nonzero(in_wave & (st.table < 0), size=per_wave, fill_value=-1)[0].astype(jnp.int32)
-            st, _, ev = _fetch_list(st, host, missing, in_wave, clock, prefetch=False)
+            st, _, ev = _fetch_list(st, host, missing, in_wave, clock, prefetch=False, eviction=eviction)
             st = _touch(st, in_wave, clock)
             wave_map = jnp.where(in_wave, st.table, -1)
             acc_ = acc_ + mix_experts(x, routing, st.slots, wave_map, method, out_dtype=jnp.float32,
@@ -203,10 +230,20 @@ def _moe_layer(layer, residual, normed, routing: Routing, state: SlotState, host
     return residual + out.reshape(b, t, h), state, (hits, misses, evictions, timely, wasted, ran)
 
 
-def _prefetch(state: SlotState, host: ExpertSlots, scores, clock, prefetch_k: int, min_score: float, live):
+def _expert_scores(scores, live):
+    """scores [B, E] -> [E] float32: the best over live rows (an expert any row is likely to use is
+    kept), finite so that the eviction rank of a held slot always stays below a locked one's."""
+    best = jnp.max(jnp.where(live[:, None], scores.astype(jnp.float32), -jnp.inf), axis=0)
+    return jnp.nan_to_num(best, nan=0.0, posinf=3e38, neginf=-3e38)
+
+
+def _prefetch(state: SlotState, host: ExpertSlots, scores, clock, prefetch_k: int, min_score: float, live,
+              eviction: str = "lru", admission: str = "all"):
     """Copy the top `prefetch_k` experts per row of scores [B, E] into this layer's slots.
     Highest scores first over the batch; a prefetch never evicts another of the round. Dummy rows
     (live [B] False) prefetch nothing."""
+    if prefetch_k <= 0:
+        return state, jnp.int32(0), jnp.int32(0)
     scores = jnp.where(live[:, None], scores.astype(jnp.float32), -jnp.inf)
     top_scores, top_ids = jax.lax.top_k(scores, prefetch_k)  # [B, pk]
     flat_scores, flat_ids = top_scores.reshape(-1), top_ids.reshape(-1).astype(jnp.int32)
@@ -217,7 +254,8 @@ def _prefetch(state: SlotState, host: ExpertSlots, scores, clock, prefetch_k: in
         True, mode="drop")  # [E]
     # Skip every guard at once when all wanted experts are resident already (common for good predictors).
     return jax.lax.cond(jnp.any(wanted & (state.table < 0)),
-                        lambda st: _fetch_list(st, host, candidates, wanted, clock, prefetch=True),
+                        lambda st: _fetch_list(st, host, candidates, wanted, clock, prefetch=True, eviction=eviction,
+                                               admission=admission),
                         lambda st: (st, jnp.int32(0), jnp.int32(0)), state)
 
 
@@ -238,23 +276,35 @@ MAX_CACHED_STEPS = 16
 
 def build_decode_step(cfg: MoEConfig, graphdef, *, method: str = "auto", restricted: bool = False,
                       greedy: bool = True, top_p_enabled: bool = False, return_logits: bool = False,
-                      predictor=None, prefetch_k: int | None = None, min_score: float = 0.0):
+                      predictor=None, prefetch_k: int | None = None, min_score: float = 0.0,
+                      eviction: str = "lru", admission: str = "all"):
     """The jitted decode step for one engine configuration, shared by engines of the same model.
 
     The graph definition is closed over (hashing an nnx GraphDef as a static jit
     argument on every call costs more than a small layer's compute) and the cache is
     keyed by its identity, so engines built on one (graphdef, params) pair reuse one
-    compiled step per shape. Returns
+    compiled step per shape. eviction: "lru", or "score" (needs a predictor: each slot ranks by its
+    expert's latest predicted score, LRU breaking ties); admission: "all", or "cost" (needs score
+    eviction: a prediction is copied only if it scores above the expert it would evict). Returns
     step(params, host_layers, caches, slot_states, predictor_params, predictor_state,
          tokens [B] int32, live [B] bool, write_index, pad_len [B], positions [B], clock, key,
          sample_index, temperature, top_p) -> StepOut,
     with caches, slot_states and predictor_state donated."""
+    if eviction not in EVICTIONS or admission not in ADMISSIONS:
+        raise ValueError(f"the one-jit step evicts by {' or '.join(EVICTIONS)} and admits {' or '.join(ADMISSIONS)}; "
+                         f"got eviction={eviction!r}, admission={admission!r}")
+    if (eviction == "score" or admission == "cost") and predictor is None:
+        raise ValueError("score eviction and cost-aware admission rank experts by a predictor's scores; "
+                         "give an in-graph predictor")
+    if admission == "cost" and eviction != "score":
+        raise ValueError("cost-aware admission compares a prediction with its victim's score: use eviction='score'")
     pkey = None if predictor is None else getattr(predictor, "cache_key", lambda: id(predictor))()
     key = (id(graphdef), cfg, method, restricted, greedy, top_p_enabled, return_logits, pkey, prefetch_k,
-           float(min_score))
+           float(min_score), eviction, admission)
     if key not in _STEPS:
         _STEPS[key] = (graphdef, predictor, _make_step(cfg, graphdef, method, restricted, greedy, top_p_enabled,
-                                                       return_logits, predictor, prefetch_k, min_score))
+                                                       return_logits, predictor, prefetch_k, min_score, eviction,
+                                                       admission))
         while len(_STEPS) > MAX_CACHED_STEPS:
             _STEPS.popitem(last=False)
     _STEPS.move_to_end(key)
@@ -262,11 +312,19 @@ def build_decode_step(cfg: MoEConfig, graphdef, *, method: str = "auto", restric
 
 
 def _make_step(cfg, graphdef, method, restricted, greedy, top_p_enabled, return_logits, predictor, prefetch_k,
-               min_score):
+               min_score, eviction, admission):
     moe_of_layer = {layer: moe_layer for moe_layer, layer in enumerate(cfg.moe_layers)}
     num_moe = cfg.num_moe_layers
     pk = cfg.top_k if prefetch_k is None else int(prefetch_k)
-    prefetching = predictor is not None and not restricted and pk > 0
+    by_score = eviction == "score" and not restricted
+    # The predictor runs to prefetch, or only to rank slots for eviction (prefetch_k=0).
+    prefetching = predictor is not None and not restricted and (pk > 0 or by_score)
+
+    def predicted(state: SlotState, host, scores, clock, live):
+        """Book the scores of one MoE layer's experts and prefetch its top ones."""
+        if by_score:
+            state = state._replace(score=_expert_scores(scores, live))
+        return _prefetch(state, host, scores, clock, pk, min_score, live, eviction, admission)
 
     def step(params, host_layers, caches, slot_states, pparams, pstate, tokens, live, write_index, pad_len,
              positions, clock, key, sample_index, temperature, top_p):
@@ -280,8 +338,7 @@ def _make_step(cfg, graphdef, method, restricted, greedy, top_p_enabled, return_
         if prefetching and num_moe:
             scores, pstate = predictor.begin_step(model, pparams, pstate, tokens, positions)
             if scores is not None:
-                slot_states[0], n0, ev0 = _prefetch(slot_states[0], host_layers[0], scores, clock, pk, min_score,
-                                                        live)
+                slot_states[0], n0, ev0 = predicted(slot_states[0], host_layers[0], scores, clock, live)
                 issued[0] = (n0, ev0)
         reports = []
         for layer, block in enumerate(model.layers):
@@ -298,12 +355,12 @@ def _make_step(cfg, graphdef, method, restricted, greedy, top_p_enabled, return_
                 scores, pstate = predictor.after_routing(model, pparams, pstate, moe_layer, normed[:, 0],
                                                          routing.ids.reshape(b, -1))
                 if scores is not None:
-                    slot_states[moe_layer + 1], n, ev = _prefetch(slot_states[moe_layer + 1], host_layers[moe_layer + 1], scores, clock,
-                                                           pk, min_score, live)
+                    slot_states[moe_layer + 1], n, ev = predicted(slot_states[moe_layer + 1],
+                                                                  host_layers[moe_layer + 1], scores, clock, live)
                     n_prefetched, pf_evicted = n_prefetched + n, pf_evicted + ev
             x, slot_states[moe_layer], (hits, misses, evicted, timely, wasted, waves) = _moe_layer(
                 block, residual, normed, routing, slot_states[moe_layer], host_layers[moe_layer], clock, live, method=method,
-                restricted=restricted)
+                restricted=restricted, eviction=eviction if by_score else "lru")
             reports.append(LayerReport(routing.ids.reshape(b, -1), routing.weights.reshape(b, -1), hits, misses,
                                        evicted + pf_evicted, n_prefetched, timely, wasted, waves))
         if prefetching:
@@ -326,4 +383,5 @@ def _make_step(cfg, graphdef, method, restricted, greedy, top_p_enabled, return_
     return jax.jit(step, donate_argnums=(2, 3, 5))
 
 
-__all__ = ["SlotState", "StepReport", "COUNTERS", "StepOut", "build_decode_step", "num_waves"]
+__all__ = ["SlotState", "StepReport", "COUNTERS", "StepOut", "build_decode_step", "num_waves", "EVICTIONS",
+           "ADMISSIONS"]

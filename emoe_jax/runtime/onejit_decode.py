@@ -36,7 +36,8 @@ class OneJitDecoder:
         e = self.engine
         return build_decode_step(e.cfg, e._graphdef, method=e.method, restricted=e.mode == "restricted",
                                  greedy=greedy, top_p_enabled=top_p_enabled, return_logits=return_logits,
-                                 predictor=self.predictor, prefetch_k=e._prefetch_k, min_score=e._min_score)
+                                 predictor=self.predictor, prefetch_k=e._prefetch_k, min_score=e._min_score,
+                                 **e._onejit_ranking())
 
     # ---- device cache <-> slot states --------------------------------------------
     def start(self, caches: list, prefill: PrefillRouting | None, *, temperature: float, top_p: float,

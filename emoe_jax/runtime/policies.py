@@ -107,7 +107,9 @@ class LFUPolicy(LRUPolicy):
 
 class ScorePolicy(LRUPolicy):
     """Evict the resident key with the lowest externally set score (a predictor's
-    belief that the expert is needed soon); ties broken by LRU."""
+    belief that the expert is needed soon); ties broken by LRU. The engine sets them from
+    its predictor's latest scores (staged path: `PredictorDriver.scores`; the one-jit step
+    keeps them in-graph and hands them back), so it needs a predictor."""
 
     name = "score"
     needs_scores = True
@@ -127,8 +129,19 @@ class ScorePolicy(LRUPolicy):
 # the future, so only the simulator has it).
 POLICIES = {cls.name: cls for cls in (LRUPolicy, LFUPolicy, ScorePolicy)}
 assert set(POLICIES) <= set(EVICTION_POLICIES), "a runtime policy the simulator cannot compare against"
-# What --policy offers on the command lines (generate, bench replay).
+# What --policy offers without a predictor; generate offers every one of POLICIES and refuses one
+# that needs scores without --predictor (`check_policy`).
 CLI_POLICIES = tuple(name for name, cls in POLICIES.items() if not cls.needs_scores)
+
+
+def check_policy(name: str, has_predictor: bool) -> None:
+    """A policy that ranks by a predictor's scores needs one: a ValueError that says so otherwise."""
+    cls = POLICIES.get(name)
+    if cls is None:
+        raise ValueError(f"unknown eviction policy {name!r}; choose one of {', '.join(POLICIES)}")
+    if cls.needs_scores and not has_predictor:
+        raise ValueError(f"eviction policy {name!r} ranks experts by a predictor's scores: give a predictor "
+                         "(--predictor NAME), or choose " + " or ".join(CLI_POLICIES))
 
 
 def make_policy(name: str) -> EvictionPolicy:

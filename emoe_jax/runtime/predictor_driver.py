@@ -6,6 +6,7 @@ The engine calls, per generate call:
   per decode step: begin_token(step, tokens, done)
     per MoE layer, after the layer's FFN is dispatched:
       layer(step, moe_layer, ids, weights, router_input, done) -> prefetch requests
+      (and `scores`: the latest [E] scores per predicted layer, which score eviction ranks by)
   end()                          -> end_prompt
 
 A predictor sees exactly what it sees in the simulator: at (t, l) the routing
@@ -39,6 +40,9 @@ class PredictorDriver:
         self.wants_router_inputs = hook is not None and hook is not BasePredictor.observe_router_input
         self.rows: list = []
         self.lengths = np.zeros(0, np.int64)
+        # MoE layer -> [E] float32 scores of the latest `layer` call: per row the nearest target of that
+        # layer (as the simulator's score updates), then the best over rows.
+        self.scores: dict[int, np.ndarray] = {}
 
     @property
     def name(self) -> str:
@@ -78,6 +82,7 @@ class PredictorDriver:
         current = step * self.num_moe_layers + moe_layer
         hidden = np.asarray(router_input, np.float32) if (self.wants_router_inputs and router_input is not None) else None
         best: dict[tuple[int, int], tuple[int, float]] = {}
+        self.scores = {}
         for i, row in enumerate(self.rows):
             if done[i]:
                 continue
@@ -89,15 +94,22 @@ class PredictorDriver:
             if pred is None:
                 continue
             targets = target_steps(step, pred.targets[:, 0], pred.targets[:, 1], self.num_moe_layers)
+            nearest: dict[int, tuple[int, np.ndarray]] = {}
             for target, layer, scores in zip(targets.tolist(), pred.targets[:, 1].tolist(), pred.scores):
                 if target <= current:
                     continue  # that layer has routed already
+                if layer not in nearest or target < nearest[layer][0]:
+                    nearest[layer] = (target, scores)
                 top = np.argsort(-scores, kind="stable")[: self.prefetch_k]
                 for e in top[scores[top] > self.min_score]:
                     key = (int(layer), int(e))
                     old = best.get(key)
                     if old is None or (target, -scores[e]) < (old[0], -old[1]):
                         best[key] = (target, float(scores[e]))
+            for layer, (_, scores) in nearest.items():
+                row_scores = np.asarray(scores, np.float32)
+                old = self.scores.get(int(layer))
+                self.scores[int(layer)] = row_scores if old is None else np.maximum(old, row_scores)
         return [(target, score, layer, e) for (layer, e), (target, score) in best.items()]
 
     def end(self) -> None:

@@ -25,9 +25,10 @@ class PredictorSetupError(EmoeError):
 
 
 def runtime_predictor(name: str | None, cfg: MoEConfig, model_dir: str | Path | None = None,
-                      train_traces: str | Path | None = None, lookahead: int | None = None,
+                      train_traces: Any = None, lookahead: int | None = None,
                       checkpoint: str | Path | None = None, **options: Any):
-    """The predictor called `name` ready to drive `cfg`'s engine, or None for no prefetching."""
+    """The predictor called `name` ready to drive `cfg`'s engine, or None for no prefetching.
+    train_traces: a trace set directory, or a loaded TraceSet, for predictors fitted on traces."""
     if name is None or name in NO_PREDICTOR:
         return None
     from ..predict import get_predictor
@@ -75,13 +76,17 @@ def _learned_for_shape(get_predictor, kwargs):
         return get_predictor("learned", ignore_unknown=True, **kwargs)
 
 
-def _load_matching_traces(path: str | Path, cfg: MoEConfig):
+def _load_matching_traces(path, cfg: MoEConfig):
+    """`path`: a trace set directory, or a loaded TraceSet (a benchmark's training split)."""
     from ..traces import TraceSet
 
-    path = Path(path)
-    if not path.exists():
-        raise PredictorSetupError(f"--train-traces {path} does not exist")
-    traces = TraceSet.load(path)
+    if isinstance(path, (str, Path)):
+        path = Path(path)
+        if not path.exists():
+            raise PredictorSetupError(f"--train-traces {path} does not exist")
+        traces = TraceSet.load(path)
+    else:
+        traces, path = path, "(training split)"
     meta = traces.meta
     want = (cfg.num_moe_layers, cfg.num_experts, cfg.top_k)
     have = (int(meta.num_layers), int(meta.num_experts), int(meta.top_k))

@@ -128,15 +128,19 @@ class Residency:
         for moe_layer in range(cache.num_moe_layers):
             owner = cache.expert_in_slot[moe_layer]
             last_use = np.zeros(len(owner), np.int32)  # [S] rank in the LRU order, oldest 0
-            for rank, expert in enumerate(cache.policies[moe_layer].order()):
+            policy = cache.policies[moe_layer]
+            for rank, expert in enumerate(policy.order()):
                 last_use[cache.slot_of_expert[moe_layer, expert]] = rank
+            score = np.zeros(self.num_experts, np.float32)  # [E] score eviction's ranks (ScorePolicy)
+            for expert, value in getattr(policy, "scores", {}).items():
+                score[int(expert)] = value
             states.append(SlotState(cache.buffers[moe_layer], cache.slot_of_expert[moe_layer].copy(), owner.copy(), last_use,
-                                    np.zeros(len(owner), bool)))
+                                    np.zeros(len(owner), bool), score))
             cache.buffers[moe_layer] = None
         return states
 
     def from_slot_states(self, states: Sequence[SlotState]) -> None:
-        """Take the cache back from the one-jit step: tables, LRU order and slot buffers."""
+        """Take the cache back from the one-jit step: tables, LRU order, scores and slot buffers."""
         cache = self.device_cache
         for moe_layer, st in enumerate(states):
             table, owner, last_use = (np.asarray(a) for a in (st.table, st.owner, st.last_use))
@@ -146,7 +150,10 @@ class Residency:
             cache._device_maps[moe_layer] = None
             held = np.flatnonzero(owner >= 0)
             order = held[np.lexsort((held, last_use[held]))]  # oldest first, ties by slot (the step's argmin)
-            cache.policies[moe_layer].restore([int(owner[s]) for s in order])
+            policy = cache.policies[moe_layer]
+            policy.restore([int(owner[s]) for s in order])
+            if hasattr(policy, "set_scores"):  # score eviction continues from the step's latest scores
+                policy.set_scores(dict(enumerate(np.asarray(st.score).tolist())))
 
     @property
     def lru_clock(self) -> int:
