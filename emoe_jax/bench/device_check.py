@@ -74,7 +74,7 @@ class Sizes:
 def default_sizes(small: bool) -> Sizes:
     if small:
         return Sizes(stack=(16, 128, 256), dtype="float32", fetch_counts=(4, 16), overlap_n=8, overlap_tokens=4,
-                     repeats=5, decode_model="tiny", decode_layers=3, fractions=(1.0, 0.5, 0.25, 0.1), batch=1,
+                     repeats=5, decode_model="tiny", decode_layers=3, fractions=(1.0, 0.25), batch=1,
                      prompt_len=8, new_tokens=6, decode_repeats=1, decode_budget_s=120.0)
     # One DeepSeek-V2-Lite expert matrix: 2048 x 1408 bf16 = 5.8 MB; 64 experts per layer.
     return Sizes(stack=(64, 2048, 1408), dtype="bfloat16", fetch_counts=(8, 16, 32, 64), overlap_n=32,
@@ -506,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of the overlap runs to DIR")
     p.add_argument("--sections", default="fetch,overlap,decode", help="comma list of fetch, overlap, decode")
     p.add_argument("--layers", type=int, help="decoder layers of the decode model (default 6; 3 with --small)")
-    p.add_argument("--fractions", help="device-expert fractions (default 1,0.5,0.25,0.1)")
+    p.add_argument("--fractions", help="device-expert fractions (default 1,0.5,0.25,0.1; 1,0.25 with --small)")
     p.add_argument("--new-tokens", type=int)
     p.add_argument("--decode-budget-s", type=float,
                    help="start no decode row after this many seconds of the decode section (default 180; 120 small)")
