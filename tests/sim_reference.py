@@ -61,7 +61,7 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
     now = 0.0
     c = dict(accesses=0, hits=0, timely=0, late=0, misses=0, issued=0, started=0, used=0, wasted=0,
              cancelled=0, demand=0, tokens=0, evictions=0, stall=0.0, bytes=0.0, refused=0, host=0,
-             host_seconds=0.0)  # fmt: skip
+             host_seconds=0.0, bypassed=0)  # fmt: skip
 
     def pool_of(key: int) -> int:
         return key // E if pools > 1 else 0
@@ -224,6 +224,16 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
                         continue
                 if len(cache[pool]) >= cap:
                     v = victim(pool, start, True, pinned, g)
+                    if config.demand_admission == "bypass" and v is not None:
+                        after = float(reuse[s, key % E]) if reuse is not None else score.get(key, 0.0)
+                        if after < score.get(v, 0.0):  # would be the next victim: scratch slot, not cached
+                            links[j] = start + xfer
+                            latest = max(latest, start + xfer)
+                            if counted:
+                                c["demand"] += 1
+                                c["bypassed"] += 1
+                                c["bytes"] += config.expert_bytes
+                            continue
                     if v is None:
                         v = victim(pool, start, False, pinned, g)
                         c["cancelled"] += counted

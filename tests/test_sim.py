@@ -186,6 +186,11 @@ CONFIGS = {
     "host-choose": SimConfig(capacity=5, eviction="score", miss_mode="choose", host_bandwidth_gbps=2.0,
                              host_overhead_ms=0.1, expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=0.5,
                              lookahead_layers=2),  # fmt: skip
+    "bypass": SimConfig(capacity=7, eviction="score", demand_admission="bypass", expert_bytes=1e6,
+                        bandwidth_gbps=1.0, layer_compute_ms=0.5, lookahead_layers=2),  # fmt: skip
+    "bypass-per-layer-no-prefetch": SimConfig(capacity=12, per_layer=True, eviction="score", demand_admission="bypass",
+                                              prefetch_k=0, expert_bytes=1e6, bandwidth_gbps=1.0,
+                                              layer_compute_ms=0.5),  # fmt: skip
     "full-layer-lookahead": SimConfig(capacity=7, lookahead_layers=3, prefetch_k=3, expert_bytes=1e6,
                                       bandwidth_gbps=2.0, layer_compute_ms=0.2, reset_per_prompt=True,
                                       initial_fill="random", seed=3),  # fmt: skip
@@ -195,7 +200,7 @@ REFERENCE_KEYS = {
     "misses": "demand_misses", "issued": "prefetches_issued", "started": "prefetches_started",
     "used": "prefetches_used", "wasted": "prefetches_wasted", "cancelled": "prefetches_cancelled",
     "demand": "demand_transfers", "tokens": "tokens", "evictions": "evictions", "refused": "prefetches_refused",
-    "host": "host_computes",
+    "host": "host_computes", "bypassed": "demand_bypassed",
 }  # fmt: skip
 
 
@@ -427,6 +432,39 @@ def test_choose_copies_what_will_be_reused(sequence):
     assert unsure.stall_seconds == pytest.approx(1.2 * MS)
     with pytest.raises(SimConfigError, match="host compute"):
         simulate(twice, FixedReuse(0.5), ZERO.with_(capacity=2, miss_mode="host"))
+
+
+def test_demand_bypass_keeps_likelier_experts_by_hand(sequence):
+    # One layer, top-1, reuse 0.9 / 0.8 / 0.1 for experts 0 / 1 / 2; accesses 0 1 2 0 1 2; 2 cache slots.
+    # Score eviction, capacity 2: 0 miss; 1 miss [0 1]; 2 miss evicts 1 (0.8 < 0.9) [0 2]; 0 hit;
+    # 1 miss evicts 2 [0 1]; 2 miss evicts 1 [0 2] -> 5 misses, 1 hit.
+    # Bypass, capacity 3 = 2 cache slots + 1 scratch (top-k = 1): 0 and 1 fill the cache; 2 (reuse 0.1 <
+    # victim 1's 0.8) is copied into the scratch slot and not cached; 0 hit; 1 hit; 2 missed and bypassed
+    # again -> 4 misses (4 x 1 ms copies), 2 hits, 2 bypassed, nothing evicted.
+    seq = sequence(0, 1, 2, 0, 1, 2)
+    reuse = FixedReuse(np.array([0.9, 0.8, 0.1, 0, 0, 0, 0, 0], np.float32))
+    score = simulate(seq, reuse, HOST.with_(capacity=2, eviction="score"))
+    assert (score.demand_misses, score.hits, score.evictions, score.demand_bypassed) == (5, 1, 3, 0)
+    cfg = HOST.with_(capacity=3, eviction="score", demand_admission="bypass")
+    assert cfg.pools(1, 8, 1) == (1, 2) and cfg.scratch_slots(1, 1) == 1
+    bypass = simulate(seq, reuse, cfg)
+    assert (bypass.demand_misses, bypass.hits, bypass.evictions, bypass.demand_bypassed) == (4, 2, 0, 2)
+    assert (bypass.capacity_experts, bypass.scratch_slots) == (2, 1)
+    assert bypass.demand_transfers == 4 and bypass.stall_seconds == pytest.approx(4.0 * MS)
+    # Per-layer pools hold back ceil(top-k / layers) slots each; the capacity must still hold top-k.
+    assert SimConfig(capacity=12, per_layer=True, demand_admission="bypass").pools(3, 6, 2) == (3, 3)
+    with pytest.raises(SimConfigError, match="scratch"):
+        SimConfig(capacity=3, demand_admission="bypass").pools(1, 8, 2)  # 3 - 2 scratch < top-k 2
+
+
+def test_bypass_configs_bypass_in_the_kernel_reference_comparison(random_traces):
+    # The kernel-vs-reference cases above must exercise the bypass branch, not only pass through it.
+    for name in ("bypass", "bypass-per-layer-no-prefetch"):
+        config = CONFIGS[name]
+        pred = get_predictor("causal-table", lookahead=config.lookahead_layers)
+        traces = random_traces(0)
+        pred.fit(traces)
+        assert simulate(traces, pred, config).demand_bypassed > 0, name
 
 
 def test_cost_aware_admission_refuses_late_prefetches_and_likelier_victims(sequence):

@@ -22,6 +22,10 @@ Per token-major step g (token t, layer l), at time ``now``:
    in transfer -> late prefetch, wait for it; queued -> late prefetch, taken
    out of the queue and fetched now ahead of every queued prefetch; absent ->
    demand miss, fetched now. Demand fetches never evict the step's own experts.
+   With demand bypass (``prm.bypass``), a copied miss whose predicted reuse is below
+   the score of the victim it would evict is copied into a scratch slot (held back
+   from the capacity by the caller) and not cached: the link time is charged, nothing
+   is evicted.
 4. stall = (latest arrival among the step's experts) - now, at least 0;
    now += stall + layer_compute.
 Transfers take ``xfer`` seconds each on one of ``n_links`` serial links.
@@ -68,9 +72,11 @@ INT_COUNTERS = ("accesses", "hits", "timely_prefetches", "late_prefetches", "dem
                 "prefetches_issued", "prefetches_started", "prefetches_used", "prefetches_wasted",
                 "prefetches_cancelled", "demand_transfers", "tokens", "evictions", "steps",
                 "prefetches_refused",  # refused by cost-aware admission
-                "host_computes")  # misses computed on the host  # fmt: skip
+                "host_computes",  # misses computed on the host
+                "demand_bypassed")  # copied misses computed from a scratch slot, not cached  # fmt: skip
 (C_ACCESSES, C_HITS, C_TIMELY, C_LATE, C_MISSES, C_PF_ISSUED, C_PF_STARTED, C_PF_USED, C_PF_WASTED,
- C_PF_CANCELLED, C_DEMAND_XFERS, C_TOKENS, C_EVICTIONS, C_STEPS, C_PF_REFUSED, C_HOST) = range(len(INT_COUNTERS))
+ C_PF_CANCELLED, C_DEMAND_XFERS, C_TOKENS, C_EVICTIONS, C_STEPS, C_PF_REFUSED, C_HOST,
+ C_BYPASS) = range(len(INT_COUNTERS))
 FLOAT_COUNTERS = ("stall_seconds", "bytes_moved",
                   "now",  # the replay clock
                   "host_seconds",  # host compute seconds of counted steps
@@ -145,6 +151,7 @@ class ReplayParams(NamedTuple):
     host_xfer: float  # seconds to compute one missed expert on the host
     host_overhead: float  # seconds once per step with host work
     warmup_tokens: int  # tokens at the start of each prompt that are not counted
+    bypass: bool  # demand admission: a copied miss that would be the next victim goes to a scratch slot
 
 
 class PromptInput(NamedTuple):
@@ -423,6 +430,18 @@ def run_prompt(prompt, step_offset, prm, st):
                     continue
             if st.pool_size[pool] >= prm.capacity:
                 victim = _find_victim(pool, start, True, prm.policy, st)
+                if prm.bypass and victim >= 0:
+                    # the score the expert would hold once the step ran (its predicted reuse)
+                    p_after = reuse[s, key % num_experts] if has_reuse else st.score[key]
+                    if p_after < st.score[victim]:  # it would be evicted before the victim: do not cache it
+                        arrival = start + prm.xfer
+                        st.link_free[j] = arrival
+                        latest = max(latest, arrival)
+                        if counted:
+                            st.counts[C_DEMAND_XFERS] += 1
+                            st.counts[C_BYPASS] += 1
+                            st.floats[F_BYTES] += prm.expert_bytes
+                        continue
                 if victim < 0:  # all unpinned slots in transfer: abandon one
                     victim = _find_victim(pool, start, False, prm.policy, st)
                     if counted:

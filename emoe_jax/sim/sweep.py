@@ -39,8 +39,15 @@ from emoe_jax.sim.config import SimConfig
 from emoe_jax.sim.simulate import simulate
 from emoe_jax.traces.split import split_by_prompt_id
 
+# Named policies: SimConfig fields each one sets. "-np": no prefetch at all (the predictor only scores,
+# for eviction and bypass); "bypass": a demand miss that would be the next victim is computed from a
+# scratch slot and not cached (top-k scratch slots come out of the capacity).
 POLICIES = {"lru": dict(eviction="lru", admission="all"), "score": dict(eviction="score", admission="all"),
-            "cost": dict(eviction="score", admission="cost")}  # fmt: skip
+            "cost": dict(eviction="score", admission="cost"),
+            "score-np": dict(eviction="score", admission="all", prefetch_k=0),
+            "bypass": dict(eviction="score", admission="all", demand_admission="bypass"),
+            "bypass-np": dict(eviction="score", admission="all", demand_admission="bypass", prefetch_k=0),
+            "bypass-cost": dict(eviction="score", admission="cost", demand_admission="bypass")}  # fmt: skip
 
 
 def paired_bootstrap(a: dict, b: dict, samples: int = 2000, seed: int = 0) -> dict[str, list[float]]:
@@ -65,11 +72,11 @@ def run_sweep(train: Any, test: Any, *, predictors: list[str], lookaheads: list[
               policies: list[str], miss_modes: list[str], host_gbps: list[float], bandwidth_gbps: float,
               layer_compute_ms: float, expert_bytes: float, zero_latency: bool, host_overhead_ms: float,
               predictor_kwargs: dict | None = None, log: Any = None,
-              baselines: tuple[str, ...] = ("lru", "belady")) -> tuple[list[dict], dict]:  # fmt: skip
+              baselines: tuple[str, ...] = ("lru", "belady"), per_layer: bool = False) -> tuple[list[dict], dict]:  # fmt: skip
     """Rows (one per cell) and per-prompt counters keyed by the row's label."""
     rows, per_prompt = [], {}
     base = SimConfig(bandwidth_gbps=bandwidth_gbps, layer_compute_ms=layer_compute_ms, expert_bytes=expert_bytes,
-                     zero_latency=zero_latency, host_overhead_ms=host_overhead_ms)  # fmt: skip
+                     zero_latency=zero_latency, host_overhead_ms=host_overhead_ms, per_layer=per_layer)  # fmt: skip
     modes = [("copy", None)] + [(m, h) for m in miss_modes if m != "copy" for h in host_gbps]
     if "copy" not in miss_modes:
         modes = modes[1:]
@@ -83,7 +90,8 @@ def run_sweep(train: Any, test: Any, *, predictors: list[str], lookaheads: list[
         d = r.to_dict()
         row = {k: d[k] for k in ("hit_rate", "stall_ms_per_token", "ms_per_token", "timely_prefetches", "late_prefetches",
                                  "demand_misses", "prefetches_started", "prefetches_refused", "prefetch_accuracy",
-                                 "host_compute_rate", "bytes_per_token", "tokens", "accesses", "oracle")}  # fmt: skip
+                                 "host_compute_rate", "bytes_per_token", "tokens", "accesses", "oracle",
+                                 "demand_bypassed", "capacity_experts", "scratch_slots")}  # fmt: skip
         row.update(predictor=name, lookahead=la, policy=policy, miss_mode=mode, host_gbps=host, capacity=cap,
                    eviction=r.eviction, recall=d["prediction"].get(f"recall@{test.meta.top_k}"),
                    seconds=round(time.perf_counter() - t0, 1),
@@ -149,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layer-compute-ms", type=float, default=0.5)
     p.add_argument("--expert-bytes", type=float, default=17.3e6)
     p.add_argument("--zero-latency", action="store_true")
+    p.add_argument("--per-layer", action="store_true", help="one pool per layer (default: one pool over all layers)")
     p.add_argument("--max-prompts", type=int, default=None)
     p.add_argument("--baselines", type=_list(str), default=["lru", "belady"], help="no-prediction rows (lru, belady)")
     p.add_argument("--compare", type=_list(str), default=[], help="A:B pairs for paired bootstraps")
@@ -178,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             policies=args.policies, miss_modes=args.miss_modes, host_gbps=args.host_gbps,
             bandwidth_gbps=args.bandwidth_gbps, layer_compute_ms=args.layer_compute_ms, expert_bytes=args.expert_bytes,
             zero_latency=args.zero_latency, host_overhead_ms=args.host_overhead_ms, predictor_kwargs=kwargs,
-            log=sys.stderr, baselines=tuple(b for b in args.baselines if b in ("lru", "belady")),
+            log=sys.stderr, baselines=tuple(b for b in args.baselines if b in ("lru", "belady")), per_layer=args.per_layer,
         )  # fmt: skip
     except (*USER_ERRORS, RuntimeError) as exc:
         return fail(exc)
