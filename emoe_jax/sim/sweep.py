@@ -18,7 +18,7 @@ Steps:
    Baselines LRU and Belady (ORACLE) run in every grid, without prediction.
 3. ``--compare A:B``: paired bootstrap over test prompts of hit rate (A - B) and of
    stall per token (B - A, so positive = A better) per capacity: 95 % interval.
-4. Print a markdown table; ``--out`` writes the rows as JSON (temp name, then renamed).
+4. Print a markdown table (``--by-task``: and one of hit % / stall per task); ``--out`` writes the rows as JSON (temp name, then renamed).
 """
 
 from __future__ import annotations
@@ -135,6 +135,25 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def to_markdown_by_task(rows: list[dict]) -> str:
+    """One row per cell, one column per task label: "hit % / stall ms per token" of that task's prompts
+    (their share of the cell's one replay; see SimResult.per_task)."""
+    tasks = sorted({t for r in rows for t in r.get("per_task", {})})
+    if not tasks:
+        return ""
+    out = ["| predictor | lookahead | policy | misses | capacity | " + " | ".join(t or "(none)" for t in tasks) + " |",
+           "|---|---:|---|---|---:|" + "---:|" * len(tasks)]  # fmt: skip
+    for r in rows:
+        mode = r["miss_mode"] + ("" if r["host_gbps"] is None else f" @{r['host_gbps']:g} GB/s")
+        cells = []
+        for t in tasks:
+            c = r.get("per_task", {}).get(t)
+            cells.append("-" if c is None else f"{100 * c['hit_rate']:.1f} / {c['stall_ms_per_token']:.2f}")
+        out.append(f"| {r['predictor']}{' (ORACLE)' if r['oracle'] else ''} | {r['lookahead']} | {r['policy']} | {mode} | "
+                   f"{r['capacity']:g} | " + " | ".join(cells) + " |")  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
 def _list(cast):
     return lambda text: [cast(x) for x in text.split(",") if x.strip()]
 
@@ -163,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", type=_list(str), default=[], help="A:B pairs for paired bootstraps")
     p.add_argument("--predictor-checkpoint", type=Path, default=None, help="learned-predictor checkpoint")
     p.add_argument("--out", type=Path, default=None, help="write rows (and comparisons) as JSON")
+    p.add_argument("--by-task", action="store_true",
+                   help="also print a table of hit %% / stall ms per token per task label, per cell")
     args = p.parse_args(argv)
     from emoe_jax.traces import TraceSet
 
@@ -204,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
             if other in per_prompt:
                 comparisons.append({"a": label, "b": other, **paired_bootstrap(counters, per_prompt[other])})
     print(to_markdown(rows), end="")
+    if args.by_task:
+        print("\nBy task (hit % / stall ms per token):\n")
+        print(to_markdown_by_task(rows), end="")
     for c in comparisons:
         lo, hi = c["hit_rate_diff_ci95"]
         print(f"{c['a']} vs {c['b']}: hit rate {100 * c['hit_rate_diff']:+.2f} points (95 % CI {100 * lo:+.2f}..{100 * hi:+.2f}); "
