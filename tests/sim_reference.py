@@ -55,6 +55,7 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
     queue: deque = deque()  # [key, issue time, target step]; removed entries are dropped on pop
     queued: dict[int, int] = {}  # key -> id of its live queue entry (older entries of the key are stale)
     entry_ids = [0]
+    after_routing = config.prefetch_issue == "routed"
     last_step = [0.0]  # duration of the latest step: cost-aware admission's pace
     links = [0.0] * config.links
     clock = [0]
@@ -160,12 +161,9 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
             if target - issue <= config.lookahead_layers and target < S:
                 by_step.setdefault(issue, []).append((target, preds.scores[r]))
         reuse = preds.reuse
-        for s in range(S):
-            g = g0 + s
-            t, l = divmod(s, L)
-            counted = t >= config.warmup_tokens
-            advance(now, g, counted)
-            rows = sorted(by_step.get(s, []), key=lambda row: row[0])
+
+        def issue(step: int, now: float, g: int, counted: bool) -> None:
+            rows = sorted(by_step.get(step, []), key=lambda row: row[0])
             for target, scores in reversed(rows):  # nearest target applied last, so it wins
                 for e in range(E):
                     score[(target % L) * E + e] = float(scores[e])
@@ -184,6 +182,14 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
                             queued[key] = entry_ids[0]
                             c["issued"] += 1
                             advance(now, g, counted)
+
+        for s in range(S):
+            g = g0 + s
+            t, l = divmod(s, L)
+            counted = t >= config.warmup_tokens
+            advance(now, g, counted)
+            if not after_routing or s == 0:
+                issue(s, now, g, counted)
             keys = [l * E + int(e) for e in trace.experts[t, l]]
             pinned = set(keys)
             latest = now
@@ -258,6 +264,8 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
             if reuse is not None:
                 for e in range(E):
                     score[l * E + e] = float(reuse[s, e])
+            if after_routing and s + 1 < S:  # step s+1's predictions, behind this step's demand
+                issue(s + 1, now, g, (s + 1) // L >= config.warmup_tokens)
             if counted:
                 c["accesses"] += k
                 c["tokens"] += l == 0

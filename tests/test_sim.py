@@ -191,6 +191,11 @@ CONFIGS = {
     "bypass-per-layer-no-prefetch": SimConfig(capacity=12, per_layer=True, eviction="score", demand_admission="bypass",
                                               prefetch_k=0, expert_bytes=1e6, bandwidth_gbps=1.0,
                                               layer_compute_ms=0.5),  # fmt: skip
+    "routed-issue": SimConfig(capacity=5, eviction="score", prefetch_issue="routed", lookahead_layers=0,
+                              expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=0.5),  # fmt: skip
+    "routed-issue-cost-bypass": SimConfig(capacity=7, eviction="score", admission="cost", demand_admission="bypass",
+                                          prefetch_issue="routed", lookahead_layers=2, links=2, warmup_tokens=1,
+                                          expert_bytes=1e6, bandwidth_gbps=2.0, layer_compute_ms=0.3),  # fmt: skip
     "full-layer-lookahead": SimConfig(capacity=7, lookahead_layers=3, prefetch_k=3, expert_bytes=1e6,
                                       bandwidth_gbps=2.0, layer_compute_ms=0.2, reset_per_prompt=True,
                                       initial_fill="random", seed=3),  # fmt: skip
@@ -465,6 +470,41 @@ def test_bypass_configs_bypass_in_the_kernel_reference_comparison(random_traces)
         traces = random_traces(0)
         pred.fit(traces)
         assert simulate(traces, pred, config).demand_bypassed > 0, name
+
+
+def test_prefetch_issued_after_the_previous_step_routed_moves_during_its_compute(sequence, make_traces):
+    # One layer, top-1, accesses e0 e1, exact predictions for the current step (oracle-prefetch, d = 0);
+    # 1 ms copies, 0.5 ms compute. Issued at the step's start (default): each copy starts as its step
+    # starts, both late, 1 ms stall each = 2 ms. Issued right after step 0 routed, e1 queues behind
+    # step 0's copy: it starts at 1 ms (while step 0 computes), arrives at 2 ms, step 1 starts at
+    # 1.5 ms -> 0.5 ms stall, 1.5 ms in all. With 1 ms compute it arrives as step 1 starts: a timely hit.
+    from dataclasses import replace
+
+    seq = sequence(0, 1)
+    base = SimConfig(capacity=4, expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=0.5, lookahead_layers=0)
+    step = simulate(seq, get_predictor("oracle-prefetch", lookahead=0), base)
+    assert (step.late_prefetches, step.stall_seconds) == (2, pytest.approx(2.0 * MS))
+    routed = simulate(seq, get_predictor("oracle-prefetch", lookahead=0), base.with_(prefetch_issue="routed"))
+    assert (routed.late_prefetches, routed.prefetches_started, routed.stall_seconds) == (2, 2, pytest.approx(1.5 * MS))
+    slow = simulate(seq, get_predictor("oracle-prefetch", lookahead=0),
+                    base.with_(prefetch_issue="routed", layer_compute_ms=1.0))  # fmt: skip
+    assert (slow.timely_prefetches, slow.stall_seconds) == (1, pytest.approx(1.0 * MS))
+
+    # A predictor that reads the current layer's router input cannot be issued that early.
+    class ReadsCurrent(BasePredictor):
+        name = "reads-current"
+        reads_current_router_input = True
+
+    from emoe_jax.traces import TraceSet
+
+    meta = replace(seq.meta, hidden_size=4)
+    hidden = TraceSet.from_prompts(meta, [replace(p, hidden=np.zeros((len(p.token_ids), 1, 4), np.float16))
+                                          for p in seq])  # fmt: skip
+    with pytest.raises(SimConfigError, match="router input"):
+        simulate(hidden, ReadsCurrent(), base.with_(prefetch_issue="routed"))
+    assert simulate(hidden, ReadsCurrent(), base).accesses == 2
+    with pytest.raises(SimConfigError, match="prefetch_issue"):
+        simulate(seq, ReadsCurrent(), base.with_(prefetch_issue="early"))
 
 
 def test_cost_aware_admission_refuses_late_prefetches_and_likelier_victims(sequence):

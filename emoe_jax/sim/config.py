@@ -49,6 +49,10 @@ class SimConfig:
     # reuse is below the score of the victim it would evict is computed from a scratch slot and not
     # cached. The scratch slots (top-k of them, the experts of one step) come out of the capacity.
     demand_admission: str = "all"
+    # when step s's predictions are issued: "step" = at the start of step s (before it routes); "routed" =
+    # right after step s-1 routed, queued behind its demand fetches (the earliest their inputs exist for a
+    # predictor that reads no router inputs; refused for one that does on traces that carry them)
+    prefetch_issue: str = "step"
 
     @classmethod
     def moe_beyond(cls, **overrides) -> "SimConfig":
@@ -134,6 +138,8 @@ class SimConfig:
             raise SimConfigError(f"initial_fill must be 'empty' or 'random', got {self.initial_fill!r}")
         if self.admission not in ("all", "cost"):
             raise SimConfigError(f"admission must be 'all' or 'cost', got {self.admission!r}")
+        if self.prefetch_issue not in ("step", "routed"):
+            raise SimConfigError(f"prefetch_issue must be 'step' or 'routed', got {self.prefetch_issue!r}")
         if self.demand_admission not in ("all", "bypass"):
             raise SimConfigError(f"demand_admission must be 'all' or 'bypass', got {self.demand_admission!r}")
         if self.miss_mode not in ("copy", "host", "choose"):

@@ -26,6 +26,10 @@ Per token-major step g (token t, layer l), at time ``now``:
    the score of the victim it would evict is copied into a scratch slot (held back
    from the capacity by the caller) and not cached: the link time is charged, nothing
    is evicted.
+With ``prm.issue_after_routing`` step 2 for step s+1 (its score updates and prefetch
+requests, which read the routing of steps <= s only) runs at the end of step s's
+demand instead of at the start of step s+1: the requests queue behind step s's
+demand fetches and can move while step s computes.
 4. stall = (latest arrival among the step's experts) - now, at least 0;
    now += stall + layer_compute.
 Transfers take ``xfer`` seconds each on one of ``n_links`` serial links.
@@ -152,6 +156,7 @@ class ReplayParams(NamedTuple):
     host_overhead: float  # seconds once per step with host work
     warmup_tokens: int  # tokens at the start of each prompt that are not counted
     bypass: bool  # demand admission: a copied miss that would be the next victim goes to a scratch slot
+    issue_after_routing: bool  # step s's predictions are issued right after step s-1 routed, behind its demand
 
 
 class PromptInput(NamedTuple):
@@ -343,6 +348,30 @@ def _push(key, target, sc, now, st):
     st.q_ptr[1] += 1
 
 
+@njit_inline
+def _issue(prompt, r_step, now, step, counted, prm, st):
+    """Apply the score updates and queue the prefetch requests of row ``r_step`` at time ``now``
+    (``step``: the global step running, for ``_advance``)."""
+    num_experts = prm.num_experts
+    # Nearest targets are listed first; apply in reverse so the nearest wins.
+    for u in range(prompt.upd_ptr[r_step + 1] - 1, prompt.upd_ptr[r_step] - 1, -1):
+        base = prompt.upd_layer[u] * num_experts
+        for e in range(num_experts):
+            st.score[base + e] = prompt.upd_scores[u, e]
+    if counted:
+        for r in range(prompt.req_ptr[r_step], prompt.req_ptr[r_step + 1]):
+            key = prompt.req_key[r]
+            status = st.status[key]
+            if status == RESIDENT:
+                _touch(key, st)
+                continue
+            if status == QUEUED:
+                continue
+            _push(key, prompt.req_target[r], prompt.req_score[r], now, st)
+            st.counts[C_PF_ISSUED] += 1
+            _advance(now, step, counted, prm, st)
+
+
 @njit
 def run_prompt(prompt, step_offset, prm, st):
     """Replay one prompt (``PromptInput``) from global step ``step_offset`` with settings ``prm``
@@ -364,23 +393,8 @@ def run_prompt(prompt, step_offset, prm, st):
         counted = t >= prm.warmup_tokens
         now = st.floats[F_NOW]
         _advance(now, g, counted, prm, st)
-        # Nearest targets are listed first; apply in reverse so the nearest wins.
-        for u in range(prompt.upd_ptr[s + 1] - 1, prompt.upd_ptr[s] - 1, -1):
-            base = prompt.upd_layer[u] * num_experts
-            for e in range(num_experts):
-                st.score[base + e] = prompt.upd_scores[u, e]
-        if counted:
-            for r in range(prompt.req_ptr[s], prompt.req_ptr[s + 1]):
-                key = prompt.req_key[r]
-                status = st.status[key]
-                if status == RESIDENT:
-                    _touch(key, st)
-                    continue
-                if status == QUEUED:
-                    continue
-                _push(key, prompt.req_target[r], prompt.req_score[r], now, st)
-                st.counts[C_PF_ISSUED] += 1
-                _advance(now, g, counted, prm, st)
+        if not prm.issue_after_routing or s == 0:
+            _issue(prompt, s, now, g, counted, prm, st)
         # Demand, pass 1: classify and pin.
         n_wait = 0
         latest = now
@@ -472,6 +486,10 @@ def run_prompt(prompt, step_offset, prm, st):
             base = (s % num_layers) * num_experts
             for e in range(num_experts):
                 st.score[base + e] = reuse[s, e]
+        if prm.issue_after_routing and s + 1 < num_steps:
+            # step s+1's predictions need the routing of steps <= s only: issue them now, behind this
+            # step's demand fetches, so they move while this step computes
+            _issue(prompt, s + 1, now, g, (s + 1) // num_layers >= prm.warmup_tokens, prm, st)
         stall = latest - now
         if counted:
             st.counts[C_ACCESSES] += k

@@ -163,8 +163,15 @@ def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progr
         xfer=float(xfer), compute=float(compute), expert_bytes=float(config.expert_bytes),
         admit_cost=config.admission == "cost", miss_mode=K.MISS_MODES[config.miss_mode], host_xfer=float(host_xfer),
         host_overhead=float(host_overhead), warmup_tokens=int(config.warmup_tokens),
-        bypass=config.demand_admission == "bypass",
+        bypass=config.demand_admission == "bypass", issue_after_routing=config.prefetch_issue == "routed",
     )  # fmt: skip
+    inner = getattr(predictor, "inner", predictor)  # a MemoisedPredictor's predictor
+    if (config.prefetch_issue == "routed" and meta.hidden_size is not None
+            and getattr(inner, "reads_current_router_input", False)):  # fmt: skip
+        raise SimConfigError(
+            f"{predictor.name} reads the current layer's router input: its prediction at step s needs it, and it "
+            "does not exist right after step s-1 routed; use prefetch_issue='step'"
+        )
     rng = np.random.default_rng(config.seed)
     start_wall = time.perf_counter()
     step_offset = 0

@@ -48,6 +48,10 @@ POLICIES = {"lru": dict(eviction="lru", admission="all"), "score": dict(eviction
             "bypass": dict(eviction="score", admission="all", demand_admission="bypass"),
             "bypass-np": dict(eviction="score", admission="all", demand_admission="bypass", prefetch_k=0),
             "bypass-cost": dict(eviction="score", admission="cost", demand_admission="bypass")}  # fmt: skip
+# "-routed": the same, with step s's predictions issued right after step s-1 routed (behind its demand
+# fetches) instead of at the start of step s
+POLICIES.update({f"{name}-routed": dict(pol, prefetch_issue="routed") for name, pol in list(POLICIES.items())
+                 if name in ("lru", "score", "cost", "bypass", "bypass-cost")})  # fmt: skip
 
 
 def paired_bootstrap(a: dict, b: dict, samples: int = 2000, seed: int = 0) -> dict[str, list[float]]:
