@@ -279,6 +279,12 @@ def test_cli_json_and_errors(random_traces, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["predictor"] == "static-freq" and 0 <= out["hit_rate"] <= 1
     assert out["split"]["train_prompts"] == 3 and "recall@2" in out["prediction"]
+    assert sim_main(["--traces", str(path), "--predictor", "causal-table", "--capacity", "8", "--split", "0.5",
+                     "--eviction", "score", "--demand-admission", "bypass", "--prefetch-issue", "routed",
+                     "--lookahead-layers", "0", "--json", "--no-progress"]) == 0  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert out["config"]["demand_admission"] == "bypass" and out["config"]["prefetch_issue"] == "routed"
+    assert (out["capacity_experts"], out["scratch_slots"]) == (6, 2) and 0 <= out["hit_rate"] <= 1
     assert sim_main(["--traces", str(path), "--predictor", "nope"]) == 2
     assert "unknown predictor" in capsys.readouterr().err
     assert sim_main(["--traces", str(tmp_path / "missing"), "--predictor", "lru"]) == 2
