@@ -52,6 +52,7 @@ POLICIES = {"lru": dict(eviction="lru", admission="all"), "score": dict(eviction
 # fetches) instead of at the start of step s
 POLICIES.update({f"{name}-routed": dict(pol, prefetch_issue="routed") for name, pol in list(POLICIES.items())
                  if name in ("lru", "score", "cost", "bypass", "bypass-cost")})  # fmt: skip
+POLICIES["belady-routed"] = dict(eviction="belady", admission="all", prefetch_issue="routed")  # ORACLE eviction
 
 
 def paired_bootstrap(a: dict, b: dict, samples: int = 2000, seed: int = 0) -> dict[str, list[float]]:
