@@ -3,9 +3,10 @@ one global pool, the sweep's protocol) whose eviction reads an ORACLE reuse scor
 
     PYTHONPATH=. python scripts/eviction_horizon_bound.py --traces out/puffin_traces --capacity 0.1
 
-Scores (all ORACLE except the first): the causal table's own ``reuse`` (its chance to be routed by
-token t+1), 1 if token t+1 routes to the expert at that layer, and 1/h for the nearest use within
-the next H tokens. Eviction drops the lowest score, ties to the least recent; with ``bypass`` a
+Scores (all ORACLE except the causal-table and CRF rows): the causal table's own ``reuse`` (its
+chance to be routed by token t+1); 1/h for the nearest use within the next H tokens (H = 1: 1 if
+token t+1 routes to it); LRFU-like mixes of the table's reuse with w x CRF (combined
+recency-frequency, each past access weighted decay^tokens ago). Eviction drops the lowest score, ties to the least recent; with ``bypass`` a
 missed expert whose score is below the victim's is not cached (top-k scratch slots taken from the
 capacity). A bound for docs/simulator.md, not part of the library: the kernel has no oracle-reuse
 policy, and these figures are hit rates only (stall is roughly (1 - hit rate) x accesses x copy time).
@@ -24,14 +25,17 @@ from emoe_jax.traces.split import split_by_prompt_id
 
 
 @numba.njit(cache=False)
-def hit_rate(keys, score, cap, num_layers, num_experts, bypass):  # keys [S, k], score [S, E]
+def hit_rate(keys, score, cap, num_layers, num_experts, bypass, w_crf=0.0, decay=1.0):  # keys [S, k], score [S, E]
     num_keys = num_layers * num_experts
     resident = np.zeros(num_keys, np.uint8)
     recency = np.zeros(num_keys, np.int64)
     current = np.zeros(num_keys)  # latest score of each key (set when its layer runs)
+    crf = np.zeros(num_keys)  # LRFU's combined recency-frequency: sum of decay^(tokens since each access)
+    crf_token = np.zeros(num_keys, np.int64)  # token at which crf was last brought up to date
     size, clock, hits = 0, 0, 0
     num_steps, k = keys.shape
     for s in range(num_steps):
+        t = s // num_layers
         for j in range(k):
             hits += resident[keys[s, j]]
         for j in range(k):
@@ -51,15 +55,20 @@ def hit_rate(keys, score, cap, num_layers, num_experts, bypass):  # keys [S, k],
                     pinned = pinned or keys[s, jj] == q
                 if pinned:
                     continue
-                if best < 0 or current[q] < best_score or (current[q] == best_score and recency[q] < best_rec):
-                    best, best_score, best_rec = q, current[q], recency[q]
-            if bypass and score[s, key % num_experts] < best_score:
+                value = current[q] + w_crf * crf[q] * decay ** (t - crf_token[q])
+                if best < 0 or value < best_score or (value == best_score and recency[q] < best_rec):
+                    best, best_score, best_rec = q, value, recency[q]
+            incoming = score[s, key % num_experts] + w_crf * (crf[key] * decay ** (t - crf_token[key]) + 1.0)
+            if bypass and incoming < best_score:
                 continue
             resident[best] = 0
             resident[key] = 1
         for j in range(k):
             clock += 1
-            recency[keys[s, j]] = clock
+            key = keys[s, j]
+            recency[key] = clock
+            crf[key] = crf[key] * decay ** (t - crf_token[key]) + 1.0
+            crf_token[key] = t
         base = (s % num_layers) * num_experts
         for e in range(num_experts):
             current[base + e] = score[s, e]
@@ -85,7 +94,7 @@ def main() -> None:
     keys, reuse = np.concatenate(keys), np.concatenate(reuse)  # one running cache over the test prompts
     S = keys.shape[0]
     scores = {"causal-table reuse (causal)": reuse}
-    for horizon in (1, 2, 4, 8):
+    for horizon in (1, 2, 4):
         s = np.zeros((S, E), np.float32)  # 1/h for the nearest use within `horizon` tokens (ORACLE)
         for h in range(horizon, 0, -1):
             rows = np.arange(S - h * L)
@@ -93,10 +102,20 @@ def main() -> None:
                 s[rows, keys[h * L:, j] % E] = 1.0 / h
         scores[f"ORACLE next use within {horizon} token(s)"] = s
     print(f"{args.traces}: {len(test)} test prompts, {S} steps, capacity {cap} of {L * E}")
+    print("| eviction score | hit rate | with bypass (capacity - top-k cached) |")
     for name, s in scores.items():
         plain = hit_rate(keys, s, cap, L, E, False)
         bypass = hit_rate(keys, s, cap - k, L, E, True)
-        print(f"| {name} | {100 * plain:.1f} % | {100 * bypass:.1f} % |")
+        print(f"| {name} | {100 * plain:.1f} % | {100 * bypass:.1f} % |", flush=True)
+    # LRFU-like (causal): the table's reuse + w x CRF, CRF decayed per token; w = 1 with zero reuse: CRF alone
+    zero = np.zeros_like(reuse)
+    for label, s, w, decay in (("CRF alone, decay 0.9", zero, 1.0, 0.9), ("CRF alone, decay 0.5", zero, 1.0, 0.5),
+                               ("reuse + 0.1 x CRF, decay 0.9", reuse, 0.1, 0.9),
+                               ("reuse + 0.3 x CRF, decay 0.9", reuse, 0.3, 0.9),
+                               ("reuse + 0.1 x CRF, decay 0.5", reuse, 0.1, 0.5)):  # fmt: skip
+        plain = hit_rate(keys, s, cap, L, E, False, w, decay)
+        bypass = hit_rate(keys, s, cap - k, L, E, True, w, decay)
+        print(f"| {label} (causal) | {100 * plain:.1f} % | {100 * bypass:.1f} % |", flush=True)
 
 
 if __name__ == "__main__":

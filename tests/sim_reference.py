@@ -164,7 +164,7 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
 
         def issue(step: int, now: float, g: int, counted: bool) -> None:
             rows = sorted(by_step.get(step, []), key=lambda row: row[0])
-            for target, scores in reversed(rows):  # nearest target applied last, so it wins
+            for target, scores in reversed(rows if config.eviction_scores == "latest" else []):  # nearest wins
                 for e in range(E):
                     score[(target % L) * E + e] = float(scores[e])
             if counted:

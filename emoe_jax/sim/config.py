@@ -53,6 +53,10 @@ class SimConfig:
     # right after step s-1 routed, queued behind its demand fetches (the earliest their inputs exist for a
     # predictor that reads no router inputs; refused for one that does on traces that carry them)
     prefetch_issue: str = "step"
+    # what score eviction (and admission, choose, bypass) reads: "latest" = the nearest prediction targeting
+    # the layer or, after the layer ran, its reuse score, whichever came last; "reuse" = reuse scores only
+    # (prefetch predictions still drive the requests, but never overwrite the eviction scores)
+    eviction_scores: str = "latest"
 
     @classmethod
     def moe_beyond(cls, **overrides) -> "SimConfig":
@@ -138,6 +142,8 @@ class SimConfig:
             raise SimConfigError(f"initial_fill must be 'empty' or 'random', got {self.initial_fill!r}")
         if self.admission not in ("all", "cost"):
             raise SimConfigError(f"admission must be 'all' or 'cost', got {self.admission!r}")
+        if self.eviction_scores not in ("latest", "reuse"):
+            raise SimConfigError(f"eviction_scores must be 'latest' or 'reuse', got {self.eviction_scores!r}")
         if self.prefetch_issue not in ("step", "routed"):
             raise SimConfigError(f"prefetch_issue must be 'step' or 'routed', got {self.prefetch_issue!r}")
         if self.demand_admission not in ("all", "bypass"):

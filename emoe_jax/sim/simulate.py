@@ -190,7 +190,7 @@ def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progr
             preds, rows, ranked, valid, num_steps, L, E, prefetch_k, step_offset
         )
         if (policy == "score" or config.admission == "cost" or config.miss_mode == "choose"
-                or config.demand_admission == "bypass"):  # they read scores  # fmt: skip
+                or config.demand_admission == "bypass") and config.eviction_scores == "latest":  # they read scores  # fmt: skip
             upd_ptr, upd_layer, upd_scores = score_updates(preds, rows, num_steps, L)
         else:
             upd_ptr, upd_layer, upd_scores = np.zeros(num_steps + 1, np.int64), np.zeros(0, np.int64), np.zeros((0, E), np.float32)

@@ -52,6 +52,9 @@ POLICIES = {"lru": dict(eviction="lru", admission="all"), "score": dict(eviction
 # fetches) instead of at the start of step s
 POLICIES.update({f"{name}-routed": dict(pol, prefetch_issue="routed") for name, pol in list(POLICIES.items())
                  if name in ("lru", "score", "cost", "bypass", "bypass-cost")})  # fmt: skip
+# "reuse-*": score eviction that reads the predictor's reuse scores only (never its prefetch predictions)
+POLICIES["reuse-np"] = dict(POLICIES["score-np"], eviction_scores="reuse")
+POLICIES["reuse-routed"] = dict(POLICIES["score-routed"], eviction_scores="reuse")
 POLICIES["belady-routed"] = dict(eviction="belady", admission="all", prefetch_issue="routed")  # ORACLE eviction
 
 
