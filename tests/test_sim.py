@@ -283,9 +283,10 @@ def test_cli_json_and_errors(random_traces, tmp_path, capsys):
     assert out["split"]["train_prompts"] == 3 and "recall@2" in out["prediction"]
     assert sim_main(["--traces", str(path), "--predictor", "causal-table", "--capacity", "8", "--split", "0.5",
                      "--eviction", "score", "--demand-admission", "bypass", "--prefetch-issue", "routed",
-                     "--lookahead-layers", "0", "--json", "--no-progress"]) == 0  # fmt: skip
+                     "--lookahead-layers", "0", "--eviction-scores", "reuse", "--json", "--no-progress"]) == 0  # fmt: skip
     out = json.loads(capsys.readouterr().out)
     assert out["config"]["demand_admission"] == "bypass" and out["config"]["prefetch_issue"] == "routed"
+    assert out["config"]["eviction_scores"] == "reuse"
     assert (out["capacity_experts"], out["scratch_slots"]) == (6, 2) and 0 <= out["hit_rate"] <= 1
     assert sim_main(["--traces", str(path), "--predictor", "nope"]) == 2
     assert "unknown predictor" in capsys.readouterr().err
@@ -513,6 +514,33 @@ def test_prefetch_issued_after_the_previous_step_routed_moves_during_its_compute
     assert simulate(hidden, ReadsCurrent(), base).accesses == 2
     with pytest.raises(SimConfigError, match="prefetch_issue"):
         simulate(seq, ReadsCurrent(), base.with_(prefetch_issue="early"))
+
+
+def test_eviction_scores_reuse_ignores_the_prefetch_predictions(sequence):
+    # One layer, top-1, capacity 2, no prefetch (the predictions only set eviction scores), zero latency.
+    # Predictions for every step: e0 0.0, e1 1.0; reuse after every step: e0 0.9, e1 0.1, e2 0.5.
+    # Accesses 0 1 2 0. "latest": at step 2 the prediction (e0 0.0 < e1 1.0) evicts e0 -> 4 misses.
+    # "reuse": e1 (0.1 < 0.9) is evicted, step 3 hits e0 -> 3 misses, 1 hit.
+    class Disagree(BasePredictor):
+        name = "disagree"
+
+        def __init__(self):
+            super().__init__(lookahead=0)
+
+        def predict(self, t, l):
+            return Prediction(np.array([[0, 0]]), np.array([[0.0, 1.0, 0, 0, 0, 0, 0, 0]], np.float32))
+
+        def reuse(self, t, l):
+            return np.array([0.9, 0.1, 0.5, 0, 0, 0, 0, 0], np.float32)
+
+    seq = sequence(0, 1, 2, 0)
+    cfg = ZERO.with_(capacity=2, eviction="score", prefetch_k=0)
+    latest = simulate(seq, Disagree(), cfg)
+    assert (latest.demand_misses, latest.hits) == (4, 0)
+    reuse = simulate(seq, Disagree(), cfg.with_(eviction_scores="reuse"))
+    assert (reuse.demand_misses, reuse.hits) == (3, 1)
+    with pytest.raises(SimConfigError, match="eviction_scores"):
+        simulate(seq, Disagree(), cfg.with_(eviction_scores="both"))
 
 
 def test_cost_aware_admission_refuses_late_prefetches_and_likelier_victims(sequence):

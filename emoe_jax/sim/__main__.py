@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument("--per-layer", action="store_true", help="split the capacity evenly over layers")
     scope.add_argument("--global", dest="per_layer", action="store_false", help="one pool shared by all layers")
     g.add_argument("--eviction", choices=EVICTION_POLICIES, help="override the predictor's eviction policy")
+    g.add_argument("--eviction-scores", choices=("latest", "reuse"), default="latest",
+                   help="score eviction reads the latest prediction or reuse score of each expert, or reuse scores only")
     g.add_argument("--reset-per-prompt", action="store_true", help="fresh cache for every prompt")
     g.add_argument("--initial-fill", choices=("empty", "random"), default=None, help="initial cache content")
     g.add_argument("--seed", type=int, default=0, help="seed of the random initial fill")
@@ -136,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             miss_mode=args.miss_mode,
             demand_admission=args.demand_admission,
             prefetch_issue=args.prefetch_issue,
+            eviction_scores=args.eviction_scores,
             host_bandwidth_gbps=args.host_bandwidth_gbps,
             host_overhead_ms=args.host_overhead_ms,
         )
