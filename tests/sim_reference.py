@@ -51,6 +51,7 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
     cache: list[dict[int, _Expert]] = [dict() for _ in range(pools)]  # pool -> key -> state
     recency: dict[int, int] = {}
     freq: dict[int, int] = {}
+    crf: dict[int, tuple[float, int]] = {}  # key -> (CRF, token it is as of)
     score: dict[int, float] = {}
     queue: deque = deque()  # [key, issue time, target step]; removed entries are dropped on pop
     queued: dict[int, int] = {}  # key -> id of its live queue entry (older entries of the key are stale)
@@ -63,6 +64,15 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
     c = dict(accesses=0, hits=0, timely=0, late=0, misses=0, issued=0, started=0, used=0, wasted=0,
              cancelled=0, demand=0, tokens=0, evictions=0, stall=0.0, bytes=0.0, refused=0, host=0,
              host_seconds=0.0, bypassed=0)  # fmt: skip
+
+    def crf_now(key: int, token: int) -> float:
+        value, at = crf.get(key, (0.0, 0))
+        return value * config.crf_decay ** float(token - at)
+
+    def score_value(key: int, token: int) -> float:
+        if config.crf_weight == 0.0:
+            return score.get(key, 0.0)
+        return score.get(key, 0.0) + config.crf_weight * crf_now(key, token)
 
     def pool_of(key: int) -> int:
         return key // E if pools > 1 else 0
@@ -84,7 +94,7 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
             if policy == "belady":
                 return (-next_use_after(key, g - 1), recency[key])
             if policy == "score":
-                return (score.get(key, 0.0), recency[key])
+                return (score_value(key, g // L), recency[key])
             return (0, recency[key])
 
         return min(candidates, key=priority)
@@ -143,6 +153,7 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
             queue.clear()
             queued.clear()
             freq.clear()
+            crf.clear()
             links = [now] * config.links
             if config.initial_fill == "random":
                 if pools == 1:
@@ -232,7 +243,9 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
                     v = victim(pool, start, True, pinned, g)
                     if config.demand_admission == "bypass" and v is not None:
                         after = float(reuse[s, key % E]) if reuse is not None else score.get(key, 0.0)
-                        if after < score.get(v, 0.0):  # would be the next victim: scratch slot, not cached
+                        if config.crf_weight != 0.0:
+                            after += config.crf_weight * (crf_now(key, g // L) + 1.0)
+                        if after < score_value(v, g // L):  # would be the next victim: scratch slot, not cached
                             links[j] = start + xfer
                             latest = max(latest, start + xfer)
                             if counted:
@@ -261,6 +274,7 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
                     x.prefetched = False
                 stamp(key)
                 freq[key] = freq.get(key, 0) + 1
+                crf[key] = (crf_now(key, g // L) + 1.0, g // L)
             if reuse is not None:
                 for e in range(E):
                     score[l * E + e] = float(reuse[s, e])

@@ -198,6 +198,11 @@ CONFIGS = {
                                           expert_bytes=1e6, bandwidth_gbps=2.0, layer_compute_ms=0.3),  # fmt: skip
     "reuse-scores-routed": SimConfig(capacity=5, eviction="score", eviction_scores="reuse", prefetch_issue="routed",
                                      lookahead_layers=1, expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=0.5),  # fmt: skip
+    "lrfu-bypass-routed": SimConfig(capacity=7, eviction="score", eviction_scores="reuse", crf_weight=0.3, crf_decay=0.8,
+                                    demand_admission="bypass", prefetch_issue="routed", lookahead_layers=1,
+                                    expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=0.5),  # fmt: skip
+    "lrfu-latest-per-layer": SimConfig(capacity=9, per_layer=True, eviction="score", crf_weight=0.5, crf_decay=0.5,
+                                       expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=0.4),  # fmt: skip
     "full-layer-lookahead": SimConfig(capacity=7, lookahead_layers=3, prefetch_k=3, expert_bytes=1e6,
                                       bandwidth_gbps=2.0, layer_compute_ms=0.2, reset_per_prompt=True,
                                       initial_fill="random", seed=3),  # fmt: skip

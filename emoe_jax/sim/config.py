@@ -57,6 +57,10 @@ class SimConfig:
     # the layer or, after the layer ran, its reuse score, whichever came last; "reuse" = reuse scores only
     # (prefetch predictions still drive the requests, but never overwrite the eviction scores)
     eviction_scores: str = "latest"
+    # LRFU-like score eviction: rank score + crf_weight x CRF, CRF = sum over the expert's past accesses of
+    # crf_decay ** (tokens since the access); 0 = the score alone
+    crf_weight: float = 0.0
+    crf_decay: float = 0.9
 
     @classmethod
     def moe_beyond(cls, **overrides) -> "SimConfig":
@@ -142,6 +146,8 @@ class SimConfig:
             raise SimConfigError(f"initial_fill must be 'empty' or 'random', got {self.initial_fill!r}")
         if self.admission not in ("all", "cost"):
             raise SimConfigError(f"admission must be 'all' or 'cost', got {self.admission!r}")
+        if self.crf_weight < 0 or not 0 < self.crf_decay <= 1:
+            raise SimConfigError(f"crf_weight must be >= 0 and crf_decay in (0, 1], got {self.crf_weight}, {self.crf_decay}")
         if self.eviction_scores not in ("latest", "reuse"):
             raise SimConfigError(f"eviction_scores must be 'latest' or 'reuse', got {self.eviction_scores!r}")
         if self.prefetch_issue not in ("step", "routed"):

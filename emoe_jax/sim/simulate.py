@@ -164,6 +164,7 @@ def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progr
         admit_cost=config.admission == "cost", miss_mode=K.MISS_MODES[config.miss_mode], host_xfer=float(host_xfer),
         host_overhead=float(host_overhead), warmup_tokens=int(config.warmup_tokens),
         bypass=config.demand_admission == "bypass", issue_after_routing=config.prefetch_issue == "routed",
+        crf_weight=float(config.crf_weight), crf_decay=float(config.crf_decay),
     )  # fmt: skip
     inner = getattr(predictor, "inner", predictor)  # a MemoisedPredictor's predictor
     if (config.prefetch_issue == "routed" and meta.hidden_size is not None

@@ -55,6 +55,9 @@ POLICIES.update({f"{name}-routed": dict(pol, prefetch_issue="routed") for name, 
 # "reuse-*": score eviction that reads the predictor's reuse scores only (never its prefetch predictions)
 POLICIES["reuse-np"] = dict(POLICIES["score-np"], eviction_scores="reuse")
 POLICIES["reuse-routed"] = dict(POLICIES["score-routed"], eviction_scores="reuse")
+# "lrfu-*": reuse-only score eviction + 0.1 x CRF (each past access weighted 0.9 ** tokens since), LRFU-like
+POLICIES["lrfu-np"] = dict(POLICIES["reuse-np"], crf_weight=0.1, crf_decay=0.9)
+POLICIES["lrfu-routed"] = dict(POLICIES["reuse-routed"], crf_weight=0.1, crf_decay=0.9)
 POLICIES["belady-routed"] = dict(eviction="belady", admission="all", prefetch_issue="routed")  # ORACLE eviction
 
 
