@@ -288,10 +288,10 @@ def test_cli_json_and_errors(random_traces, tmp_path, capsys):
     assert out["split"]["train_prompts"] == 3 and "recall@2" in out["prediction"]
     assert sim_main(["--traces", str(path), "--predictor", "causal-table", "--capacity", "8", "--split", "0.5",
                      "--eviction", "score", "--demand-admission", "bypass", "--prefetch-issue", "routed",
-                     "--lookahead-layers", "0", "--eviction-scores", "reuse", "--json", "--no-progress"]) == 0  # fmt: skip
+                     "--lookahead-layers", "0", "--eviction-scores", "reuse", "--crf-weight", "0.1", "--json", "--no-progress"]) == 0  # fmt: skip
     out = json.loads(capsys.readouterr().out)
     assert out["config"]["demand_admission"] == "bypass" and out["config"]["prefetch_issue"] == "routed"
-    assert out["config"]["eviction_scores"] == "reuse"
+    assert out["config"]["eviction_scores"] == "reuse" and out["config"]["crf_weight"] == 0.1
     assert (out["capacity_experts"], out["scratch_slots"]) == (6, 2) and 0 <= out["hit_rate"] <= 1
     assert sim_main(["--traces", str(path), "--predictor", "nope"]) == 2
     assert "unknown predictor" in capsys.readouterr().err
@@ -546,6 +546,21 @@ def test_eviction_scores_reuse_ignores_the_prefetch_predictions(sequence):
     assert (reuse.demand_misses, reuse.hits) == (3, 1)
     with pytest.raises(SimConfigError, match="eviction_scores"):
         simulate(seq, Disagree(), cfg.with_(eviction_scores="both"))
+
+
+def test_lrfu_score_eviction_by_hand(sequence):
+    # One layer, top-1, capacity 2, zero latency, reuse 0 for every expert; accesses 0 0 1 2 0 (token = step).
+    # Score alone: all scores tie, recency decides (LRU): step 3 evicts 0 -> 4 misses, 1 hit.
+    # + 1.0 x CRF, decay 0.9: at step 3, CRF(e0) = (0.9 + 1) x 0.9^2 = 1.539 > CRF(e1) = 0.9: evict e1,
+    # step 4 hits e0 -> 3 misses, 2 hits.
+    seq = sequence(0, 0, 1, 2, 0)
+    cfg = ZERO.with_(capacity=2, eviction="score", prefetch_k=0)
+    alone = simulate(seq, FixedReuse(0.0), cfg)
+    assert (alone.demand_misses, alone.hits) == (4, 1)
+    lrfu = simulate(seq, FixedReuse(0.0), cfg.with_(crf_weight=1.0, crf_decay=0.9))
+    assert (lrfu.demand_misses, lrfu.hits) == (3, 2)
+    with pytest.raises(SimConfigError, match="crf"):
+        simulate(seq, FixedReuse(0.0), cfg.with_(crf_weight=1.0, crf_decay=0.0))
 
 
 def test_cost_aware_admission_refuses_late_prefetches_and_likelier_victims(sequence):

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eviction", choices=EVICTION_POLICIES, help="override the predictor's eviction policy")
     g.add_argument("--eviction-scores", choices=("latest", "reuse"), default="latest",
                    help="score eviction reads the latest prediction or reuse score of each expert, or reuse scores only")
+    g.add_argument("--crf-weight", type=float, default=0.0,
+                   help="score eviction ranks score + this x CRF (LRFU-like; each past access weighted decay^tokens)")
+    g.add_argument("--crf-decay", type=float, default=0.9, help="CRF decay per token")
     g.add_argument("--reset-per-prompt", action="store_true", help="fresh cache for every prompt")
     g.add_argument("--initial-fill", choices=("empty", "random"), default=None, help="initial cache content")
     g.add_argument("--seed", type=int, default=0, help="seed of the random initial fill")
@@ -139,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             demand_admission=args.demand_admission,
             prefetch_issue=args.prefetch_issue,
             eviction_scores=args.eviction_scores,
+            crf_weight=args.crf_weight,
+            crf_decay=args.crf_decay,
             host_bandwidth_gbps=args.host_bandwidth_gbps,
             host_overhead_ms=args.host_overhead_ms,
         )
