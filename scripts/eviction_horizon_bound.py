@@ -80,8 +80,13 @@ def main() -> None:
     p.add_argument("--traces", required=True)
     p.add_argument("--capacity", type=float, default=0.1)
     p.add_argument("--split", type=float, default=0.2)
+    p.add_argument("--tune", action="store_true",
+                   help="choose the LRFU weight and decay on the training prompts only: fit on their first 80 %, "
+                   "replay their last 20 % (the test prompts are not read)")
     args = p.parse_args()
     train, test = split_by_prompt_id(TraceSet.load(args.traces), args.split)
+    if args.tune:
+        train, test = split_by_prompt_id(train, 0.2)
     L, E, k = test.meta.num_layers, test.meta.num_experts, test.meta.top_k
     cap = int(args.capacity * L * E)
     table = get_predictor("causal-table", lookahead=1)
@@ -101,7 +106,14 @@ def main() -> None:
             for j in range(k):
                 s[rows, keys[h * L:, j] % E] = 1.0 / h
         scores[f"ORACLE next use within {horizon} token(s)"] = s
-    print(f"{args.traces}: {len(test)} test prompts, {S} steps, capacity {cap} of {L * E}")
+    print(f"{args.traces}: {len(test)} {'tuning' if args.tune else 'test'} prompts (ids {test.prompt_ids.min()}-"
+          f"{test.prompt_ids.max()}), {S} steps, capacity {cap} of {L * E}")
+    if args.tune:
+        print("| CRF weight | decay | hit rate (reuse + weight x CRF) |")
+        for w in (0.0, 0.05, 0.1, 0.2, 0.3):
+            for decay in ((0.9,) if w == 0.0 else (0.5, 0.8, 0.9, 0.95)):
+                print(f"| {w} | {decay} | {100 * hit_rate(keys, reuse, cap, L, E, False, w, decay):.2f} % |", flush=True)
+        return
     print("| eviction score | hit rate | with bypass (capacity - top-k cached) |")
     for name, s in scores.items():
         plain = hit_rate(keys, s, cap, L, E, False)

@@ -100,3 +100,18 @@ def test_by_task_table_shows_each_tasks_share(_traces, tmp_path, capsys):
                  "--capacities", "0.5", "--policies", "score", "--baselines", "lru", "--by-task"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "By task" in out and "| causal-table | 1 | score | copy | 0.5 | " in out.split("By task")[1]
+
+
+def test_policy_overrides_replace_a_named_policys_settings(_traces):
+    train, test = _traces(0), _traces(1)
+    kw = dict(bandwidth_gbps=2.0, layer_compute_ms=0.3, expert_bytes=1e6, zero_latency=False, host_overhead_ms=0.05)
+    rows, _ = run_sweep(train, test, predictors=["causal-table"], lookaheads=[0], capacities=[0.5], policies=["lrfu-routed"],
+                        miss_modes=["copy"], host_gbps=[], baselines=(), **kw,
+                        policy_overrides={"lrfu-routed": {"crf_weight": 0.5, "crf_decay": 0.7}})  # fmt: skip
+    pred = get_predictor("causal-table", lookahead=0)
+    pred.fit(train)
+    cfg = SimConfig(capacity=0.5, lookahead_layers=0, eviction="score", eviction_scores="reuse", prefetch_issue="routed",
+                    crf_weight=0.5, crf_decay=0.7, **kw)  # fmt: skip
+    direct = simulate(test, pred, cfg)
+    assert rows[0]["hit_rate"] == direct.hit_rate
+    assert rows[0]["stall_ms_per_token"] == pytest.approx(direct.to_dict()["stall_ms_per_token"])

@@ -83,8 +83,10 @@ def run_sweep(train: Any, test: Any, *, predictors: list[str], lookaheads: list[
               policies: list[str], miss_modes: list[str], host_gbps: list[float], bandwidth_gbps: float,
               layer_compute_ms: float, expert_bytes: float, zero_latency: bool, host_overhead_ms: float,
               predictor_kwargs: dict | None = None, log: Any = None,
-              baselines: tuple[str, ...] = ("lru", "belady"), per_layer: bool = False) -> tuple[list[dict], dict]:  # fmt: skip
-    """Rows (one per cell) and per-prompt counters keyed by the row's label."""
+              baselines: tuple[str, ...] = ("lru", "belady"), per_layer: bool = False,
+              policy_overrides: dict[str, dict] | None = None) -> tuple[list[dict], dict]:  # fmt: skip
+    """Rows (one per cell) and per-prompt counters keyed by the row's label. ``policy_overrides``: SimConfig
+    fields that replace a named policy's own (e.g. the LRFU weight)."""
     rows, per_prompt = [], {}
     base = SimConfig(bandwidth_gbps=bandwidth_gbps, layer_compute_ms=layer_compute_ms, expert_bytes=expert_bytes,
                      zero_latency=zero_latency, host_overhead_ms=host_overhead_ms, per_layer=per_layer)  # fmt: skip
@@ -94,6 +96,7 @@ def run_sweep(train: Any, test: Any, *, predictors: list[str], lookaheads: list[
 
     def cell(name: str, pred: Any, la: int, policy: str, mode: str, host: float | None, cap: float) -> None:
         pol = dict(POLICIES[policy]) if policy in POLICIES else dict(eviction=policy, admission="all")
+        pol.update((policy_overrides or {}).get(policy, {}))
         cfg = base.with_(capacity=cap, lookahead_layers=la, miss_mode=mode, **pol,
                          **({} if host is None else {"host_bandwidth_gbps": host}))  # fmt: skip
         t0 = time.perf_counter()
@@ -187,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layer-compute-ms", type=float, default=0.5)
     p.add_argument("--expert-bytes", type=float, default=17.3e6)
     p.add_argument("--zero-latency", action="store_true")
+    p.add_argument("--crf-weight", type=float, default=None, help="CRF weight of the lrfu-* policies (default 0.1)")
+    p.add_argument("--crf-decay", type=float, default=None, help="CRF decay per token of the lrfu-* policies (default 0.9)")
     p.add_argument("--per-layer", action="store_true", help="one pool per layer (default: one pool over all layers)")
     p.add_argument("--max-prompts", type=int, default=None)
     p.add_argument("--baselines", type=_list(str), default=["lru", "belady"], help="no-prediction rows (lru, belady)")
@@ -209,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("give --traces DIR or --train-traces DIR --test-traces DIR")
         if args.max_prompts:
             test = test.select(slice(0, args.max_prompts))
+        lrfu = {k: v for k, v in (("crf_weight", args.crf_weight), ("crf_decay", args.crf_decay)) if v is not None}
         bad = [x for x in args.policies if x not in POLICIES]
         if bad:
             raise ValueError(f"unknown policies {bad}; choose from {list(POLICIES)}")
@@ -220,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             bandwidth_gbps=args.bandwidth_gbps, layer_compute_ms=args.layer_compute_ms, expert_bytes=args.expert_bytes,
             zero_latency=args.zero_latency, host_overhead_ms=args.host_overhead_ms, predictor_kwargs=kwargs,
             log=sys.stderr, baselines=tuple(b for b in args.baselines if b in ("lru", "belady")), per_layer=args.per_layer,
+            policy_overrides={"lrfu-np": lrfu, "lrfu-routed": lrfu},
         )  # fmt: skip
     except (*USER_ERRORS, RuntimeError) as exc:
         return fail(exc)
