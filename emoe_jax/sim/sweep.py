@@ -55,9 +55,10 @@ POLICIES.update({f"{name}-routed": dict(pol, prefetch_issue="routed") for name, 
 # "reuse-*": score eviction that reads the predictor's reuse scores only (never its prefetch predictions)
 POLICIES["reuse-np"] = dict(POLICIES["score-np"], eviction_scores="reuse")
 POLICIES["reuse-routed"] = dict(POLICIES["score-routed"], eviction_scores="reuse")
-# "lrfu-*": reuse-only score eviction + 0.1 x CRF (each past access weighted 0.9 ** tokens since), LRFU-like
-POLICIES["lrfu-np"] = dict(POLICIES["reuse-np"], crf_weight=0.1, crf_decay=0.9)
-POLICIES["lrfu-routed"] = dict(POLICIES["reuse-routed"], crf_weight=0.1, crf_decay=0.9)
+# "lrfu-*": reuse-only score eviction + 0.05 x CRF (each past access weighted 0.9 ** tokens since), LRFU-like;
+# 0.05 and 0.9 were chosen on Puffin training prompts only (scripts/eviction_horizon_bound.py --tune)
+POLICIES["lrfu-np"] = dict(POLICIES["reuse-np"], crf_weight=0.05, crf_decay=0.9)
+POLICIES["lrfu-routed"] = dict(POLICIES["reuse-routed"], crf_weight=0.05, crf_decay=0.9)
 POLICIES["belady-routed"] = dict(eviction="belady", admission="all", prefetch_issue="routed")  # ORACLE eviction
 
 
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layer-compute-ms", type=float, default=0.5)
     p.add_argument("--expert-bytes", type=float, default=17.3e6)
     p.add_argument("--zero-latency", action="store_true")
-    p.add_argument("--crf-weight", type=float, default=None, help="CRF weight of the lrfu-* policies (default 0.1)")
+    p.add_argument("--crf-weight", type=float, default=None, help="CRF weight of the lrfu-* policies (default 0.05)")
     p.add_argument("--crf-decay", type=float, default=None, help="CRF decay per token of the lrfu-* policies (default 0.9)")
     p.add_argument("--per-layer", action="store_true", help="one pool per layer (default: one pool over all layers)")
     p.add_argument("--max-prompts", type=int, default=None)
