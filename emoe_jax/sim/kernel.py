@@ -26,6 +26,8 @@ Per token-major step g (token t, layer l), at time ``now``:
    the score of the victim it would evict is copied into a scratch slot (held back
    from the capacity by the caller) and not cached: the link time is charged, nothing
    is evicted.
+Score eviction ranks each expert's latest score (+ ``crf_weight`` x its CRF,
+LRFU's recency-frequency: the sum over its accesses of ``crf_decay`` ** tokens since).
 With ``prm.issue_after_routing`` step 2 for step s+1 (its score updates and prefetch
 requests, which read the routing of steps <= s only) runs at the end of step s's
 demand instead of at the start of step s+1: the requests queue behind step s's

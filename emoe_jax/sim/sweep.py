@@ -11,9 +11,13 @@ Steps:
 2. Every cell replays the test prompts with ``simulate``: the protocol is the same
    for every cell (one running cache, empty at the start, every token counted);
    ``--zero-latency`` makes transfers free (lookahead 0 unless given).
-   Policies: ``lru`` (prefetch, LRU eviction, every prefetch admitted), ``score``
-   (evict the lowest predicted reuse/score), ``cost`` (score eviction +
-   cost-aware admission). Miss handling: ``copy``, ``host``, ``choose``
+   Policies (``POLICIES``): ``lru`` (prefetch, LRU eviction, every prefetch
+   admitted), ``score`` (evict the lowest predicted reuse/score), ``cost`` (score
+   eviction + cost-aware admission); ``-np``: no prefetch; ``bypass*``: demand
+   bypass into top-k scratch slots; ``*-routed``: predictions issued right after
+   the previous step routed; ``reuse-*``: eviction reads reuse scores only;
+   ``lrfu-*``: reuse + CRF (``--crf-weight``, ``--crf-decay``); ``belady-routed``
+   (ORACLE). ``--per-layer``: one pool per layer. Miss handling: ``copy``, ``host``, ``choose``
    (``--miss-modes``, host bandwidths ``--host-gbps``).
    Baselines LRU and Belady (ORACLE) run in every grid, without prediction.
 3. ``--compare A:B``: paired bootstrap over test prompts of hit rate (A - B) and of
