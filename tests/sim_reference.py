@@ -199,7 +199,7 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
             t, l = divmod(s, L)
             counted = t >= config.warmup_tokens
             advance(now, g, counted)
-            if not after_routing or s == 0:
+            if not after_routing or l == 0:
                 issue(s, now, g, counted)
             keys = [l * E + int(e) for e in trace.experts[t, l]]
             pinned = set(keys)
@@ -278,7 +278,7 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
             if reuse is not None:
                 for e in range(E):
                     score[l * E + e] = float(reuse[s, e])
-            if after_routing and s + 1 < S:  # step s+1's predictions, behind this step's demand
+            if after_routing and s + 1 < S and l + 1 < L:  # step s+1's predictions, behind this step's demand
                 issue(s + 1, now, g, (s + 1) // L >= config.warmup_tokens)
             if counted:
                 c["accesses"] += k

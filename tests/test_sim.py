@@ -487,22 +487,27 @@ def test_bypass_configs_bypass_in_the_kernel_reference_comparison(random_traces)
 
 
 def test_prefetch_issued_after_the_previous_step_routed_moves_during_its_compute(sequence, make_traces):
-    # One layer, top-1, accesses e0 e1, exact predictions for the current step (oracle-prefetch, d = 0);
-    # 1 ms copies, 0.5 ms compute. Issued at the step's start (default): each copy starts as its step
-    # starts, both late, 1 ms stall each = 2 ms. Issued right after step 0 routed, e1 queues behind
-    # step 0's copy: it starts at 1 ms (while step 0 computes), arrives at 2 ms, step 1 starts at
-    # 1.5 ms -> 0.5 ms stall, 1.5 ms in all. With 1 ms compute it arrives as step 1 starts: a timely hit.
+    # One token, two layers routing e0 then e1, exact predictions for the current step (oracle-prefetch,
+    # d = 0); 1 ms copies, 0.5 ms compute. Issued at the step's start (default): each copy starts as its
+    # step starts, both late, 1 ms stall each = 2 ms. Issued right after layer 0 routed, e1 queues behind
+    # layer 0's copy: it starts at 1 ms (while layer 0 computes), arrives at 2 ms, layer 1 starts at
+    # 1.5 ms -> 0.5 ms stall, 1.5 ms in all. With 1 ms compute it arrives as layer 1 starts: a timely hit.
     from dataclasses import replace
 
-    seq = sequence(0, 1)
+    two = make_traces([np.array([[[0], [1]]])], num_experts=8)
     base = SimConfig(capacity=4, expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=0.5, lookahead_layers=0)
-    step = simulate(seq, get_predictor("oracle-prefetch", lookahead=0), base)
+    step = simulate(two, get_predictor("oracle-prefetch", lookahead=0), base)
     assert (step.late_prefetches, step.stall_seconds) == (2, pytest.approx(2.0 * MS))
-    routed = simulate(seq, get_predictor("oracle-prefetch", lookahead=0), base.with_(prefetch_issue="routed"))
+    routed = simulate(two, get_predictor("oracle-prefetch", lookahead=0), base.with_(prefetch_issue="routed"))
     assert (routed.late_prefetches, routed.prefetches_started, routed.stall_seconds) == (2, 2, pytest.approx(1.5 * MS))
-    slow = simulate(seq, get_predictor("oracle-prefetch", lookahead=0),
+    slow = simulate(two, get_predictor("oracle-prefetch", lookahead=0),
                     base.with_(prefetch_issue="routed", layer_compute_ms=1.0))  # fmt: skip
     assert (slow.timely_prefetches, slow.stall_seconds) == (1, pytest.approx(1.0 * MS))
+    # Across a token boundary nothing moves earlier (the next token's id is not known yet): one layer,
+    # tokens e0 e1 -> the same 2 ms as issuing at the step's start.
+    seq = sequence(0, 1)
+    across = simulate(seq, get_predictor("oracle-prefetch", lookahead=0), base.with_(prefetch_issue="routed"))
+    assert (across.late_prefetches, across.stall_seconds) == (2, pytest.approx(2.0 * MS))
 
     # A predictor that reads the current layer's router input cannot be issued that early.
     class ReadsCurrent(BasePredictor):

@@ -31,7 +31,8 @@ LRFU's recency-frequency: the sum over its accesses of ``crf_decay`` ** tokens s
 With ``prm.issue_after_routing`` step 2 for step s+1 (its score updates and prefetch
 requests, which read the routing of steps <= s only) runs at the end of step s's
 demand instead of at the start of step s+1: the requests queue behind step s's
-demand fetches and can move while step s computes.
+demand fetches and can move while step s computes. Not when s+1 is a token's first
+layer: its predictions read that token's id, known only once token t ends.
 4. stall = (latest arrival among the step's experts) - now, at least 0;
    now += stall + layer_compute.
 Transfers take ``xfer`` seconds each on one of ``n_links`` serial links.
@@ -415,7 +416,7 @@ def run_prompt(prompt, step_offset, prm, st):
         st.ints[2] = g // num_layers  # the global token (prompts hold whole tokens)
         now = st.floats[F_NOW]
         _advance(now, g, counted, prm, st)
-        if not prm.issue_after_routing or s == 0:
+        if not prm.issue_after_routing or s % num_layers == 0:  # a token's first layer: its id is news
             _issue(prompt, s, now, g, counted, prm, st)
         # Demand, pass 1: classify and pin.
         n_wait = 0
@@ -513,9 +514,10 @@ def run_prompt(prompt, step_offset, prm, st):
             base = (s % num_layers) * num_experts
             for e in range(num_experts):
                 st.score[base + e] = reuse[s, e]
-        if prm.issue_after_routing and s + 1 < num_steps:
+        if prm.issue_after_routing and s + 1 < num_steps and (s + 1) % num_layers != 0:
             # step s+1's predictions need the routing of steps <= s only: issue them now, behind this
-            # step's demand fetches, so they move while this step computes
+            # step's demand fetches, so they move while this step computes (not across a token
+            # boundary: the next token's id, which predictors read, exists only after this token ends)
             _issue(prompt, s + 1, now, g, (s + 1) // num_layers >= prm.warmup_tokens, prm, st)
         stall = latest - now
         if counted:
