@@ -26,6 +26,9 @@ Per token-major step g (token t, layer l), at time ``now``:
    the score of the victim it would evict is copied into a scratch slot (held back
    from the capacity by the caller) and not cached: the link time is charged, nothing
    is evicted.
+4. stall = (latest arrival among the step's experts) - now, at least 0;
+   now += stall + layer_compute.
+Transfers take ``xfer`` seconds each on one of ``n_links`` serial links.
 Score eviction ranks each expert's latest score (+ ``crf_weight`` x its CRF,
 LRFU's recency-frequency: the sum over its accesses of ``crf_decay`` ** tokens since).
 With ``prm.issue_after_routing`` step 2 for step s+1 (its score updates and prefetch
@@ -33,9 +36,6 @@ requests, which read the routing of steps <= s only) runs at the end of step s's
 demand instead of at the start of step s+1: the requests queue behind step s's
 demand fetches and can move while step s computes. Not when s+1 is a token's first
 layer: its predictions read that token's id, known only once token t ends.
-4. stall = (latest arrival among the step's experts) - now, at least 0;
-   now += stall + layer_compute.
-Transfers take ``xfer`` seconds each on one of ``n_links`` serial links.
 """
 
 from __future__ import annotations
