@@ -51,17 +51,28 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
     cache: list[dict[int, _Expert]] = [dict() for _ in range(pools)]  # pool -> key -> state
     recency: dict[int, int] = {}
     freq: dict[int, int] = {}
+    crf: dict[int, tuple[float, int]] = {}  # key -> (CRF, token it is as of)
     score: dict[int, float] = {}
     queue: deque = deque()  # [key, issue time, target step]; removed entries are dropped on pop
     queued: dict[int, int] = {}  # key -> id of its live queue entry (older entries of the key are stale)
     entry_ids = [0]
+    after_routing = config.prefetch_issue == "routed"
     last_step = [0.0]  # duration of the latest step: cost-aware admission's pace
     links = [0.0] * config.links
     clock = [0]
     now = 0.0
     c = dict(accesses=0, hits=0, timely=0, late=0, misses=0, issued=0, started=0, used=0, wasted=0,
              cancelled=0, demand=0, tokens=0, evictions=0, stall=0.0, bytes=0.0, refused=0, host=0,
-             host_seconds=0.0)  # fmt: skip
+             host_seconds=0.0, bypassed=0)  # fmt: skip
+
+    def crf_now(key: int, token: int) -> float:
+        value, at = crf.get(key, (0.0, 0))
+        return value * config.crf_decay ** float(token - at)
+
+    def score_value(key: int, token: int) -> float:
+        if config.crf_weight == 0.0:
+            return score.get(key, 0.0)
+        return score.get(key, 0.0) + config.crf_weight * crf_now(key, token)
 
     def pool_of(key: int) -> int:
         return key // E if pools > 1 else 0
@@ -83,7 +94,7 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
             if policy == "belady":
                 return (-next_use_after(key, g - 1), recency[key])
             if policy == "score":
-                return (score.get(key, 0.0), recency[key])
+                return (score_value(key, g // L), recency[key])
             return (0, recency[key])
 
         return min(candidates, key=priority)
@@ -142,6 +153,7 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
             queue.clear()
             queued.clear()
             freq.clear()
+            crf.clear()
             links = [now] * config.links
             if config.initial_fill == "random":
                 if pools == 1:
@@ -160,13 +172,10 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
             if target - issue <= config.lookahead_layers and target < S:
                 by_step.setdefault(issue, []).append((target, preds.scores[r]))
         reuse = preds.reuse
-        for s in range(S):
-            g = g0 + s
-            t, l = divmod(s, L)
-            counted = t >= config.warmup_tokens
-            advance(now, g, counted)
-            rows = sorted(by_step.get(s, []), key=lambda row: row[0])
-            for target, scores in reversed(rows):  # nearest target applied last, so it wins
+
+        def issue(step: int, now: float, g: int, counted: bool) -> None:
+            rows = sorted(by_step.get(step, []), key=lambda row: row[0])
+            for target, scores in reversed(rows if config.eviction_scores == "latest" else []):  # nearest wins
                 for e in range(E):
                     score[(target % L) * E + e] = float(scores[e])
             if counted:
@@ -184,6 +193,14 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
                             queued[key] = entry_ids[0]
                             c["issued"] += 1
                             advance(now, g, counted)
+
+        for s in range(S):
+            g = g0 + s
+            t, l = divmod(s, L)
+            counted = t >= config.warmup_tokens
+            advance(now, g, counted)
+            if not after_routing or l == 0:
+                issue(s, now, g, counted)
             keys = [l * E + int(e) for e in trace.experts[t, l]]
             pinned = set(keys)
             latest = now
@@ -224,6 +241,18 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
                         continue
                 if len(cache[pool]) >= cap:
                     v = victim(pool, start, True, pinned, g)
+                    if config.demand_admission == "bypass" and v is not None:
+                        after = float(reuse[s, key % E]) if reuse is not None else score.get(key, 0.0)
+                        if config.crf_weight != 0.0:
+                            after += config.crf_weight * (crf_now(key, g // L) + 1.0)
+                        if after < score_value(v, g // L):  # would be the next victim: scratch slot, not cached
+                            links[j] = start + xfer
+                            latest = max(latest, start + xfer)
+                            if counted:
+                                c["demand"] += 1
+                                c["bypassed"] += 1
+                                c["bytes"] += config.expert_bytes
+                            continue
                     if v is None:
                         v = victim(pool, start, False, pinned, g)
                         c["cancelled"] += counted
@@ -245,9 +274,12 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
                     x.prefetched = False
                 stamp(key)
                 freq[key] = freq.get(key, 0) + 1
+                crf[key] = (crf_now(key, g // L) + 1.0, g // L)
             if reuse is not None:
                 for e in range(E):
                     score[l * E + e] = float(reuse[s, e])
+            if after_routing and s + 1 < S and l + 1 < L:  # step s+1's predictions, behind this step's demand
+                issue(s + 1, now, g, (s + 1) // L >= config.warmup_tokens)
             if counted:
                 c["accesses"] += k
                 c["tokens"] += l == 0

@@ -186,6 +186,23 @@ CONFIGS = {
     "host-choose": SimConfig(capacity=5, eviction="score", miss_mode="choose", host_bandwidth_gbps=2.0,
                              host_overhead_ms=0.1, expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=0.5,
                              lookahead_layers=2),  # fmt: skip
+    "bypass": SimConfig(capacity=7, eviction="score", demand_admission="bypass", expert_bytes=1e6,
+                        bandwidth_gbps=1.0, layer_compute_ms=0.5, lookahead_layers=2),  # fmt: skip
+    "bypass-per-layer-no-prefetch": SimConfig(capacity=12, per_layer=True, eviction="score", demand_admission="bypass",
+                                              prefetch_k=0, expert_bytes=1e6, bandwidth_gbps=1.0,
+                                              layer_compute_ms=0.5),  # fmt: skip
+    "routed-issue": SimConfig(capacity=5, eviction="score", prefetch_issue="routed", lookahead_layers=0,
+                              expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=0.5),  # fmt: skip
+    "routed-issue-cost-bypass": SimConfig(capacity=7, eviction="score", admission="cost", demand_admission="bypass",
+                                          prefetch_issue="routed", lookahead_layers=2, links=2, warmup_tokens=1,
+                                          expert_bytes=1e6, bandwidth_gbps=2.0, layer_compute_ms=0.3),  # fmt: skip
+    "reuse-scores-routed": SimConfig(capacity=5, eviction="score", eviction_scores="reuse", prefetch_issue="routed",
+                                     lookahead_layers=1, expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=0.5),  # fmt: skip
+    "lrfu-bypass-routed": SimConfig(capacity=7, eviction="score", eviction_scores="reuse", crf_weight=0.3, crf_decay=0.8,
+                                    demand_admission="bypass", prefetch_issue="routed", lookahead_layers=1,
+                                    expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=0.5),  # fmt: skip
+    "lrfu-latest-per-layer": SimConfig(capacity=9, per_layer=True, eviction="score", crf_weight=0.5, crf_decay=0.5,
+                                       expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=0.4),  # fmt: skip
     "full-layer-lookahead": SimConfig(capacity=7, lookahead_layers=3, prefetch_k=3, expert_bytes=1e6,
                                       bandwidth_gbps=2.0, layer_compute_ms=0.2, reset_per_prompt=True,
                                       initial_fill="random", seed=3),  # fmt: skip
@@ -195,7 +212,7 @@ REFERENCE_KEYS = {
     "misses": "demand_misses", "issued": "prefetches_issued", "started": "prefetches_started",
     "used": "prefetches_used", "wasted": "prefetches_wasted", "cancelled": "prefetches_cancelled",
     "demand": "demand_transfers", "tokens": "tokens", "evictions": "evictions", "refused": "prefetches_refused",
-    "host": "host_computes",
+    "host": "host_computes", "bypassed": "demand_bypassed",
 }  # fmt: skip
 
 
@@ -269,6 +286,13 @@ def test_cli_json_and_errors(random_traces, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["predictor"] == "static-freq" and 0 <= out["hit_rate"] <= 1
     assert out["split"]["train_prompts"] == 3 and "recall@2" in out["prediction"]
+    assert sim_main(["--traces", str(path), "--predictor", "causal-table", "--capacity", "8", "--split", "0.5",
+                     "--eviction", "score", "--demand-admission", "bypass", "--prefetch-issue", "routed",
+                     "--lookahead-layers", "0", "--eviction-scores", "reuse", "--crf-weight", "0.1", "--json", "--no-progress"]) == 0  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert out["config"]["demand_admission"] == "bypass" and out["config"]["prefetch_issue"] == "routed"
+    assert out["config"]["eviction_scores"] == "reuse" and out["config"]["crf_weight"] == 0.1
+    assert (out["capacity_experts"], out["scratch_slots"]) == (6, 2) and 0 <= out["hit_rate"] <= 1
     assert sim_main(["--traces", str(path), "--predictor", "nope"]) == 2
     assert "unknown predictor" in capsys.readouterr().err
     assert sim_main(["--traces", str(tmp_path / "missing"), "--predictor", "lru"]) == 2
@@ -427,6 +451,121 @@ def test_choose_copies_what_will_be_reused(sequence):
     assert unsure.stall_seconds == pytest.approx(1.2 * MS)
     with pytest.raises(SimConfigError, match="host compute"):
         simulate(twice, FixedReuse(0.5), ZERO.with_(capacity=2, miss_mode="host"))
+
+
+def test_demand_bypass_keeps_likelier_experts_by_hand(sequence):
+    # One layer, top-1, reuse 0.9 / 0.8 / 0.1 for experts 0 / 1 / 2; accesses 0 1 2 0 1 2; 2 cache slots.
+    # Score eviction, capacity 2: 0 miss; 1 miss [0 1]; 2 miss evicts 1 (0.8 < 0.9) [0 2]; 0 hit;
+    # 1 miss evicts 2 [0 1]; 2 miss evicts 1 [0 2] -> 5 misses, 1 hit.
+    # Bypass, capacity 3 = 2 cache slots + 1 scratch (top-k = 1): 0 and 1 fill the cache; 2 (reuse 0.1 <
+    # victim 1's 0.8) is copied into the scratch slot and not cached; 0 hit; 1 hit; 2 missed and bypassed
+    # again -> 4 misses (4 x 1 ms copies), 2 hits, 2 bypassed, nothing evicted.
+    seq = sequence(0, 1, 2, 0, 1, 2)
+    reuse = FixedReuse(np.array([0.9, 0.8, 0.1, 0, 0, 0, 0, 0], np.float32))
+    score = simulate(seq, reuse, HOST.with_(capacity=2, eviction="score"))
+    assert (score.demand_misses, score.hits, score.evictions, score.demand_bypassed) == (5, 1, 3, 0)
+    cfg = HOST.with_(capacity=3, eviction="score", demand_admission="bypass")
+    assert cfg.pools(1, 8, 1) == (1, 2) and cfg.scratch_slots(1, 1) == 1
+    bypass = simulate(seq, reuse, cfg)
+    assert (bypass.demand_misses, bypass.hits, bypass.evictions, bypass.demand_bypassed) == (4, 2, 0, 2)
+    assert (bypass.capacity_experts, bypass.scratch_slots) == (2, 1)
+    assert bypass.demand_transfers == 4 and bypass.stall_seconds == pytest.approx(4.0 * MS)
+    # Per-layer pools hold back ceil(top-k / layers) slots each; the capacity must still hold top-k.
+    assert SimConfig(capacity=12, per_layer=True, demand_admission="bypass").pools(3, 6, 2) == (3, 3)
+    with pytest.raises(SimConfigError, match="scratch"):
+        SimConfig(capacity=3, demand_admission="bypass").pools(1, 8, 2)  # 3 - 2 scratch < top-k 2
+
+
+def test_bypass_configs_bypass_in_the_kernel_reference_comparison(random_traces):
+    # The kernel-vs-reference cases above must exercise the bypass branch, not only pass through it.
+    for name in ("bypass", "bypass-per-layer-no-prefetch"):
+        config = CONFIGS[name]
+        pred = get_predictor("causal-table", lookahead=config.lookahead_layers)
+        traces = random_traces(0)
+        pred.fit(traces)
+        assert simulate(traces, pred, config).demand_bypassed > 0, name
+
+
+def test_prefetch_issued_after_the_previous_step_routed_moves_during_its_compute(sequence, make_traces):
+    # One token, two layers routing e0 then e1, exact predictions for the current step (oracle-prefetch,
+    # d = 0); 1 ms copies, 0.5 ms compute. Issued at the step's start (default): each copy starts as its
+    # step starts, both late, 1 ms stall each = 2 ms. Issued right after layer 0 routed, e1 queues behind
+    # layer 0's copy: it starts at 1 ms (while layer 0 computes), arrives at 2 ms, layer 1 starts at
+    # 1.5 ms -> 0.5 ms stall, 1.5 ms in all. With 1 ms compute it arrives as layer 1 starts: a timely hit.
+    from dataclasses import replace
+
+    two = make_traces([np.array([[[0], [1]]])], num_experts=8)
+    base = SimConfig(capacity=4, expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=0.5, lookahead_layers=0)
+    step = simulate(two, get_predictor("oracle-prefetch", lookahead=0), base)
+    assert (step.late_prefetches, step.stall_seconds) == (2, pytest.approx(2.0 * MS))
+    routed = simulate(two, get_predictor("oracle-prefetch", lookahead=0), base.with_(prefetch_issue="routed"))
+    assert (routed.late_prefetches, routed.prefetches_started, routed.stall_seconds) == (2, 2, pytest.approx(1.5 * MS))
+    slow = simulate(two, get_predictor("oracle-prefetch", lookahead=0),
+                    base.with_(prefetch_issue="routed", layer_compute_ms=1.0))  # fmt: skip
+    assert (slow.timely_prefetches, slow.stall_seconds) == (1, pytest.approx(1.0 * MS))
+    # Across a token boundary nothing moves earlier (the next token's id is not known yet): one layer,
+    # tokens e0 e1 -> the same 2 ms as issuing at the step's start.
+    seq = sequence(0, 1)
+    across = simulate(seq, get_predictor("oracle-prefetch", lookahead=0), base.with_(prefetch_issue="routed"))
+    assert (across.late_prefetches, across.stall_seconds) == (2, pytest.approx(2.0 * MS))
+
+    # A predictor that reads the current layer's router input cannot be issued that early.
+    class ReadsCurrent(BasePredictor):
+        name = "reads-current"
+        reads_current_router_input = True
+
+    from emoe_jax.traces import TraceSet
+
+    meta = replace(seq.meta, hidden_size=4)
+    hidden = TraceSet.from_prompts(meta, [replace(p, hidden=np.zeros((len(p.token_ids), 1, 4), np.float16))
+                                          for p in seq])  # fmt: skip
+    with pytest.raises(SimConfigError, match="router input"):
+        simulate(hidden, ReadsCurrent(), base.with_(prefetch_issue="routed"))
+    assert simulate(hidden, ReadsCurrent(), base).accesses == 2
+    with pytest.raises(SimConfigError, match="prefetch_issue"):
+        simulate(seq, ReadsCurrent(), base.with_(prefetch_issue="early"))
+
+
+def test_eviction_scores_reuse_ignores_the_prefetch_predictions(sequence):
+    # One layer, top-1, capacity 2, no prefetch (the predictions only set eviction scores), zero latency.
+    # Predictions for every step: e0 0.0, e1 1.0; reuse after every step: e0 0.9, e1 0.1, e2 0.5.
+    # Accesses 0 1 2 0. "latest": at step 2 the prediction (e0 0.0 < e1 1.0) evicts e0 -> 4 misses.
+    # "reuse": e1 (0.1 < 0.9) is evicted, step 3 hits e0 -> 3 misses, 1 hit.
+    class Disagree(BasePredictor):
+        name = "disagree"
+
+        def __init__(self):
+            super().__init__(lookahead=0)
+
+        def predict(self, t, l):
+            return Prediction(np.array([[0, 0]]), np.array([[0.0, 1.0, 0, 0, 0, 0, 0, 0]], np.float32))
+
+        def reuse(self, t, l):
+            return np.array([0.9, 0.1, 0.5, 0, 0, 0, 0, 0], np.float32)
+
+    seq = sequence(0, 1, 2, 0)
+    cfg = ZERO.with_(capacity=2, eviction="score", prefetch_k=0)
+    latest = simulate(seq, Disagree(), cfg)
+    assert (latest.demand_misses, latest.hits) == (4, 0)
+    reuse = simulate(seq, Disagree(), cfg.with_(eviction_scores="reuse"))
+    assert (reuse.demand_misses, reuse.hits) == (3, 1)
+    with pytest.raises(SimConfigError, match="eviction_scores"):
+        simulate(seq, Disagree(), cfg.with_(eviction_scores="both"))
+
+
+def test_lrfu_score_eviction_by_hand(sequence):
+    # One layer, top-1, capacity 2, zero latency, reuse 0 for every expert; accesses 0 0 1 2 0 (token = step).
+    # Score alone: all scores tie, recency decides (LRU): step 3 evicts 0 -> 4 misses, 1 hit.
+    # + 1.0 x CRF, decay 0.9: at step 3, CRF(e0) = (0.9 + 1) x 0.9^2 = 1.539 > CRF(e1) = 0.9: evict e1,
+    # step 4 hits e0 -> 3 misses, 2 hits.
+    seq = sequence(0, 0, 1, 2, 0)
+    cfg = ZERO.with_(capacity=2, eviction="score", prefetch_k=0)
+    alone = simulate(seq, FixedReuse(0.0), cfg)
+    assert (alone.demand_misses, alone.hits) == (4, 1)
+    lrfu = simulate(seq, FixedReuse(0.0), cfg.with_(crf_weight=1.0, crf_decay=0.9))
+    assert (lrfu.demand_misses, lrfu.hits) == (3, 2)
+    with pytest.raises(SimConfigError, match="crf"):
+        simulate(seq, FixedReuse(0.0), cfg.with_(crf_weight=1.0, crf_decay=0.0))
 
 
 def test_cost_aware_admission_refuses_late_prefetches_and_likelier_victims(sequence):

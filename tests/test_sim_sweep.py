@@ -9,7 +9,7 @@ import pytest
 
 from emoe_jax.predict import get_predictor
 from emoe_jax.sim import SimConfig, simulate
-from emoe_jax.sim.sweep import main, paired_bootstrap, run_sweep
+from emoe_jax.sim.sweep import main, paired_bootstrap, run_sweep, to_markdown_by_task
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +70,48 @@ def test_cli_writes_rows_and_comparisons(_traces, tmp_path, capsys):
     out = json.loads((tmp_path / "o.json").read_text())
     assert len(out["comparisons"]) == 2 and out["test_prompts"] == 4
     assert main(["--test-traces", str(tmp_path / "test")]) == 2
+
+
+def test_by_task_table_shows_each_tasks_share(_traces, tmp_path, capsys):
+    from dataclasses import replace
+
+    from emoe_jax.traces import TraceSet, TraceWriter
+
+    train, test = _traces(0), _traces(1)
+    test = TraceSet.from_prompts(test.meta, [replace(p, task=t) for p, t in zip(test, ["qa", "code", "qa", "code"])])
+    kw = dict(bandwidth_gbps=2.0, layer_compute_ms=0.3, expert_bytes=1e6, zero_latency=False, host_overhead_ms=0.05)
+    rows, _ = run_sweep(train, test, predictors=["causal-table"], lookaheads=[1], capacities=[0.5],
+                        policies=["bypass"], miss_modes=["copy"], host_gbps=[], baselines=("lru",), **kw)  # fmt: skip
+    text = to_markdown_by_task(rows).splitlines()
+    assert text[0] == "| predictor | lookahead | policy | misses | capacity | code | qa |"
+    cfg = SimConfig(capacity=0.5, lookahead_layers=1, eviction="score", demand_admission="bypass", **kw)
+    pred = get_predictor("causal-table", lookahead=1)
+    pred.fit(train)
+    qa = simulate(test, pred, cfg).to_dict()["per_task"]["qa"]
+    assert text[3].startswith("| causal-table | 1 | bypass | copy | 0.5 | ")
+    assert text[3].endswith(f" {100 * qa['hit_rate']:.1f} / {qa['stall_ms_per_token']:.2f} |")
+    assert to_markdown_by_task([dict(r, per_task={}) for r in rows]) == ""
+    # the CLI prints it with --by-task
+    for name, ts in (("train", train), ("test", test)):
+        with TraceWriter(tmp_path / name, ts.meta) as w:
+            for p in ts:
+                w.add(p)
+    assert main(["--train-traces", str(tmp_path / "train"), "--test-traces", str(tmp_path / "test"),
+                 "--capacities", "0.5", "--policies", "score", "--baselines", "lru", "--by-task"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "By task" in out and "| causal-table | 1 | score | copy | 0.5 | " in out.split("By task")[1]
+
+
+def test_policy_overrides_replace_a_named_policys_settings(_traces):
+    train, test = _traces(0), _traces(1)
+    kw = dict(bandwidth_gbps=2.0, layer_compute_ms=0.3, expert_bytes=1e6, zero_latency=False, host_overhead_ms=0.05)
+    rows, _ = run_sweep(train, test, predictors=["causal-table"], lookaheads=[0], capacities=[0.5], policies=["lrfu-routed"],
+                        miss_modes=["copy"], host_gbps=[], baselines=(), **kw,
+                        policy_overrides={"lrfu-routed": {"crf_weight": 0.5, "crf_decay": 0.7}})  # fmt: skip
+    pred = get_predictor("causal-table", lookahead=0)
+    pred.fit(train)
+    cfg = SimConfig(capacity=0.5, lookahead_layers=0, eviction="score", eviction_scores="reuse", prefetch_issue="routed",
+                    crf_weight=0.5, crf_decay=0.7, **kw)  # fmt: skip
+    direct = simulate(test, pred, cfg)
+    assert rows[0]["hit_rate"] == direct.hit_rate
+    assert rows[0]["stall_ms_per_token"] == pytest.approx(direct.to_dict()["stall_ms_per_token"])

@@ -125,6 +125,10 @@ class BasePredictor:
     name = "base"
     oracle = False
     eviction = "lru"
+    # True if predict(t, l) reads layer l's own router input (which exists only after layer l-1's
+    # expert compute and layer l's attention): the simulator then refuses to issue step s's
+    # predictions right after step s-1 routed (SimConfig.prefetch_issue = "routed")
+    reads_current_router_input = False
 
     def __init__(self, lookahead: int = 1) -> None:
         if lookahead < 0:

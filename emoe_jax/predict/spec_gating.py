@@ -75,6 +75,7 @@ class SpeculativeGating(BasePredictor):
     """Apply later layers' routers to the current router input (see the module docstring)."""
 
     name = "spec-gating"
+    reads_current_router_input = True  # targets after layer l are scored from h[t, l]
 
     def __init__(
         self,

@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument("--per-layer", action="store_true", help="split the capacity evenly over layers")
     scope.add_argument("--global", dest="per_layer", action="store_false", help="one pool shared by all layers")
     g.add_argument("--eviction", choices=EVICTION_POLICIES, help="override the predictor's eviction policy")
+    g.add_argument("--eviction-scores", choices=("latest", "reuse"), default="latest",
+                   help="score eviction reads the latest prediction or reuse score of each expert, or reuse scores only")
+    g.add_argument("--crf-weight", type=float, default=0.0,
+                   help="score eviction ranks score + this x CRF (LRFU-like; each past access weighted decay^tokens)")
+    g.add_argument("--crf-decay", type=float, default=0.9, help="CRF decay per token")
     g.add_argument("--reset-per-prompt", action="store_true", help="fresh cache for every prompt")
     g.add_argument("--initial-fill", choices=("empty", "random"), default=None, help="initial cache content")
     g.add_argument("--seed", type=int, default=0, help="seed of the random initial fill")
@@ -62,11 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--miss-mode", choices=("copy", "host", "choose"), default="copy",
                    help="a miss is copied over the link, computed on the host (not cached), or chosen per expert "
                    "(copy what the predictor expects to be reused)")  # fmt: skip
+    c.add_argument("--demand-admission", choices=("all", "bypass"), default="all",
+                   help="bypass: a copied miss that would be the next victim is computed from one of top-k scratch "
+                   "slots (taken from the capacity) and not cached")  # fmt: skip
     c.add_argument("--host-bandwidth-gbps", type=float, default=50.0, help="host memory bandwidth for host compute")
     c.add_argument("--host-overhead-ms", type=float, default=0.05, help="fixed cost of a step with host compute")
     pr = p.add_argument_group("prefetch")
     pr.add_argument("--admission", choices=("all", "cost"), default="all",
                     help="cost: prefetch only what can arrive in time and beats the victim's predicted reuse")
+    pr.add_argument("--prefetch-issue", choices=("step", "routed"), default="step",
+                    help="routed: issue step s's predictions right after step s-1 routed, behind its demand copies")
     pr.add_argument("--lookahead-layers", type=int, default=None, help="furthest target in layers ahead (default 1; 0 with --zero-latency)")
     pr.add_argument("--prefetch-k", type=int, default=None, help="experts prefetched per target layer (default: top-k)")
     pr.add_argument("--min-score", type=float, default=0.0, help="prefetch only scores above this")
@@ -129,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             admission=args.admission,
             miss_mode=args.miss_mode,
+            demand_admission=args.demand_admission,
+            prefetch_issue=args.prefetch_issue,
+            eviction_scores=args.eviction_scores,
+            crf_weight=args.crf_weight,
+            crf_decay=args.crf_decay,
             host_bandwidth_gbps=args.host_bandwidth_gbps,
             host_overhead_ms=args.host_overhead_ms,
         )
@@ -190,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'time per token (compute + stall)':42s} {out['ms_per_token']:7.2f} ms")
     if result.host_computes:
         print(f"{'misses computed on the host':42s} {100 * out['host_compute_rate']:7.2f} %")
+    if result.demand_bypassed:
+        print(f"{'demand misses bypassed (scratch slot)':42s} {result.demand_bypassed:7d} ({result.scratch_slots} scratch slots)")
     if result.prefetches_refused:
         print(f"{'prefetches refused by admission':42s} {result.prefetches_refused:7d}")
     print(f"{'bytes moved per token':42s} {out['bytes_per_token'] / 1e6:7.1f} MB")

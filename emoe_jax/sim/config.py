@@ -45,6 +45,22 @@ class SimConfig:
     miss_mode: str = "copy"
     host_bandwidth_gbps: float = 50.0  # host memory bandwidth a host-computed expert streams at
     host_overhead_ms: float = 0.05  # fixed cost of a step that computes experts on the host
+    # "all": every copied miss is inserted into the cache; "bypass": a copied miss whose predicted
+    # reuse is below the score of the victim it would evict is computed from a scratch slot and not
+    # cached. The scratch slots (top-k of them, the experts of one step) come out of the capacity.
+    demand_admission: str = "all"
+    # when step s's predictions are issued: "step" = at the start of step s (before it routes); "routed" =
+    # right after step s-1 routed, queued behind its demand fetches (the earliest their inputs exist for a
+    # predictor that reads no router inputs; refused for one that does on traces that carry them)
+    prefetch_issue: str = "step"
+    # what score eviction (and admission, choose, bypass) reads: "latest" = the nearest prediction targeting
+    # the layer or, after the layer ran, its reuse score, whichever came last; "reuse" = reuse scores only
+    # (prefetch predictions still drive the requests, but never overwrite the eviction scores)
+    eviction_scores: str = "latest"
+    # LRFU-like score eviction: rank score + crf_weight x CRF, CRF = sum over the expert's past accesses of
+    # crf_decay ** (tokens since the access); 0 = the score alone
+    crf_weight: float = 0.0
+    crf_decay: float = 0.9
 
     @classmethod
     def moe_beyond(cls, **overrides) -> "SimConfig":
@@ -76,8 +92,15 @@ class SimConfig:
     def compute_seconds(self) -> float:
         return 0.0 if self.zero_latency else self.layer_compute_ms * 1e-3
 
+    def scratch_slots(self, num_layers: int, top_k: int) -> int:
+        """Slots per pool held back for bypassed demand experts (0 unless ``demand_admission='bypass'``):
+        top-k in all, the most one step can need, so ceil(top_k / pools) per pool."""
+        if self.demand_admission != "bypass":
+            return 0
+        return -(-top_k // num_layers) if self.per_layer else top_k
+
     def pools(self, num_layers: int, num_experts: int, top_k: int) -> tuple[int, int]:
-        """(number of pools, slots per pool) for a model of this shape."""
+        """(number of pools, cache slots per pool) for a model of this shape (scratch slots deducted)."""
         total_keys = num_layers * num_experts
         if self.capacity <= 0:
             raise SimConfigError(f"capacity must be > 0, got {self.capacity}")
@@ -88,17 +111,18 @@ class SimConfig:
                 raise SimConfigError(f"capacity > 1 is a count of experts and must be whole, got {self.capacity}")
             total = int(self.capacity)
         total = min(total, total_keys)
+        scratch = self.scratch_slots(num_layers, top_k)
         if self.per_layer:
-            per = total // num_layers
+            per = total // num_layers - scratch
             if per < top_k:
                 raise SimConfigError(
-                    f"per-layer capacity {per} (= {total} // {num_layers} layers) is below top-k={top_k}: "
+                    f"per-layer capacity {per} (= {total} // {num_layers} layers - {scratch} scratch) is below top-k={top_k}: "
                     "a layer could not hold its own experts; raise --capacity or use the global pool"
                 )
             return num_layers, per
-        if total < top_k:
-            raise SimConfigError(f"capacity {total} experts is below top-k={top_k}; raise --capacity")
-        return 1, total
+        if total - scratch < top_k:
+            raise SimConfigError(f"capacity {total} experts (- {scratch} scratch) is below top-k={top_k}; raise --capacity")
+        return 1, total - scratch
 
     def validate(self, num_layers: int, num_experts: int, top_k: int) -> None:
         self.pools(num_layers, num_experts, top_k)
@@ -122,6 +146,14 @@ class SimConfig:
             raise SimConfigError(f"initial_fill must be 'empty' or 'random', got {self.initial_fill!r}")
         if self.admission not in ("all", "cost"):
             raise SimConfigError(f"admission must be 'all' or 'cost', got {self.admission!r}")
+        if self.crf_weight < 0 or not 0 < self.crf_decay <= 1:
+            raise SimConfigError(f"crf_weight must be >= 0 and crf_decay in (0, 1], got {self.crf_weight}, {self.crf_decay}")
+        if self.eviction_scores not in ("latest", "reuse"):
+            raise SimConfigError(f"eviction_scores must be 'latest' or 'reuse', got {self.eviction_scores!r}")
+        if self.prefetch_issue not in ("step", "routed"):
+            raise SimConfigError(f"prefetch_issue must be 'step' or 'routed', got {self.prefetch_issue!r}")
+        if self.demand_admission not in ("all", "bypass"):
+            raise SimConfigError(f"demand_admission must be 'all' or 'bypass', got {self.demand_admission!r}")
         if self.miss_mode not in ("copy", "host", "choose"):
             raise SimConfigError(f"miss_mode must be 'copy', 'host' or 'choose', got {self.miss_mode!r}")
         if self.miss_mode != "copy" and (self.zero_latency or self.host_bandwidth_gbps <= 0 or self.host_overhead_ms < 0):

@@ -22,9 +22,20 @@ Per token-major step g (token t, layer l), at time ``now``:
    in transfer -> late prefetch, wait for it; queued -> late prefetch, taken
    out of the queue and fetched now ahead of every queued prefetch; absent ->
    demand miss, fetched now. Demand fetches never evict the step's own experts.
+   With demand bypass (``prm.bypass``), a copied miss whose predicted reuse is below
+   the score of the victim it would evict is copied into a scratch slot (held back
+   from the capacity by the caller) and not cached: the link time is charged, nothing
+   is evicted.
 4. stall = (latest arrival among the step's experts) - now, at least 0;
    now += stall + layer_compute.
 Transfers take ``xfer`` seconds each on one of ``n_links`` serial links.
+Score eviction ranks each expert's latest score (+ ``crf_weight`` x its CRF,
+LRFU's recency-frequency: the sum over its accesses of ``crf_decay`` ** tokens since).
+With ``prm.issue_after_routing`` step 2 for step s+1 (its score updates and prefetch
+requests, which read the routing of steps <= s only) runs at the end of step s's
+demand instead of at the start of step s+1: the requests queue behind step s's
+demand fetches and can move while step s computes. Not when s+1 is a token's first
+layer: its predictions read that token's id, known only once token t ends.
 """
 
 from __future__ import annotations
@@ -68,9 +79,11 @@ INT_COUNTERS = ("accesses", "hits", "timely_prefetches", "late_prefetches", "dem
                 "prefetches_issued", "prefetches_started", "prefetches_used", "prefetches_wasted",
                 "prefetches_cancelled", "demand_transfers", "tokens", "evictions", "steps",
                 "prefetches_refused",  # refused by cost-aware admission
-                "host_computes")  # misses computed on the host  # fmt: skip
+                "host_computes",  # misses computed on the host
+                "demand_bypassed")  # copied misses computed from a scratch slot, not cached  # fmt: skip
 (C_ACCESSES, C_HITS, C_TIMELY, C_LATE, C_MISSES, C_PF_ISSUED, C_PF_STARTED, C_PF_USED, C_PF_WASTED,
- C_PF_CANCELLED, C_DEMAND_XFERS, C_TOKENS, C_EVICTIONS, C_STEPS, C_PF_REFUSED, C_HOST) = range(len(INT_COUNTERS))
+ C_PF_CANCELLED, C_DEMAND_XFERS, C_TOKENS, C_EVICTIONS, C_STEPS, C_PF_REFUSED, C_HOST,
+ C_BYPASS) = range(len(INT_COUNTERS))
 FLOAT_COUNTERS = ("stall_seconds", "bytes_moved",
                   "now",  # the replay clock
                   "host_seconds",  # host compute seconds of counted steps
@@ -85,6 +98,8 @@ class CacheState(NamedTuple):
     ready: np.ndarray  # [K] float64 arrival time of a resident expert
     last_use: np.ndarray  # [K] int64 recency stamp (larger = more recent)
     freq: np.ndarray  # [K] int64 accesses (LFU)
+    crf: np.ndarray  # [K] float64 LRFU's combined recency-frequency, as of token crf_tok
+    crf_tok: np.ndarray  # [K] int64 global token at which crf was last brought up to date
     next_use: np.ndarray  # [K] int64 next step that routes to it (Belady)
     score: np.ndarray  # [K] float32 latest predicted score (score eviction, admission)
     prefetched: np.ndarray  # [K] uint8 1: arrived by prefetch, not used yet
@@ -100,7 +115,7 @@ class CacheState(NamedTuple):
     q_target: np.ndarray  # [Q] int64 step it is for
     q_score: np.ndarray  # [Q] float32 predicted chance its target routes to it
     q_ptr: np.ndarray  # [2] int64 head, tail (monotonic)
-    ints: np.ndarray  # [2] int64 recency clock, queue sequence counter
+    ints: np.ndarray  # [3] int64 recency clock, queue sequence counter, current global token
     counts: np.ndarray  # [len(INT_COUNTERS)] int64
     floats: np.ndarray  # [len(FLOAT_COUNTERS)] float64
 
@@ -111,13 +126,14 @@ def new_cache_state(num_keys: int, num_pools: int, pool_capacity: int, n_links: 
     return CacheState(
         status=np.zeros(num_keys, np.int8), ready=np.zeros(num_keys, np.float64),
         last_use=np.zeros(num_keys, np.int64), freq=np.zeros(num_keys, np.int64),
+        crf=np.zeros(num_keys, np.float64), crf_tok=np.zeros(num_keys, np.int64),
         next_use=np.full(num_keys, NEVER, np.int64), score=np.zeros(num_keys, np.float32),
         prefetched=np.zeros(num_keys, np.uint8), pinned=np.zeros(num_keys, np.uint8),
         qseq=np.zeros(num_keys, np.int64), slots=np.full((num_pools, pool_capacity), -1, np.int32),
         pool_size=np.zeros(num_pools, np.int64), slot_pos=np.full(num_keys, -1, np.int64),
         link_free=np.zeros(n_links, np.float64), q_key=np.zeros(qcap, np.int32), q_seq=np.zeros(qcap, np.int64),
         q_issue=np.zeros(qcap, np.float64), q_target=np.zeros(qcap, np.int64), q_score=np.zeros(qcap, np.float32),
-        q_ptr=np.zeros(2, np.int64), ints=np.zeros(2, np.int64),
+        q_ptr=np.zeros(2, np.int64), ints=np.zeros(3, np.int64),
         counts=np.zeros(len(INT_COUNTERS), np.int64), floats=np.zeros(len(FLOAT_COUNTERS), np.float64),
     )  # fmt: skip
 
@@ -145,6 +161,10 @@ class ReplayParams(NamedTuple):
     host_xfer: float  # seconds to compute one missed expert on the host
     host_overhead: float  # seconds once per step with host work
     warmup_tokens: int  # tokens at the start of each prompt that are not counted
+    bypass: bool  # demand admission: a copied miss that would be the next victim goes to a scratch slot
+    issue_after_routing: bool  # step s's predictions are issued right after step s-1 routed, behind its demand
+    crf_weight: float  # score eviction ranks score + crf_weight x CRF (LRFU-like; 0: the score alone)
+    crf_decay: float  # CRF = sum over past accesses of crf_decay ** (tokens since the access)
 
 
 class PromptInput(NamedTuple):
@@ -163,7 +183,21 @@ class PromptInput(NamedTuple):
 
 
 @njit_inline
-def _find_victim(pool, by_time, only_arrived, policy, st):
+def _crf_now(key, prm, st):
+    """The key's CRF decayed to the current token (a float exponent: C pow, as in the reference)."""
+    return st.crf[key] * prm.crf_decay ** np.float64(st.ints[2] - st.crf_tok[key])
+
+
+@njit_inline
+def _score_value(key, score, prm, st):
+    """What score eviction ranks: the predicted score, plus crf_weight x CRF when that is on."""
+    if prm.crf_weight == 0.0:
+        return np.float64(score)
+    return np.float64(score) + prm.crf_weight * _crf_now(key, prm, st)
+
+
+@njit_inline
+def _find_victim(pool, by_time, only_arrived, policy, prm, st):
     """The key the policy evicts first among unpinned residents of ``pool`` (-1: none).
 
     ``only_arrived``: skip experts still in transfer at ``by_time``. Every policy
@@ -184,8 +218,8 @@ def _find_victim(pool, by_time, only_arrived, policy, st):
             primary = float(st.freq[key])
         elif policy == BELADY:  # furthest next use first
             primary = -float(st.next_use[key])
-        elif policy == SCORE:  # lowest predicted score first
-            primary = float(st.score[key])
+        elif policy == SCORE:  # lowest predicted score first (+ weighted CRF, LRFU-like)
+            primary = _score_value(key, st.score[key], prm, st)
         else:  # LRU: recency alone
             primary = 0.0
         recency = st.last_use[key]
@@ -290,7 +324,7 @@ def _advance(until, step, counted, prm, st):
             continue
         pool = _pool_of(key, prm)
         if st.pool_size[pool] >= prm.capacity:
-            victim = _find_victim(pool, start, True, prm.policy, st)
+            victim = _find_victim(pool, start, True, prm.policy, prm, st)
             if victim < 0:  # every slot is in transfer
                 st.status[key] = ABSENT
                 if counted:
@@ -336,6 +370,30 @@ def _push(key, target, sc, now, st):
     st.q_ptr[1] += 1
 
 
+@njit_inline
+def _issue(prompt, r_step, now, step, counted, prm, st):
+    """Apply the score updates and queue the prefetch requests of row ``r_step`` at time ``now``
+    (``step``: the global step running, for ``_advance``)."""
+    num_experts = prm.num_experts
+    # Nearest targets are listed first; apply in reverse so the nearest wins.
+    for u in range(prompt.upd_ptr[r_step + 1] - 1, prompt.upd_ptr[r_step] - 1, -1):
+        base = prompt.upd_layer[u] * num_experts
+        for e in range(num_experts):
+            st.score[base + e] = prompt.upd_scores[u, e]
+    if counted:
+        for r in range(prompt.req_ptr[r_step], prompt.req_ptr[r_step + 1]):
+            key = prompt.req_key[r]
+            status = st.status[key]
+            if status == RESIDENT:
+                _touch(key, st)
+                continue
+            if status == QUEUED:
+                continue
+            _push(key, prompt.req_target[r], prompt.req_score[r], now, st)
+            st.counts[C_PF_ISSUED] += 1
+            _advance(now, step, counted, prm, st)
+
+
 @njit
 def run_prompt(prompt, step_offset, prm, st):
     """Replay one prompt (``PromptInput``) from global step ``step_offset`` with settings ``prm``
@@ -355,25 +413,11 @@ def run_prompt(prompt, step_offset, prm, st):
         g = step_offset + s
         t = s // num_layers
         counted = t >= prm.warmup_tokens
+        st.ints[2] = g // num_layers  # the global token (prompts hold whole tokens)
         now = st.floats[F_NOW]
         _advance(now, g, counted, prm, st)
-        # Nearest targets are listed first; apply in reverse so the nearest wins.
-        for u in range(prompt.upd_ptr[s + 1] - 1, prompt.upd_ptr[s] - 1, -1):
-            base = prompt.upd_layer[u] * num_experts
-            for e in range(num_experts):
-                st.score[base + e] = prompt.upd_scores[u, e]
-        if counted:
-            for r in range(prompt.req_ptr[s], prompt.req_ptr[s + 1]):
-                key = prompt.req_key[r]
-                status = st.status[key]
-                if status == RESIDENT:
-                    _touch(key, st)
-                    continue
-                if status == QUEUED:
-                    continue
-                _push(key, prompt.req_target[r], prompt.req_score[r], now, st)
-                st.counts[C_PF_ISSUED] += 1
-                _advance(now, g, counted, prm, st)
+        if not prm.issue_after_routing or s % num_layers == 0:  # a token's first layer: its id is news
+            _issue(prompt, s, now, g, counted, prm, st)
         # Demand, pass 1: classify and pin.
         n_wait = 0
         latest = now
@@ -414,7 +458,7 @@ def run_prompt(prompt, step_offset, prm, st):
                 p_reuse = np.float64(reuse[s, key % num_experts]) if has_reuse else 0.0
                 q_victim = 0.0
                 if st.pool_size[pool] >= prm.capacity:
-                    v = _find_victim(pool, start, True, prm.policy, st)
+                    v = _find_victim(pool, start, True, prm.policy, prm, st)
                     if v >= 0:
                         q_victim = np.float64(st.score[v])
                 host_cost = prm.host_xfer + prm.host_overhead
@@ -422,9 +466,24 @@ def run_prompt(prompt, step_offset, prm, st):
                     n_host += 1
                     continue
             if st.pool_size[pool] >= prm.capacity:
-                victim = _find_victim(pool, start, True, prm.policy, st)
+                victim = _find_victim(pool, start, True, prm.policy, prm, st)
+                if prm.bypass and victim >= 0:
+                    # the score the expert would hold once the step ran (its predicted reuse)
+                    p_after = reuse[s, key % num_experts] if has_reuse else st.score[key]
+                    v_after = np.float64(p_after)
+                    if prm.crf_weight != 0.0:  # its CRF once this access counts
+                        v_after += prm.crf_weight * (_crf_now(key, prm, st) + 1.0)
+                    if v_after < _score_value(victim, st.score[victim], prm, st):  # it would go before the victim
+                        arrival = start + prm.xfer
+                        st.link_free[j] = arrival
+                        latest = max(latest, arrival)
+                        if counted:
+                            st.counts[C_DEMAND_XFERS] += 1
+                            st.counts[C_BYPASS] += 1
+                            st.floats[F_BYTES] += prm.expert_bytes
+                        continue
                 if victim < 0:  # all unpinned slots in transfer: abandon one
-                    victim = _find_victim(pool, start, False, prm.policy, st)
+                    victim = _find_victim(pool, start, False, prm.policy, prm, st)
                     if counted:
                         st.counts[C_PF_CANCELLED] += 1
                 _evict(victim, counted, pool, st)
@@ -447,12 +506,19 @@ def run_prompt(prompt, step_offset, prm, st):
                 st.prefetched[key] = 0
             _touch(key, st)
             st.freq[key] += 1
+            st.crf[key] = _crf_now(key, prm, st) + 1.0
+            st.crf_tok[key] = st.ints[2]
             st.next_use[key] = prompt.access_next[s, j]
             st.pinned[key] = 0
         if has_reuse:  # the layer that just ran: each expert's predicted use by the next token
             base = (s % num_layers) * num_experts
             for e in range(num_experts):
                 st.score[base + e] = reuse[s, e]
+        if prm.issue_after_routing and s + 1 < num_steps and (s + 1) % num_layers != 0:
+            # step s+1's predictions need the routing of steps <= s only: issue them now, behind this
+            # step's demand fetches, so they move while this step computes (not across a token
+            # boundary: the next token's id, which predictors read, exists only after this token ends)
+            _issue(prompt, s + 1, now, g, (s + 1) // num_layers >= prm.warmup_tokens, prm, st)
         stall = latest - now
         if counted:
             st.counts[C_ACCESSES] += k
@@ -472,6 +538,7 @@ def reset_cache(fill_keys, prm, st):
         st.prefetched[key] = 0
         st.pinned[key] = 0
         st.freq[key] = 0
+        st.crf[key] = 0.0
         st.slot_pos[key] = -1
     for p in range(st.pool_size.shape[0]):
         st.pool_size[p] = 0

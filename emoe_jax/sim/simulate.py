@@ -40,7 +40,8 @@ class SimResult:
     eviction: str
     oracle: bool  # True if the predictor or the eviction policy read the future
     config: dict
-    capacity_experts: int  # total slots over all pools
+    capacity_experts: int  # total cache slots over all pools (scratch slots not included)
+    scratch_slots: int  # slots held back from the capacity for bypassed demand experts
     prompts: int
     tokens: int  # counted tokens (after warm-up)
     accesses: int  # counted (token, layer, expert) routings
@@ -56,6 +57,7 @@ class SimResult:
     prefetches_cancelled: int  # queued but dropped (target passed, no free slot) or abandoned
     prefetches_refused: int  # refused by cost-aware admission (would arrive late, or victim more likely used)
     host_computes: int  # misses computed on the host instead of copied (miss_mode host/choose)
+    demand_bypassed: int  # copied misses computed from a scratch slot and not cached (demand bypass)
     host_seconds: float  # host compute time (overlaps the link; stall counts only what exceeds the layer)
     demand_transfers: int
     evictions: int
@@ -161,7 +163,16 @@ def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progr
         xfer=float(xfer), compute=float(compute), expert_bytes=float(config.expert_bytes),
         admit_cost=config.admission == "cost", miss_mode=K.MISS_MODES[config.miss_mode], host_xfer=float(host_xfer),
         host_overhead=float(host_overhead), warmup_tokens=int(config.warmup_tokens),
+        bypass=config.demand_admission == "bypass", issue_after_routing=config.prefetch_issue == "routed",
+        crf_weight=float(config.crf_weight), crf_decay=float(config.crf_decay),
     )  # fmt: skip
+    inner = getattr(predictor, "inner", predictor)  # a MemoisedPredictor's predictor
+    if (config.prefetch_issue == "routed" and meta.hidden_size is not None
+            and getattr(inner, "reads_current_router_input", False)):  # fmt: skip
+        raise SimConfigError(
+            f"{predictor.name} reads the current layer's router input: its prediction at step s needs it, and it "
+            "does not exist right after step s-1 routed; use prefetch_issue='step'"
+        )
     rng = np.random.default_rng(config.seed)
     start_wall = time.perf_counter()
     step_offset = 0
@@ -179,7 +190,8 @@ def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progr
         req_ptr, req_key, req_target, req_score = build_requests(
             preds, rows, ranked, valid, num_steps, L, E, prefetch_k, step_offset
         )
-        if policy == "score" or config.admission == "cost" or config.miss_mode == "choose":  # they read scores
+        if (policy == "score" or config.admission == "cost" or config.miss_mode == "choose"
+                or config.demand_admission == "bypass") and config.eviction_scores == "latest":  # they read scores  # fmt: skip
             upd_ptr, upd_layer, upd_scores = score_updates(preds, rows, num_steps, L)
         else:
             upd_ptr, upd_layer, upd_scores = np.zeros(num_steps + 1, np.int64), np.zeros(0, np.int64), np.zeros((0, E), np.float32)
@@ -214,6 +226,7 @@ def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progr
         oracle=bool(getattr(predictor, "oracle", False) or policy == "belady"),
         config=asdict(config),
         capacity_experts=pools * per_pool,
+        scratch_slots=pools * config.scratch_slots(L, k),
         prompts=len(traces),
         **{name: totals[name] for name in _RESULT_COUNTERS},
         wall_seconds=wall,

@@ -11,14 +11,18 @@ Steps:
 2. Every cell replays the test prompts with ``simulate``: the protocol is the same
    for every cell (one running cache, empty at the start, every token counted);
    ``--zero-latency`` makes transfers free (lookahead 0 unless given).
-   Policies: ``lru`` (prefetch, LRU eviction, every prefetch admitted), ``score``
-   (evict the lowest predicted reuse/score), ``cost`` (score eviction +
-   cost-aware admission). Miss handling: ``copy``, ``host``, ``choose``
+   Policies (``POLICIES``): ``lru`` (prefetch, LRU eviction, every prefetch
+   admitted), ``score`` (evict the lowest predicted reuse/score), ``cost`` (score
+   eviction + cost-aware admission); ``-np``: no prefetch; ``bypass*``: demand
+   bypass into top-k scratch slots; ``*-routed``: predictions issued right after
+   the previous step routed; ``reuse-*``: eviction reads reuse scores only;
+   ``lrfu-*``: reuse + CRF (``--crf-weight``, ``--crf-decay``); ``belady-routed``
+   (ORACLE). ``--per-layer``: one pool per layer. Miss handling: ``copy``, ``host``, ``choose``
    (``--miss-modes``, host bandwidths ``--host-gbps``).
    Baselines LRU and Belady (ORACLE) run in every grid, without prediction.
 3. ``--compare A:B``: paired bootstrap over test prompts of hit rate (A - B) and of
    stall per token (B - A, so positive = A better) per capacity: 95 % interval.
-4. Print a markdown table; ``--out`` writes the rows as JSON (temp name, then renamed).
+4. Print a markdown table (``--by-task``: and one of hit % / stall per task); ``--out`` writes the rows as JSON (temp name, then renamed).
 """
 
 from __future__ import annotations
@@ -39,8 +43,27 @@ from emoe_jax.sim.config import SimConfig
 from emoe_jax.sim.simulate import simulate
 from emoe_jax.traces.split import split_by_prompt_id
 
+# Named policies: SimConfig fields each one sets. "-np": no prefetch at all (the predictor only scores,
+# for eviction and bypass); "bypass": a demand miss that would be the next victim is computed from a
+# scratch slot and not cached (top-k scratch slots come out of the capacity).
 POLICIES = {"lru": dict(eviction="lru", admission="all"), "score": dict(eviction="score", admission="all"),
-            "cost": dict(eviction="score", admission="cost")}  # fmt: skip
+            "cost": dict(eviction="score", admission="cost"),
+            "score-np": dict(eviction="score", admission="all", prefetch_k=0),
+            "bypass": dict(eviction="score", admission="all", demand_admission="bypass"),
+            "bypass-np": dict(eviction="score", admission="all", demand_admission="bypass", prefetch_k=0),
+            "bypass-cost": dict(eviction="score", admission="cost", demand_admission="bypass")}  # fmt: skip
+# "-routed": the same, with step s's predictions issued right after step s-1 routed (behind its demand
+# fetches) instead of at the start of step s
+POLICIES.update({f"{name}-routed": dict(pol, prefetch_issue="routed") for name, pol in list(POLICIES.items())
+                 if name in ("lru", "score", "cost", "bypass", "bypass-cost")})  # fmt: skip
+# "reuse-*": score eviction that reads the predictor's reuse scores only (never its prefetch predictions)
+POLICIES["reuse-np"] = dict(POLICIES["score-np"], eviction_scores="reuse")
+POLICIES["reuse-routed"] = dict(POLICIES["score-routed"], eviction_scores="reuse")
+# "lrfu-*": reuse-only score eviction + 0.05 x CRF (each past access weighted 0.9 ** tokens since), LRFU-like;
+# 0.05 and 0.9 were chosen on Puffin training prompts only (scripts/eviction_horizon_bound.py --tune)
+POLICIES["lrfu-np"] = dict(POLICIES["reuse-np"], crf_weight=0.05, crf_decay=0.9)
+POLICIES["lrfu-routed"] = dict(POLICIES["reuse-routed"], crf_weight=0.05, crf_decay=0.9)
+POLICIES["belady-routed"] = dict(eviction="belady", admission="all", prefetch_issue="routed")  # ORACLE eviction
 
 
 def paired_bootstrap(a: dict, b: dict, samples: int = 2000, seed: int = 0) -> dict[str, list[float]]:
@@ -65,17 +88,20 @@ def run_sweep(train: Any, test: Any, *, predictors: list[str], lookaheads: list[
               policies: list[str], miss_modes: list[str], host_gbps: list[float], bandwidth_gbps: float,
               layer_compute_ms: float, expert_bytes: float, zero_latency: bool, host_overhead_ms: float,
               predictor_kwargs: dict | None = None, log: Any = None,
-              baselines: tuple[str, ...] = ("lru", "belady")) -> tuple[list[dict], dict]:  # fmt: skip
-    """Rows (one per cell) and per-prompt counters keyed by the row's label."""
+              baselines: tuple[str, ...] = ("lru", "belady"), per_layer: bool = False,
+              policy_overrides: dict[str, dict] | None = None) -> tuple[list[dict], dict]:  # fmt: skip
+    """Rows (one per cell) and per-prompt counters keyed by the row's label. ``policy_overrides``: SimConfig
+    fields that replace a named policy's own (e.g. the LRFU weight)."""
     rows, per_prompt = [], {}
     base = SimConfig(bandwidth_gbps=bandwidth_gbps, layer_compute_ms=layer_compute_ms, expert_bytes=expert_bytes,
-                     zero_latency=zero_latency, host_overhead_ms=host_overhead_ms)  # fmt: skip
+                     zero_latency=zero_latency, host_overhead_ms=host_overhead_ms, per_layer=per_layer)  # fmt: skip
     modes = [("copy", None)] + [(m, h) for m in miss_modes if m != "copy" for h in host_gbps]
     if "copy" not in miss_modes:
         modes = modes[1:]
 
     def cell(name: str, pred: Any, la: int, policy: str, mode: str, host: float | None, cap: float) -> None:
         pol = dict(POLICIES[policy]) if policy in POLICIES else dict(eviction=policy, admission="all")
+        pol.update((policy_overrides or {}).get(policy, {}))
         cfg = base.with_(capacity=cap, lookahead_layers=la, miss_mode=mode, **pol,
                          **({} if host is None else {"host_bandwidth_gbps": host}))  # fmt: skip
         t0 = time.perf_counter()
@@ -83,7 +109,8 @@ def run_sweep(train: Any, test: Any, *, predictors: list[str], lookaheads: list[
         d = r.to_dict()
         row = {k: d[k] for k in ("hit_rate", "stall_ms_per_token", "ms_per_token", "timely_prefetches", "late_prefetches",
                                  "demand_misses", "prefetches_started", "prefetches_refused", "prefetch_accuracy",
-                                 "host_compute_rate", "bytes_per_token", "tokens", "accesses", "oracle")}  # fmt: skip
+                                 "host_compute_rate", "bytes_per_token", "tokens", "accesses", "oracle",
+                                 "demand_bypassed", "capacity_experts", "scratch_slots")}  # fmt: skip
         row.update(predictor=name, lookahead=la, policy=policy, miss_mode=mode, host_gbps=host, capacity=cap,
                    eviction=r.eviction, recall=d["prediction"].get(f"recall@{test.meta.top_k}"),
                    seconds=round(time.perf_counter() - t0, 1),
@@ -127,6 +154,25 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def to_markdown_by_task(rows: list[dict]) -> str:
+    """One row per cell, one column per task label: "hit % / stall ms per token" of that task's prompts
+    (their share of the cell's one replay; see SimResult.per_task)."""
+    tasks = sorted({t for r in rows for t in r.get("per_task", {})})
+    if not tasks:
+        return ""
+    out = ["| predictor | lookahead | policy | misses | capacity | " + " | ".join(t or "(none)" for t in tasks) + " |",
+           "|---|---:|---|---|---:|" + "---:|" * len(tasks)]  # fmt: skip
+    for r in rows:
+        mode = r["miss_mode"] + ("" if r["host_gbps"] is None else f" @{r['host_gbps']:g} GB/s")
+        cells = []
+        for t in tasks:
+            c = r.get("per_task", {}).get(t)
+            cells.append("-" if c is None else f"{100 * c['hit_rate']:.1f} / {c['stall_ms_per_token']:.2f}")
+        out.append(f"| {r['predictor']}{' (ORACLE)' if r['oracle'] else ''} | {r['lookahead']} | {r['policy']} | {mode} | "
+                   f"{r['capacity']:g} | " + " | ".join(cells) + " |")  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
 def _list(cast):
     return lambda text: [cast(x) for x in text.split(",") if x.strip()]
 
@@ -149,11 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layer-compute-ms", type=float, default=0.5)
     p.add_argument("--expert-bytes", type=float, default=17.3e6)
     p.add_argument("--zero-latency", action="store_true")
+    p.add_argument("--crf-weight", type=float, default=None, help="CRF weight of the lrfu-* policies (default 0.05)")
+    p.add_argument("--crf-decay", type=float, default=None, help="CRF decay per token of the lrfu-* policies (default 0.9)")
+    p.add_argument("--per-layer", action="store_true", help="one pool per layer (default: one pool over all layers)")
     p.add_argument("--max-prompts", type=int, default=None)
     p.add_argument("--baselines", type=_list(str), default=["lru", "belady"], help="no-prediction rows (lru, belady)")
     p.add_argument("--compare", type=_list(str), default=[], help="A:B pairs for paired bootstraps")
     p.add_argument("--predictor-checkpoint", type=Path, default=None, help="learned-predictor checkpoint")
     p.add_argument("--out", type=Path, default=None, help="write rows (and comparisons) as JSON")
+    p.add_argument("--by-task", action="store_true",
+                   help="also print a table of hit %% / stall ms per token per task label, per cell")
     args = p.parse_args(argv)
     from emoe_jax.traces import TraceSet
 
@@ -168,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("give --traces DIR or --train-traces DIR --test-traces DIR")
         if args.max_prompts:
             test = test.select(slice(0, args.max_prompts))
+        lrfu = {k: v for k, v in (("crf_weight", args.crf_weight), ("crf_decay", args.crf_decay)) if v is not None}
         bad = [x for x in args.policies if x not in POLICIES]
         if bad:
             raise ValueError(f"unknown policies {bad}; choose from {list(POLICIES)}")
@@ -178,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             policies=args.policies, miss_modes=args.miss_modes, host_gbps=args.host_gbps,
             bandwidth_gbps=args.bandwidth_gbps, layer_compute_ms=args.layer_compute_ms, expert_bytes=args.expert_bytes,
             zero_latency=args.zero_latency, host_overhead_ms=args.host_overhead_ms, predictor_kwargs=kwargs,
-            log=sys.stderr, baselines=tuple(b for b in args.baselines if b in ("lru", "belady")),
+            log=sys.stderr, baselines=tuple(b for b in args.baselines if b in ("lru", "belady")), per_layer=args.per_layer,
+            policy_overrides={"lrfu-np": lrfu, "lrfu-routed": lrfu},
         )  # fmt: skip
     except (*USER_ERRORS, RuntimeError) as exc:
         return fail(exc)
@@ -195,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
             if other in per_prompt:
                 comparisons.append({"a": label, "b": other, **paired_bootstrap(counters, per_prompt[other])})
     print(to_markdown(rows), end="")
+    if args.by_task:
+        print("\nBy task (hit % / stall ms per token):\n")
+        print(to_markdown_by_task(rows), end="")
     for c in comparisons:
         lo, hi = c["hit_rate_diff_ci95"]
         print(f"{c['a']} vs {c['b']}: hit rate {100 * c['hit_rate_diff']:+.2f} points (95 % CI {100 * lo:+.2f}..{100 * hi:+.2f}); "
