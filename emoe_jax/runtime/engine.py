@@ -149,7 +149,7 @@ class OffloadedEngine:
         host_predictor = predictor if predictor is not None and not is_in_graph(predictor) else None
         self.driver = None if host_predictor is None else PredictorDriver(
             host_predictor, lm, e, cfg.top_k, prefetch_k, min_score)
-        self.prefetcher = None if host_predictor is None else Prefetcher(self.device_cache, self.host,
+        self.prefetcher = None if host_predictor is None else Prefetcher(self.device_cache, lambda: self.host,
                                                                            self.residency.lock)
         self._ingraph_predictor = in_graph_predictor(predictor, cfg)
         self._onejit = None  # OneJitDecoder, built on first use
@@ -195,12 +195,7 @@ class OffloadedEngine:
     # ---- residency ----------------------------------------------------------
     def preload(self, moe_layer: int, experts: Sequence[int]) -> None:
         """Make `experts` resident in `moe_layer` (restricted mode's resident set, warm starts)."""
-        self._fill_host_stacks()
         self.residency.preload(moe_layer, experts)
-
-    def _fill_host_stacks(self) -> None:
-        if self.residency.fill_host_stacks() and self.prefetcher is not None:
-            self.prefetcher.host = self.host
 
     def _make_resident(self, moe_layer: int, experts: Sequence[int]) -> None:
         """Caller holds the residency lock; waits and copies are charged as stall time."""
@@ -413,7 +408,7 @@ class OffloadedEngine:
         compiles0 = compile_count()
         # Stats are per call: a warm cache from earlier calls shows up as hits, not as old misses.
         self._timers = _Timers()
-        self._fill_host_stacks()
+        self.residency.fill_host_stacks()
         self.residency.reset_stats()
         if self.prefetcher is not None:
             self.prefetcher.reset_stats()

@@ -89,9 +89,14 @@ class LearnedInGraph:
         return pstate._replace(prev=jnp.swapaxes(ids, 0, 1).astype(jnp.int32))  # [Lm, B, k] -> [B, Lm, k]
 
 
-def learned_in_graph(predictor, cfg: MoEConfig) -> LearnedInGraph:
+def learned_in_graph(predictor, cfg: MoEConfig) -> LearnedInGraph | None:
+    """The one-jit version of a loaded learned predictor, or None for a network with a causal-table
+    prior: its prior is computed from host tables the one-jit step does not carry, so it runs on
+    the host path (the staged loop's prefetch worker)."""
     if getattr(predictor, "cfg", None) is None:
         raise ValueError("the learned predictor has no network loaded; give it a checkpoint")
+    if getattr(predictor.cfg, "table_prior", False):
+        return None
     return LearnedInGraph(predictor, cfg)
 
 

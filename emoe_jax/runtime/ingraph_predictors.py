@@ -121,11 +121,6 @@ def in_graph_predictor(predictor: Any, cfg: MoEConfig):
     if name == "learned":
         from .ingraph_learned import learned_in_graph
 
-        net_cfg = getattr(predictor, "cfg", None)
-        if getattr(net_cfg, "table_prior", False):
-            # The causal-table prior is computed from host tables the one-jit step does not carry:
-            # such a network runs on the host path (the staged loop's prefetch worker).
-            return None
         return learned_in_graph(predictor, cfg)
     cls = IN_GRAPH.get(name)
     return None if cls is None else cls(cfg)

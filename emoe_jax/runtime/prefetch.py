@@ -31,6 +31,7 @@ import dataclasses
 import heapq
 import threading
 import time
+from collections.abc import Callable
 
 import jax
 
@@ -60,8 +61,10 @@ class Prefetcher:
     policies); the engine holds it from a layer's routing to its FFN dispatch.
     """
 
-    def __init__(self, cache: DeviceSlotCache, host: HostTier, lock: threading.Lock):
-        self.cache, self.host, self.lock = cache, host, lock
+    def __init__(self, cache: DeviceSlotCache, host_of: Callable[[], HostTier], lock: threading.Lock):
+        # host_of() -> the current host tier: the engine swaps its tier for stacked host arrays on
+        # first use, and the worker must read from whichever tier holds the experts then.
+        self.cache, self._host_of, self.lock = cache, host_of, lock
         self.stats = PrefetchStats()
         self._cond = threading.Condition()  # guards _queue, _queued, _inflight
         self._queue: list[tuple[int, float, int, int]] = []  # heap of (target step, -score, layer, expert)
@@ -188,6 +191,10 @@ class Prefetcher:
             for s in self._arrived_unused:
                 s.clear()
             self._protected.clear()
+
+    @property
+    def host(self) -> HostTier:
+        return self._host_of()
 
     def reset_stats(self) -> None:
         self.stats = PrefetchStats()
