@@ -210,6 +210,8 @@ def test_engine_config_is_one_frozen_value(tiny_model):
         OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_expert=2)
     with pytest.raises(ValueError, match="decode_path"):
         EngineConfig(decode_path="fast")
+    with pytest.raises(ValueError, match="nothing scores the host tier"):
+        EngineConfig(host_policy="score")
 
 
 def _slot_state(owner, last_use, score, num_experts=6):

@@ -15,8 +15,8 @@ class EngineConfig:
 
     device_experts: slots per MoE layer (default: all). host_experts: experts held in host memory over
     all layers (default: all; fewer means the disk tier serves the rest, on the staged path).
-    policy / host_policy: device / host eviction (lru | lfu | score; device score eviction ranks experts by
-    the predictor's latest scores, so it needs a predictor). admission: all (every prediction is
+    policy / host_policy: device eviction (lru | lfu | score; score ranks experts by the predictor's
+    latest scores, so it needs a predictor) / host eviction (lru | lfu: no predictor scores the host tier). admission: all (every prediction is
     prefetched) or cost (only one that scores above the expert it would evict; score eviction on the
     one-jit path). mode: exact (outputs equal the
     all-resident model's) or restricted (eMoE, lossy). method: expert mixing kernel (auto | gather |
@@ -49,6 +49,9 @@ class EngineConfig:
             raise ValueError(f"unknown admission {self.admission!r}; choose {', '.join(ADMISSIONS)}")
         if self.admission == "cost" and self.policy != "score":
             raise ValueError("admission='cost' compares a prediction with its victim's score: use policy='score'")
+        if self.host_policy == "score":
+            raise ValueError("host_policy='score': nothing scores the host tier's experts; use lru or lfu "
+                             "(policy='score' ranks the device slots)")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose exact or restricted")
 
