@@ -215,7 +215,7 @@ def test_oracle_scores_exactly_the_future(random_traces):
 
 def test_causal_table_combines_token_layer_and_previous_token_tables(make_traces):
     """Each table alone picks the expert its counts say; the combination stays a distribution over k."""
-    L, E, k = 2, 6, 1
+    E, k = 6, 1  # 2 layers
     # token 0 -> layer0 expert 0 -> layer1 expert 3; token 1 -> layer0 expert 1 -> layer1 expert 4, alternating
     x = np.array([[[0], [3]], [[1], [4]]] * 6)  # [12, 2, 1]
     from dataclasses import replace

@@ -44,7 +44,7 @@ import numpy as np
 from emoe_jax.cli import USER_ERRORS, fail
 from emoe_jax.predict.base import BasePredictor, Prediction, PromptInfo, PromptPredictions, horizon_rows
 from emoe_jax.predict.emoe_selection import EMoEError, expected_load, load_sensitivity, select_experts
-from emoe_jax.predict.emoe_task import KeywordTaskMatcher, NaiveBayesTaskClassifier, TaskExtractionError
+from emoe_jax.predict.emoe_task import KeywordTaskMatcher, NaiveBayesTaskClassifier
 
 
 # -- eMoE-A ---------------------------------------------------------------------
