@@ -28,7 +28,7 @@ from ..predict.base import BasePredictor, PromptInfo, target_steps
 
 class PredictorDriver:
     def __init__(self, predictor, num_moe_layers: int, num_experts: int, top_k: int,
-                 prefetch_k: int | None = None, min_score: float = 0.0):
+                 prefetch_k: int | None = None, min_score: float = 0.0, keep_scores: bool = True):
         if getattr(predictor, "oracle", False):
             raise ValueError(f"predictor {predictor.name!r} is an oracle (it reads the future); it exists only "
                              "in the simulator. Choose a causal predictor for the runtime.")
@@ -43,6 +43,7 @@ class PredictorDriver:
         # MoE layer -> [E] float32 scores of the latest `layer` call: per row the nearest target of that
         # layer (as the simulator's score updates), then the best over rows.
         self.scores: dict[int, np.ndarray] = {}
+        self.keep_scores = keep_scores  # False: only score eviction reads them, so skip the work per layer
 
     @property
     def name(self) -> str:
@@ -98,7 +99,7 @@ class PredictorDriver:
             for target, layer, scores in zip(targets.tolist(), pred.targets[:, 1].tolist(), pred.scores):
                 if target <= current:
                     continue  # that layer has routed already
-                if layer not in nearest or target < nearest[layer][0]:
+                if self.keep_scores and (layer not in nearest or target < nearest[layer][0]):
                     nearest[layer] = (target, scores)
                 top = np.argsort(-scores, kind="stable")[: self.prefetch_k]
                 for e in top[scores[top] > self.min_score]:
@@ -106,7 +107,7 @@ class PredictorDriver:
                     old = best.get(key)
                     if old is None or (target, -scores[e]) < (old[0], -old[1]):
                         best[key] = (target, float(scores[e]))
-            for layer, (_, scores) in nearest.items():
+            for layer, (_, scores) in nearest.items():  # empty unless keep_scores
                 row_scores = np.asarray(scores, np.float32)
                 old = self.scores.get(int(layer))
                 self.scores[int(layer)] = row_scores if old is None else np.maximum(old, row_scores)

@@ -506,8 +506,9 @@ def run_prompt(prompt, step_offset, prm, st):
                 st.prefetched[key] = 0
             _touch(key, st)
             st.freq[key] += 1
-            st.crf[key] = _crf_now(key, prm, st) + 1.0
-            st.crf_tok[key] = st.ints[2]
+            if prm.crf_weight != 0.0:  # only LRFU-like score eviction reads the CRF
+                st.crf[key] = _crf_now(key, prm, st) + 1.0
+                st.crf_tok[key] = st.ints[2]
             st.next_use[key] = prompt.access_next[s, j]
             st.pinned[key] = 0
         if has_reuse:  # the layer that just ran: each expert's predicted use by the next token
