@@ -138,6 +138,16 @@ def row_scores(tables: CausalTables, weights: tuple[float, float, float], tok_ro
     return (k * p / p.sum(1, keepdims=True)).astype(np.float32)
 
 
+def reuse_rows(tables: CausalTables, weights: tuple[float, float, float], trace: Any) -> np.ndarray:
+    """Reuse rows [T*L, E] of one prompt: after step s ran, each expert's chance to be routed by token t+1."""
+    L = tables.L
+    experts = np.asarray(trace.experts).astype(np.int64)  # [T, L, k]
+    tok_rows = tables.token_rows(np.asarray(trace.token_ids))
+    step = np.arange(experts.shape[0] * L)
+    padded = np.concatenate([experts, np.zeros((1,) + experts.shape[1:], np.int64)])
+    return row_scores(tables, weights, tok_rows, padded, step + 1, step + L, step // L)
+
+
 class CausalTable(BasePredictor):
     """Token-id, layer-to-layer and token-to-token tables combined (module docstring)."""
 
@@ -197,7 +207,4 @@ class CausalTable(BasePredictor):
         num_steps = experts.shape[0] * L
         issue, target = horizon_rows(num_steps, self.lookahead)
         scores = row_scores(tables, self.weights, tok_rows, experts, issue, target, issue // L)
-        step = np.arange(num_steps)
-        padded = np.concatenate([experts, np.zeros((1,) + experts.shape[1:], np.int64)])
-        reuse = row_scores(tables, self.weights, tok_rows, padded, step + 1, step + L, step // L)
-        return PromptPredictions(issue, target, scores, reuse=reuse)
+        return PromptPredictions(issue, target, scores, reuse=reuse_rows(tables, self.weights, trace))

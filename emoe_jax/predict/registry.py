@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from emoe_jax.errors import EmoeError
 from emoe_jax.predict.base import BasePredictor
+from emoe_jax.predict.causal_reuse import CausalReuse
 from emoe_jax.predict.causal_table import CausalTable
 from emoe_jax.predict.moe_infinity import MoEInfinity
 from emoe_jax.predict.moe_infinity_beyond import MoEInfinityBeyond
@@ -43,6 +44,11 @@ _REGISTRY: dict[str, tuple[Callable[..., BasePredictor], str]] = {
     "causal-table": (
         CausalTable,
         "causal baseline: token-id, layer l-1 -> l and previous-token tables (fitted counts only)",
+    ),
+    "causal-reuse": (
+        CausalReuse,
+        "causal-table's prefetch + learned reuse for eviction: P(routed again within 2 tokens), logistic on "
+        "recency-frequency features",
     ),
     "moe-infinity-beyond": (
         MoEInfinityBeyond,
