@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admission", choices=["all", "cost"], default="all",
                    help="cost (with --policy score and an in-graph predictor): prefetch a predicted expert only if "
                         "it scores above the expert it would evict")
+    p.add_argument("--eviction-scores", choices=["latest", "reuse"], default="latest",
+                   help="with --policy score and a host predictor: latest (each layer's nearest prediction, then "
+                        "its reuse scores once it ran) or reuse (reuse scores only: what causal-reuse's learned "
+                        "reuse model is for)")
     p.add_argument("--predictor", default="none",
                    help="prefetch experts this predictor expects (exact mode): spec-gating, prev-token and learned "
                         "run inside the one-jit decode step; the others (static-freq, moe-infinity, emoe, ...) on "
@@ -194,6 +198,8 @@ def _main(argv: list[str] | None) -> int:
         raise SystemExit(f"error: {e}") from None
     if args.admission == "cost" and args.policy != "score":
         raise SystemExit("error: --admission cost compares a prediction with its victim's score; add --policy score")
+    if args.eviction_scores != "latest" and args.policy != "score":
+        raise SystemExit("error: --eviction-scores chooses what score eviction ranks by; add --policy score")
     prompts = _prompts(args)
     note = note_device_experts(args.device_experts)
     if note:
@@ -229,7 +235,7 @@ def _main(argv: list[str] | None) -> int:
         engine = OffloadedEngine.from_checkpoint(model_dir, dtype=dtype, device_experts=args.device_experts,
                                                  host_experts=args.host_experts, mode=args.mode,
                                                  policy=args.policy, admission=args.admission,
-                                                 predictor=predictor,
+                                                 eviction_scores=args.eviction_scores, predictor=predictor,
                                                  prefetch_k=args.prefetch_k, reuse=not args.no_reuse,
                                                  decode_path=args.decode_path)
         preload_bytes = _preload_restricted(engine) if args.mode == "restricted" else 0

@@ -96,6 +96,26 @@ def test_batched_prefetching_with_a_real_predictor_is_exact(tiny_model, policy):
         assert 0 < sum(scores.values()) <= len(prompts) * cfg.top_k
 
 
+
+def test_causal_reuse_eviction_on_the_staged_path_is_exact(tiny_model, make_traces):
+    """causal-reuse's learned reuse rows rank the device slots (eviction_scores="reuse"); outputs unchanged."""
+    cfg, g, p, ex, resident = tiny_model("qwen3_moe")
+    rng = np.random.default_rng(0)
+    L, E, k = cfg.num_moe_layers, cfg.num_experts, cfg.top_k
+    train = make_traces([np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(L)])
+                                   for _ in range(int(rng.integers(3, 9)))]) for _ in range(6)], E)  # fmt: skip
+    predictor = get_predictor("causal-reuse", lookahead=1)
+    predictor.fit(train)
+    prompts = [[5, 9, 13, 22, 7], [3, 17, 8]]
+    engine = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=2, host_experts=4,
+                             predictor=predictor, policy="score", eviction_scores="reuse")
+    out = engine.generate(prompts, 6, stop_at_eos=False)
+    assert out.stats["decode_path"] == "staged"
+    assert out.tokens == [r.tolist() for r in resident.generate(prompts, 6)]
+    scores = engine.device_cache.policies[L - 1].scores  # the last layer's reuse row, best over the rows
+    assert set(scores) == set(range(E)) and all(0.0 < v < 1.0 for v in scores.values())
+    assert set(engine.driver.scores) == {L - 1}  # the next token's layer 0, predicted, does not rank slots
+
 def test_driver_scores_are_the_nearest_target_per_layer_best_over_rows():
     from emoe_jax.runtime.predictor_driver import PredictorDriver
 
@@ -120,6 +140,53 @@ def test_driver_scores_are_the_nearest_target_per_layer_best_over_rows():
     driver.layer(0, 0, ids, weights, None, np.array([False, True]))
     np.testing.assert_array_equal(driver.scores[1], [0.0, 0.0, 0.0, 0.0])  # row 1 is done
 
+
+
+def test_driver_takes_each_layers_reuse_row_once_it_ran_and_reuse_mode_ignores_predictions():
+    from emoe_jax.runtime.predictor_driver import PredictorDriver
+
+    class WithReuse(BasePredictor):
+        """Predicts layer 1 (expert 2: 0.8); after a layer runs its reuse row names the row's prompt id."""
+
+        name = "with-reuse"
+
+        def __init__(self):
+            super().__init__(lookahead=1)
+
+        def predict(self, t, l):
+            return Prediction(np.array([[0, 1]]), np.array([[0.0, 0.0, 0.8, 0.0]], np.float32)) if l == 0 else None
+
+        def reuse(self, t, l):
+            row = np.zeros(4, np.float32)
+            row[self.info.prompt_id] = 0.5 + l
+            return row
+
+    ids, weights, live = np.zeros((2, 1, 1), np.int32), np.ones((2, 1, 1), np.float32), np.zeros(2, bool)
+    latest = PredictorDriver(WithReuse(), num_moe_layers=2, num_experts=4, top_k=1, prefetch_k=0)
+    latest.begin([[3], [4]], None, None)
+    latest.layer(0, 0, ids, weights, None, live)
+    np.testing.assert_array_equal(latest.scores[0], [0.5, 0.5, 0.0, 0.0])  # layer 0 ran: reuse, best over rows
+    np.testing.assert_array_equal(latest.scores[1], np.float32([0.0, 0.0, 0.8, 0.0]))  # layer 1: the prediction
+    latest.layer(0, 1, ids, weights, None, live)
+    assert set(latest.scores) == {1}
+    np.testing.assert_array_equal(latest.scores[1], [1.5, 1.5, 0.0, 0.0])  # its reuse replaced the prediction
+    only_reuse = PredictorDriver(WithReuse(), num_moe_layers=2, num_experts=4, top_k=1, prefetch_k=0,
+                                 eviction_scores="reuse")
+    only_reuse.begin([[3], [4]], None, None)
+    only_reuse.layer(0, 0, ids, weights, None, live)
+    assert set(only_reuse.scores) == {0}  # the prediction for layer 1 ranks nothing
+    with pytest.raises(ValueError, match="unknown eviction_scores 'nope'"):
+        PredictorDriver(WithReuse(), num_moe_layers=2, num_experts=4, top_k=1, eviction_scores="nope")
+
+
+def test_engine_config_eviction_scores_needs_score_policy():
+    from emoe_jax.runtime.engine_config import EngineConfig
+
+    assert EngineConfig(policy="score", eviction_scores="reuse").eviction_scores == "reuse"
+    with pytest.raises(ValueError, match="use policy='score'"):
+        EngineConfig(eviction_scores="reuse")
+    with pytest.raises(ValueError, match="unknown eviction_scores"):
+        EngineConfig(policy="score", eviction_scores="recent")
 
 class ExactNextLayer(BasePredictor):
     """Test fixture: at (t, 0) it names exactly the experts layer 1 of token t will use."""

@@ -148,7 +148,8 @@ class OffloadedEngine:
         # in-graph version prefetches inside the one-jit step; an in-graph-only object only there.
         host_predictor = predictor if predictor is not None and not is_in_graph(predictor) else None
         self.driver = None if host_predictor is None else PredictorDriver(
-            host_predictor, lm, e, cfg.top_k, prefetch_k, min_score, keep_scores=policy == "score")
+            host_predictor, lm, e, cfg.top_k, prefetch_k, min_score, keep_scores=policy == "score",
+            eviction_scores=config.eviction_scores)
         self.prefetcher = None if host_predictor is None else Prefetcher(self.device_cache, lambda: self.host,
                                                                            self.residency.lock)
         self._ingraph_predictor = in_graph_predictor(predictor, cfg)

@@ -7,6 +7,7 @@ import dataclasses
 MODES = ("exact", "restricted")
 DECODE_PATHS = ("auto", "onejit", "staged")
 ADMISSIONS = ("all", "cost")
+EVICTION_SCORES = ("latest", "reuse")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -18,7 +19,8 @@ class EngineConfig:
     policy / host_policy: device eviction (lru | lfu | score; score ranks experts by the predictor's
     latest scores, so it needs a predictor) / host eviction (lru | lfu: no predictor scores the host tier). admission: all (every prediction is
     prefetched) or cost (only one that scores above the expert it would evict; score eviction on the
-    one-jit path). mode: exact (outputs equal the
+    one-jit path). eviction_scores (policy score, host predictors): latest (the nearest prediction of a
+    layer, then its reuse row once it ran) or reuse (reuse rows only, e.g. causal-reuse's). mode: exact (outputs equal the
     all-resident model's) or restricted (eMoE, lossy). method: expert mixing kernel (auto | gather |
     sorted | blocked | reference). pad_id: padding token (default: the model's). prefetch_k: experts
     prefetched per predicted layer (default: top-k), with score above min_score. reuse=False keeps
@@ -31,6 +33,7 @@ class EngineConfig:
     policy: str = "lru"
     host_policy: str = "lru"
     admission: str = "all"
+    eviction_scores: str = "latest"
     mode: str = "exact"
     method: str = "auto"
     pad_id: int | None = None
@@ -49,6 +52,11 @@ class EngineConfig:
             raise ValueError(f"unknown admission {self.admission!r}; choose {', '.join(ADMISSIONS)}")
         if self.admission == "cost" and self.policy != "score":
             raise ValueError("admission='cost' compares a prediction with its victim's score: use policy='score'")
+        if self.eviction_scores not in EVICTION_SCORES:
+            raise ValueError(f"unknown eviction_scores {self.eviction_scores!r}; choose {' or '.join(EVICTION_SCORES)}")
+        if self.eviction_scores != "latest" and self.policy != "score":
+            raise ValueError(f"eviction_scores={self.eviction_scores!r} chooses what score eviction ranks by: "
+                             "use policy='score'")
         if self.host_policy == "score":
             raise ValueError("host_policy='score': nothing scores the host tier's experts; use lru or lfu "
                              "(policy='score' ranks the device slots)")

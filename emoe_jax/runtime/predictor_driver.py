@@ -6,7 +6,8 @@ The engine calls, per generate call:
   per decode step: begin_token(step, tokens, done)
     per MoE layer, after the layer's FFN is dispatched:
       layer(step, moe_layer, ids, weights, router_input, done) -> prefetch requests
-      (and `scores`: the latest [E] scores per predicted layer, which score eviction ranks by)
+      (and `scores`: the latest [E] scores per predicted layer, which score eviction ranks by; as in
+      the simulator, a predictor's reuse row for the layer that just ran replaces its predictions)
   end()                          -> end_prompt
 
 A predictor sees exactly what it sees in the simulator: at (t, l) the routing
@@ -26,9 +27,13 @@ import numpy as np
 from ..predict.base import BasePredictor, PromptInfo, target_steps
 
 
+EVICTION_SCORES = ("latest", "reuse")
+
+
 class PredictorDriver:
     def __init__(self, predictor, num_moe_layers: int, num_experts: int, top_k: int,
-                 prefetch_k: int | None = None, min_score: float = 0.0, keep_scores: bool = True):
+                 prefetch_k: int | None = None, min_score: float = 0.0, keep_scores: bool = True,
+                 eviction_scores: str = "latest"):
         if getattr(predictor, "oracle", False):
             raise ValueError(f"predictor {predictor.name!r} is an oracle (it reads the future); it exists only "
                              "in the simulator. Choose a causal predictor for the runtime.")
@@ -44,6 +49,11 @@ class PredictorDriver:
         # layer (as the simulator's score updates), then the best over rows.
         self.scores: dict[int, np.ndarray] = {}
         self.keep_scores = keep_scores  # False: only score eviction reads them, so skip the work per layer
+        # "latest": predictions, then the layer's own reuse row once it ran (the simulator's default);
+        # "reuse": reuse rows only (predictions still prefetch but never rank eviction), as --eviction-scores reuse
+        if eviction_scores not in EVICTION_SCORES:
+            raise ValueError(f"unknown eviction_scores {eviction_scores!r}; choose {' or '.join(EVICTION_SCORES)}")
+        self.eviction_scores = eviction_scores
 
     @property
     def name(self) -> str:
@@ -92,6 +102,11 @@ class PredictorDriver:
                 row.observe_router_input(t, moe_layer, hidden[i, 0])
             pred = row.predict(t, moe_layer)
             row.observe(t, moe_layer, ids[i, 0], weights[i, 0])
+            reuse_hook = getattr(row, "reuse", None)
+            if self.keep_scores and callable(reuse_hook):  # after the layer ran: its experts' reuse scores
+                reuse_row = np.asarray(reuse_hook(t, moe_layer), np.float32)
+                old = self.scores.get(int(moe_layer))
+                self.scores[int(moe_layer)] = reuse_row if old is None else np.maximum(old, reuse_row)
             if pred is None:
                 continue
             targets = target_steps(step, pred.targets[:, 0], pred.targets[:, 1], self.num_moe_layers)
@@ -99,7 +114,8 @@ class PredictorDriver:
             for target, layer, scores in zip(targets.tolist(), pred.targets[:, 1].tolist(), pred.scores):
                 if target <= current:
                     continue  # that layer has routed already
-                if self.keep_scores and (layer not in nearest or target < nearest[layer][0]):
+                if self.keep_scores and self.eviction_scores == "latest" and (
+                        layer not in nearest or target < nearest[layer][0]):
                     nearest[layer] = (target, scores)
                 top = np.argsort(-scores, kind="stable")[: self.prefetch_k]
                 for e in top[scores[top] > self.min_score]:
