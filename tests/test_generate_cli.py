@@ -49,6 +49,8 @@ def test_streaming_text_and_stats(tiny_ckpt):
     (["--prompt", "a", "--device-experts", "0"], "device-experts"),
     (["--prompt", "a", "--max-new-tokens", "100000"], "context"),
     (["--prompt", "a", "--policy", "score"], "predictor's scores"),
+    (["--prompt", "a", "--eviction-scores", "reuse"], "add --policy score"),
+    (["--prompt", "a", "--predictor", "causal-reuse"], "--train-traces"),
 ])
 def test_bad_input_is_a_clear_error(run, tiny_ckpt, args, needle):
     proc = run("--model", str(tiny_ckpt), *args)
