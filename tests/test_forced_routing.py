@@ -320,7 +320,8 @@ def test_bench_replay_cli(tmp_path, capsys):
     assert main(args + ["--fractions", "1.5"]) == 2  # the last --fractions counts
     assert main(args + ["--prompts", "5"]) == 2  # only 2 validation prompts
     assert main(args + ["--policy", "score"]) == 2  # score eviction without a predictor
+    assert main(args + ["--eviction-scores", "reuse"]) == 2  # reuse scores without score eviction
     err = capsys.readouterr().err
-    assert err.count("error:") == 4 and "Traceback" not in err
+    assert err.count("error:") == 5 and "Traceback" not in err
     assert "no trace set" in err and "--fractions=1.5" in err and "only 2 of 2" in err
-    assert "predictor's scores" in err
+    assert "predictor's scores" in err and "add --policy score" in err

@@ -248,6 +248,8 @@ def run(args) -> dict:
     cfg = scaled_config(args.shape, args.scale, args.vocab)
     slot_counts = [parse_expert_count(f, cfg.num_experts, "--fractions") for f in args.fractions]  # fail before building
     check_policy(args.policy, args.predictor not in NO_PREDICTOR)  # before the minutes of loading and building
+    if args.eviction_scores != "latest" and args.policy != "score":
+        raise ValueError("--eviction-scores chooses what score eviction ranks by; add --policy score")
     traces = TraceSet.load(args.traces)
     train, val = split_by_prompt_id(traces, args.val_fraction)
     chosen = choose_prompts(val, args.prompts, args.prompt_tokens + args.decode_tokens)
@@ -260,7 +262,8 @@ def run(args) -> dict:
     rows = []
     for fraction, slots in tqdm(list(zip(args.fractions, slot_counts)), desc="device fractions",
                                 disable=not args.progress, file=sys.stderr):
-        out = run_forced_replay(dict(device_experts=fraction, policy=args.policy, predictor=predictor), replay,
+        out = run_forced_replay(dict(device_experts=fraction, policy=args.policy, predictor=predictor,
+                                     eviction_scores=args.eviction_scores), replay,
                                 len(chosen), model=model,
                                 prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                                 batch_size=args.batch_size)
@@ -278,6 +281,7 @@ def run(args) -> dict:
                   "build_s": model.build_s},
         "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens, "batch_size": args.batch_size,
         "policy": args.policy,
+        "eviction_scores": args.eviction_scores,
         "predictor": args.predictor,
         "rows": rows,
     }
@@ -326,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", default="lru", choices=list(POLICIES),
                         help="device eviction policy (default lru); score (needs --predictor) evicts the expert the "
                              "predictor's latest scores rank lowest, LRU breaking ties")
+    parser.add_argument("--eviction-scores", default="latest", choices=("latest", "reuse"),
+                        help="with --policy score: latest (each layer's nearest prediction, then its reuse scores "
+                             "once it ran) or reuse (reuse scores only, e.g. causal-reuse's learned ones)")
     parser.add_argument("--predictor", default="none",
                         help="host predictor that prefetches (staged path: forced routing runs there), e.g. "
                              "prev-token, learned, or one fitted on the training side of the split (static-freq, "
