@@ -75,6 +75,7 @@ class CausalReuse(CausalTable):
     def begin_prompt(self, info: PromptInfo) -> None:
         super().begin_prompt(info)
         self._state = new_state(info.num_layers, info.num_experts)
+        self._log_prior = require_fitted(self, "tables").log_layer.reshape(-1).astype(np.float64)  # [L*E]
         self._reuse_row: tuple[int, int, np.ndarray] | None = None
 
     def observe(self, t: int, l: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
@@ -82,8 +83,8 @@ class CausalReuse(CausalTable):
         tables = require_fitted(self, "tables")
         table_reuse = np.asarray(super().reuse(t, l), np.float64)  # [E]
         features = np.zeros((tables.E, NUM_FEATURES))
-        step_features(*self._state, t, l, np.asarray(experts, np.int64), table_reuse,
-                      tables.log_layer.reshape(-1).astype(np.float64), CRF_DECAYS, features)  # fmt: skip
+        step_features(*self._state, t, l, np.asarray(experts, np.int64), table_reuse, self._log_prior, CRF_DECAYS,
+                      features)  # fmt: skip
         self._reuse_row = (t, l, reuse_probability(features, self.reuse_weights))
 
     def reuse(self, t: int, l: int) -> np.ndarray:

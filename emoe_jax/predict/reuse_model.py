@@ -78,7 +78,7 @@ def step_features(crf, last, count, t, l, routed, reuse_row, log_prior, decays, 
     for e in range(num_experts):
         key = base + e
         r = min(max(reuse_row[e], 1e-4), 1.0 - 1e-4)
-        age = min(t - last[key], 1000)  # 1000 for an expert not used yet in this prompt
+        age = min(t - last[key], _NEVER)  # _NEVER for an expert not used yet in this prompt
         out[e, 0] = 1.0
         out[e, 1] = used[e]
         out[e, 2] = np.log(r / (1.0 - r))
@@ -107,8 +107,8 @@ def prompt_feature_rows(experts: np.ndarray, reuse: np.ndarray, log_prior: np.nd
     T, L, _ = experts.shape
     E = reuse.shape[1]
     out = np.zeros((T * L, E, NUM_FEATURES))
-    prompt_features(experts, np.ascontiguousarray(reuse, np.float64), np.ascontiguousarray(log_prior, np.float64).reshape(-1),
-                    CRF_DECAYS, *new_state(L, E), out)  # fmt: skip
+    log_prior = np.ascontiguousarray(log_prior, np.float64).reshape(-1)  # [L*E]
+    prompt_features(experts, np.ascontiguousarray(reuse, np.float64), log_prior, CRF_DECAYS, *new_state(L, E), out)
     return out
 
 
