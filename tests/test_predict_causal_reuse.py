@@ -1,4 +1,4 @@
-"""causal-reuse: the learned reuse model's features, labels and fit, worked by hand."""
+"""causal-reuse and recency-reuse: the learned reuse model's features, labels and fit, worked by hand."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def test_fit_logistic_recovers_known_weights():
     assert np.all(np.isfinite(fit_logistic(x, np.ones(20000, bool))))  # separable: the ridge keeps it finite
 
 
-def test_causal_reuse_learns_that_a_sticky_expert_is_reused(make_traces):
+@pytest.mark.parametrize("name", ["causal-reuse", "recency-reuse"])
+def test_learned_reuse_ranks_a_sticky_expert_first(make_traces, name):
     """Expert 0 of layer 0 is routed at every token; the others rotate. Its reuse must rank first."""
     rng = np.random.default_rng(1)
     E = 6
@@ -52,7 +53,7 @@ def test_causal_reuse_learns_that_a_sticky_expert_is_reused(make_traces):
         rest = rng.integers(1, E, size=T)
         prompts.append(np.stack([np.stack([[0, r], [r, (r % (E - 1)) + 1]]) for r in rest]))  # [T, L=2, k=2]
     traces = make_traces(prompts, E)
-    p = get_predictor("causal-reuse", lookahead=0)
+    p = get_predictor(name)
     p.fit(traces)
     reuse = p.predict_prompt(traces[0], traces.meta).reuse  # [T*L, E]
     layer0 = reuse[0::2]
@@ -65,3 +66,9 @@ def test_causal_reuse_refuses_what_it_cannot_fit(make_traces):
         get_predictor("causal-reuse").fit(one)
     with pytest.raises(ValueError, match="horizon must be >= 1"):
         get_predictor("causal-reuse", horizon=0)
+    with pytest.raises(ValueError, match="horizon must be >= 1"):
+        get_predictor("recency-reuse", horizon=0)
+    recency = get_predictor("recency-reuse")  # no prefetch: empty predictions, reuse rows only
+    recency.fit(make_traces([np.array([[[0], [1]], [[2], [1]]])], 4))
+    rows = recency.predict_prompt(make_traces([np.array([[[0], [1]]])], 4)[0], one.meta)
+    assert len(rows) == 0 and rows.reuse.shape == (2, 4)

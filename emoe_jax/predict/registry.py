@@ -20,6 +20,7 @@ from emoe_jax.predict.moe_infinity_beyond import MoEInfinityBeyond
 from emoe_jax.predict.no_prefetch import NoPrefetch
 from emoe_jax.predict.oracle import OraclePrefetch
 from emoe_jax.predict.prev_token import PreviousToken
+from emoe_jax.predict.recency_reuse import RecencyReuse
 from emoe_jax.predict.static_freq import StaticFrequency
 
 
@@ -49,6 +50,11 @@ _REGISTRY: dict[str, tuple[Callable[..., BasePredictor], str]] = {
         CausalReuse,
         "causal-table's prefetch + learned reuse for eviction: P(routed again within 2 tokens), logistic on "
         "recency-frequency features",
+    ),
+    "recency-reuse": (
+        RecencyReuse,
+        "no prefetch; eviction by a learned reuse model on recency and frequency alone (P(routed again within "
+        "2 tokens); no table)",
     ),
     "moe-infinity-beyond": (
         MoEInfinityBeyond,

@@ -17,8 +17,8 @@ from emoe_jax.errors import EmoeError
 from ..config import MoEConfig
 
 NO_PREDICTOR = ("none", "on-demand")
-NEEDS_TRACES = ("static-freq", "causal-table", "causal-reuse", "moe-infinity", "moe-infinity-beyond", "emoe",
-                "emoe-profiles")
+NEEDS_TRACES = ("static-freq", "causal-table", "causal-reuse", "recency-reuse", "moe-infinity", "moe-infinity-beyond",
+                "emoe", "emoe-profiles")
 
 
 class PredictorSetupError(EmoeError):
