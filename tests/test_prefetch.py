@@ -97,14 +97,15 @@ def test_batched_prefetching_with_a_real_predictor_is_exact(tiny_model, policy):
 
 
 
-def test_causal_reuse_eviction_on_the_staged_path_is_exact(tiny_model, make_traces):
-    """causal-reuse's learned reuse rows rank the device slots (eviction_scores="reuse"); outputs unchanged."""
+@pytest.mark.parametrize("name", ["causal-reuse", "recency-reuse"])
+def test_learned_reuse_eviction_on_the_staged_path_is_exact(tiny_model, make_traces, name):
+    """Learned reuse rows rank the device slots (eviction_scores="reuse"); outputs unchanged."""
     cfg, g, p, ex, resident = tiny_model("qwen3_moe")
     rng = np.random.default_rng(0)
     L, E, k = cfg.num_moe_layers, cfg.num_experts, cfg.top_k
     train = make_traces([np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(L)])
                                    for _ in range(int(rng.integers(3, 9)))]) for _ in range(6)], E)  # fmt: skip
-    predictor = get_predictor("causal-reuse", lookahead=1)
+    predictor = get_predictor(name, ignore_unknown=True, lookahead=1)
     predictor.fit(train)
     prompts = [[5, 9, 13, 22, 7], [3, 17, 8]]
     engine = OffloadedEngine(cfg, g, p, InMemoryExperts(ex), device_experts=2, host_experts=4,
