@@ -18,22 +18,11 @@ import numpy as np
 
 from emoe_jax.predict.base import PromptInfo, PromptPredictions, require_fitted
 from emoe_jax.predict.causal_table import CausalTable, CausalTables, reuse_rows
-from emoe_jax.predict.reuse_model import (
-    CRF_DECAYS,
-    NUM_FEATURES,
-    fit_logistic,
-    new_state,
-    next_use_within,
-    prompt_feature_rows,
-    reuse_probability,
-    step_features,
-)
+from emoe_jax.predict.reuse_model import ReuseRowHooks, fit_reuse_model, prompt_feature_rows, reuse_probability
 from emoe_jax.traces.split import split_by_prompt_id
 
-_MAX_FIT_ROWS = 2_000_000  # (step, expert) rows the logistic model is fitted on; a strided subsample beyond
 
-
-class CausalReuse(CausalTable):
+class CausalReuse(ReuseRowHooks, CausalTable):
     """Causal-table prefetch + learned P(routed again within ``horizon`` tokens) as the reuse score."""
 
     name = "causal-reuse"
@@ -53,16 +42,9 @@ class CausalReuse(CausalTable):
             )
         table_part, label_part = split_by_prompt_id(train, 0.2)
         tables = self._tables_for(table_part)
-        rows = sum(int(np.asarray(p.experts).shape[0]) * tables.L * tables.E for p in label_part)
-        stride = max(1, -(-rows // _MAX_FIT_ROWS))
-        xs, ys = [], []
-        for trace in label_part:
-            experts = np.asarray(trace.experts).astype(np.int64)  # [T, L, k]
-            x = prompt_feature_rows(experts, reuse_rows(tables, self.weights, trace), tables.log_layer)
-            y = next_use_within(experts, tables.E, self.horizon)  # [T*L, E]
-            xs.append(x.reshape(-1, NUM_FEATURES)[::stride])
-            ys.append(y.reshape(-1)[::stride])
-        self.reuse_weights = fit_logistic(np.concatenate(xs), np.concatenate(ys))
+        experts = [np.asarray(p.experts).astype(np.int64) for p in label_part]  # [T, L, k] each
+        self.reuse_weights = fit_reuse_model(experts, lambda i: reuse_rows(tables, self.weights, label_part[i]),
+                                             tables.log_layer, tables.E, self.horizon)  # fmt: skip
         self.tables = self._tables_for(train)
 
     def _tables_for(self, traces: Any) -> CausalTables:
@@ -74,24 +56,11 @@ class CausalReuse(CausalTable):
     # -- step path: the same feature function, one step at a time ----------------------
     def begin_prompt(self, info: PromptInfo) -> None:
         super().begin_prompt(info)
-        self._state = new_state(info.num_layers, info.num_experts)
-        self._log_prior = require_fitted(self, "tables").log_layer.reshape(-1).astype(np.float64)  # [L*E]
-        self._reuse_row: tuple[int, int, np.ndarray] | None = None
+        self._begin_reuse_rows(info.num_layers, info.num_experts, require_fitted(self, "tables").log_layer)
 
     def observe(self, t: int, l: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
         super().observe(t, l, experts, weights)
-        tables = require_fitted(self, "tables")
-        table_reuse = np.asarray(super().reuse(t, l), np.float64)  # [E]
-        features = np.zeros((tables.E, NUM_FEATURES))
-        step_features(*self._state, t, l, np.asarray(experts, np.int64), table_reuse, self._log_prior, CRF_DECAYS,
-                      features)  # fmt: skip
-        self._reuse_row = (t, l, reuse_probability(features, self.reuse_weights))
-
-    def reuse(self, t: int, l: int) -> np.ndarray:
-        """After (t, l) routed: each expert's chance to be routed at layer l within the next ``horizon`` tokens."""
-        if self._reuse_row is None or self._reuse_row[:2] != (t, l):
-            raise RuntimeError(f"causal-reuse: reuse({t}, {l}) asked before observe({t}, {l})")
-        return self._reuse_row[2]
+        self._observe_reuse_row(t, l, experts, CausalTable.reuse(self, t, l))  # the table's reuse is a feature
 
     # -- fast path --------------------------------------------------------------------
     def predict_prompt(self, trace: Any, meta: Any) -> PromptPredictions:

@@ -18,22 +18,12 @@ from typing import Any
 import numpy as np
 
 from emoe_jax.predict.base import BasePredictor, PromptInfo, PromptPredictions, require_fitted
-from emoe_jax.predict.reuse_model import (
-    CRF_DECAYS,
-    NUM_FEATURES,
-    fit_logistic,
-    new_state,
-    next_use_within,
-    prompt_feature_rows,
-    reuse_probability,
-    step_features,
-)
+from emoe_jax.predict.reuse_model import ReuseRowHooks, fit_reuse_model, prompt_feature_rows, reuse_probability
 
-_MAX_FIT_ROWS = 2_000_000  # (step, expert) rows the logistic model is fitted on; a strided subsample beyond
 _NO_TABLE = 0.5  # the table-reuse feature held at logit 0: this model reads no table
 
 
-class RecencyReuse(BasePredictor):
+class RecencyReuse(ReuseRowHooks, BasePredictor):
     """No prefetch; reuse rows = learned P(routed again within ``horizon`` tokens) from recency and frequency."""
 
     name = "recency-reuse"
@@ -56,33 +46,17 @@ class RecencyReuse(BasePredictor):
         for x in experts:
             np.add.at(counts, (np.broadcast_to(np.arange(L)[None, :, None], x.shape), x), 1.0)
         self.log_prior = np.log(counts / counts.sum(1, keepdims=True)).reshape(-1)
-        stride = max(1, -(-sum(x.shape[0] * L * E for x in experts) // _MAX_FIT_ROWS))
-        xs, ys = [], []
-        for x in experts:
-            feats = prompt_feature_rows(x, np.full((x.shape[0] * L, E), _NO_TABLE), self.log_prior)
-            xs.append(feats.reshape(-1, NUM_FEATURES)[::stride])
-            ys.append(next_use_within(x, E, self.horizon).reshape(-1)[::stride])
-        self.reuse_weights = fit_logistic(np.concatenate(xs), np.concatenate(ys))
+        self.reuse_weights = fit_reuse_model(experts, lambda i: np.full((experts[i].shape[0] * L, E), _NO_TABLE),
+                                             self.log_prior, E, self.horizon)  # fmt: skip
 
     # -- step path ---------------------------------------------------------------
     def begin_prompt(self, info: PromptInfo) -> None:
         super().begin_prompt(info)
         require_fitted(self, "reuse_weights")
-        self._state = new_state(info.num_layers, info.num_experts)
-        self._reuse_row: tuple[int, int, np.ndarray] | None = None
+        self._begin_reuse_rows(info.num_layers, info.num_experts, self.log_prior)
 
     def observe(self, t: int, l: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
-        num_experts = self.info.num_experts
-        features = np.zeros((num_experts, NUM_FEATURES))
-        step_features(*self._state, t, l, np.asarray(experts, np.int64), np.full(num_experts, _NO_TABLE),
-                      self.log_prior, CRF_DECAYS, features)  # fmt: skip
-        self._reuse_row = (t, l, reuse_probability(features, self.reuse_weights))
-
-    def reuse(self, t: int, l: int) -> np.ndarray:
-        """After (t, l) routed: each expert's chance to be routed at layer l within the next ``horizon`` tokens."""
-        if self._reuse_row is None or self._reuse_row[:2] != (t, l):
-            raise RuntimeError(f"recency-reuse: reuse({t}, {l}) asked before observe({t}, {l})")
-        return self._reuse_row[2]
+        self._observe_reuse_row(t, l, experts, np.full(self.info.num_experts, _NO_TABLE))
 
     # -- fast path ----------------------------------------------------------------
     def predict_prompt(self, trace: Any, meta: Any) -> PromptPredictions:

@@ -17,6 +17,8 @@ step-by-step path both call it, so they agree by construction (tested).
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import numpy as np
 
 from emoe_jax.numba_cache import configure as _configure_numba_cache
@@ -146,3 +148,44 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3, iterations: 
 def reuse_probability(features: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """P(routed again within the horizon) [...] from features [..., F]."""
     return (1.0 / (1.0 + np.exp(-(features @ weights)))).astype(np.float32)
+
+
+MAX_FIT_ROWS = 2_000_000  # (step, expert) rows a reuse model is fitted on; a strided subsample beyond
+
+
+def fit_reuse_model(experts: Sequence[np.ndarray], table_reuse: Callable[[int], np.ndarray], log_prior: np.ndarray,
+                    num_experts: int, horizon: int) -> np.ndarray:  # fmt: skip
+    """Logistic weights [F] for "routed again within ``horizon`` tokens" over prompts ``experts`` ([T, L, k] each);
+    ``table_reuse(i)`` gives prompt i's table reuse rows [T*L, E] (computed one prompt at a time)."""
+    rows = sum(int(x.shape[0] * x.shape[1]) * num_experts for x in experts)
+    stride = max(1, -(-rows // MAX_FIT_ROWS))
+    xs, ys = [], []
+    for i, x in enumerate(experts):
+        xs.append(prompt_feature_rows(x, table_reuse(i), log_prior).reshape(-1, NUM_FEATURES)[::stride])
+        ys.append(next_use_within(x, num_experts, horizon).reshape(-1)[::stride])
+    return fit_logistic(np.concatenate(xs), np.concatenate(ys))
+
+
+class ReuseRowHooks:
+    """Step-path hooks of a learned-reuse predictor: a per-prompt state, and after each observed step its
+    layer's reuse row (``reuse(t, l)``), from the same ``step_features`` as the whole-prompt path.
+    The predictor sets ``reuse_weights`` [F] when fitted."""
+
+    reuse_weights: np.ndarray | None
+
+    def _begin_reuse_rows(self, num_layers: int, num_experts: int, log_prior: np.ndarray) -> None:
+        self._state = new_state(num_layers, num_experts)
+        self._log_prior = np.ascontiguousarray(log_prior, np.float64).reshape(-1)  # [L*E]
+        self._reuse_row: tuple[int, int, np.ndarray] | None = None
+
+    def _observe_reuse_row(self, t: int, l: int, experts: np.ndarray, table_reuse_row: np.ndarray) -> None:
+        features = np.zeros((table_reuse_row.shape[0], NUM_FEATURES))  # [E, F]
+        step_features(*self._state, t, l, np.asarray(experts, np.int64), np.asarray(table_reuse_row, np.float64),
+                      self._log_prior, CRF_DECAYS, features)  # fmt: skip
+        self._reuse_row = (t, l, reuse_probability(features, self.reuse_weights))
+
+    def reuse(self, t: int, l: int) -> np.ndarray:
+        """After (t, l) routed: each expert's chance to be routed at layer l again within the horizon [E]."""
+        if self._reuse_row is None or self._reuse_row[:2] != (t, l):
+            raise RuntimeError(f"{getattr(self, 'name', 'predictor')}: reuse({t}, {l}) asked before observe({t}, {l})")
+        return self._reuse_row[2]
