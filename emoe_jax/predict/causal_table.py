@@ -167,10 +167,14 @@ class CausalTable(BasePredictor):
                                    self.alpha, self.min_token_count)  # fmt: skip
 
     # -- step path: the same row function on the routing observed so far -------------
+    # Per-prompt arrays are grown once per token (not per step): `_experts` [T+1, L, k] always ends in one zero
+    # row, the token after the last begun (what `reuse` rows target; its routing is never read), and the
+    # token-table rows of the ids are looked up once each.
     def begin_prompt(self, info: PromptInfo) -> None:
         super().begin_prompt(info)
         self._ids: list[int] = []
-        self._experts = np.zeros((0, info.num_layers, info.top_k), np.int64)
+        self._tok_rows = np.zeros(0, np.int64)
+        self._experts = np.zeros((1, info.num_layers, info.top_k), np.int64)
 
     def begin_token(self, t: int, token_id: int) -> None:
         self._ids.append(int(token_id))
@@ -179,24 +183,29 @@ class CausalTable(BasePredictor):
     def observe(self, t: int, l: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
         self._experts[t, l] = np.asarray(experts, np.int64)
 
+    def _token_rows(self, tables: CausalTables) -> np.ndarray:
+        """Token-table row of every id begun so far [T] (new ids looked up once)."""
+        done = len(self._tok_rows)
+        if done < len(self._ids):
+            self._tok_rows = np.concatenate([self._tok_rows, tables.token_rows(np.asarray(self._ids[done:]))])
+        return self._tok_rows
+
     def predict(self, t: int, l: int) -> Prediction:
         tables = require_fitted(self, "tables")
         targets = self.target_list(t, l, tables.L)
         s = t * tables.L + l
         target = s + np.arange(self.lookahead + 1)
         issue = np.full(target.shape, s)
-        tok_rows = tables.token_rows(np.asarray(self._ids))
-        scores = row_scores(tables, self.weights, tok_rows, self._experts, issue, target, np.full(target.shape, t))
+        scores = row_scores(tables, self.weights, self._token_rows(tables), self._experts, issue, target,
+                            np.full(target.shape, t))  # fmt: skip
         return Prediction(targets, scores)
 
     def reuse(self, t: int, l: int) -> np.ndarray:
         """After (t, l) routed: each expert's chance to be routed by token t+1 at layer l [E]."""
         tables = require_fitted(self, "tables")
         s = t * tables.L + l
-        tok_rows = tables.token_rows(np.asarray(self._ids))
-        padded = np.concatenate([self._experts, np.zeros((1,) + self._experts.shape[1:], np.int64)])
-        return row_scores(tables, self.weights, tok_rows, padded, np.array([s + 1]), np.array([s + tables.L]),
-                          np.array([t]))[0]  # fmt: skip
+        return row_scores(tables, self.weights, self._token_rows(tables), self._experts, np.array([s + 1]),
+                          np.array([s + tables.L]), np.array([t]))[0]  # fmt: skip
 
     # -- fast path --------------------------------------------------------------------
     def predict_prompt(self, trace: Any, meta: Any) -> PromptPredictions:
