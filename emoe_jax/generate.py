@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from emoe_jax.cli import USER_ERRORS, fail
+from emoe_jax.runtime.engine_config import EVICTION_SCORES
 from emoe_jax.runtime.policies import POLICIES, check_policy
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "embedded"
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admission", choices=["all", "cost"], default="all",
                    help="cost (with --policy score and an in-graph predictor): prefetch a predicted expert only if "
                         "it scores above the expert it would evict")
-    p.add_argument("--eviction-scores", choices=["latest", "reuse"], default="latest",
+    p.add_argument("--eviction-scores", choices=list(EVICTION_SCORES), default="latest",
                    help="with --policy score and a host predictor: latest (each layer's nearest prediction, then "
                         "its reuse scores once it ran) or reuse (reuse scores only: what causal-reuse's learned "
                         "reuse model is for)")

@@ -117,6 +117,7 @@ def test_learned_reuse_eviction_on_the_staged_path_is_exact(tiny_model, make_tra
     assert set(scores) == set(range(E)) and all(0.0 < v < 1.0 for v in scores.values())
     assert set(engine.driver.scores) == {L - 1}  # the next token's layer 0, predicted, does not rank slots
 
+
 def test_driver_scores_are_the_nearest_target_per_layer_best_over_rows():
     from emoe_jax.runtime.predictor_driver import PredictorDriver
 
@@ -140,7 +141,6 @@ def test_driver_scores_are_the_nearest_target_per_layer_best_over_rows():
     np.testing.assert_array_equal(driver.scores[1], [0.0, 1.0, 0.0, 0.0])  # rows 0 and 1: the best, 1.0
     driver.layer(0, 0, ids, weights, None, np.array([False, True]))
     np.testing.assert_array_equal(driver.scores[1], [0.0, 0.0, 0.0, 0.0])  # row 1 is done
-
 
 
 def test_driver_takes_each_layers_reuse_row_once_it_ran_and_reuse_mode_ignores_predictions():

@@ -54,6 +54,7 @@ from ..config import MoEConfig
 from ..model.random_init import random_dense_params, random_experts, scaled_config
 from ..runtime.compile_count import compile_count
 from ..runtime.engine import OffloadedEngine
+from ..runtime.engine_config import EVICTION_SCORES
 from ..runtime.policies import POLICIES, check_policy
 from ..runtime.predictors import NO_PREDICTOR, runtime_predictor
 from ..runtime.tiers import InMemoryExperts
@@ -330,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", default="lru", choices=list(POLICIES),
                         help="device eviction policy (default lru); score (needs --predictor) evicts the expert the "
                              "predictor's latest scores rank lowest, LRU breaking ties")
-    parser.add_argument("--eviction-scores", default="latest", choices=("latest", "reuse"),
+    parser.add_argument("--eviction-scores", default="latest", choices=EVICTION_SCORES,
                         help="with --policy score: latest (each layer's nearest prediction, then its reuse scores "
                              "once it ran) or reuse (reuse scores only, e.g. causal-reuse's learned ones)")
     parser.add_argument("--predictor", default="none",

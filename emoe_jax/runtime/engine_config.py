@@ -7,7 +7,13 @@ import dataclasses
 MODES = ("exact", "restricted")
 DECODE_PATHS = ("auto", "onejit", "staged")
 ADMISSIONS = ("all", "cost")
-EVICTION_SCORES = ("latest", "reuse")
+EVICTION_SCORES = ("latest", "reuse")  # what score eviction ranks by (the simulator's --eviction-scores)
+
+
+def check_eviction_scores(name: str) -> None:
+    """A ValueError naming the choices for an unknown ``eviction_scores``."""
+    if name not in EVICTION_SCORES:
+        raise ValueError(f"unknown eviction_scores {name!r}; choose {' or '.join(EVICTION_SCORES)}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,8 +58,7 @@ class EngineConfig:
             raise ValueError(f"unknown admission {self.admission!r}; choose {', '.join(ADMISSIONS)}")
         if self.admission == "cost" and self.policy != "score":
             raise ValueError("admission='cost' compares a prediction with its victim's score: use policy='score'")
-        if self.eviction_scores not in EVICTION_SCORES:
-            raise ValueError(f"unknown eviction_scores {self.eviction_scores!r}; choose {' or '.join(EVICTION_SCORES)}")
+        check_eviction_scores(self.eviction_scores)
         if self.eviction_scores != "latest" and self.policy != "score":
             raise ValueError(f"eviction_scores={self.eviction_scores!r} chooses what score eviction ranks by: "
                              "use policy='score'")

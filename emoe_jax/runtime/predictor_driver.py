@@ -25,9 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from ..predict.base import BasePredictor, PromptInfo, target_steps
-
-
-EVICTION_SCORES = ("latest", "reuse")
+from .engine_config import check_eviction_scores
 
 
 class PredictorDriver:
@@ -51,8 +49,7 @@ class PredictorDriver:
         self.keep_scores = keep_scores  # False: only score eviction reads them, so skip the work per layer
         # "latest": predictions, then the layer's own reuse row once it ran (the simulator's default);
         # "reuse": reuse rows only (predictions still prefetch but never rank eviction), as --eviction-scores reuse
-        if eviction_scores not in EVICTION_SCORES:
-            raise ValueError(f"unknown eviction_scores {eviction_scores!r}; choose {' or '.join(EVICTION_SCORES)}")
+        check_eviction_scores(eviction_scores)
         self.eviction_scores = eviction_scores
 
     @property
