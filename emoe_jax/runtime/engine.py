@@ -338,7 +338,7 @@ class OffloadedEngine:
     def _onejit_ranking(self) -> dict:
         """How the one-jit step picks victims and admits prefetches (`build_decode_step` options)."""
         if self.mode == "exact" and self.policy == "score" and self._ingraph_predictor is not None:
-            return {"eviction": "score", "admission": self.admission}
+            return {"eviction": "score", "admission": self.admission, "eviction_scores": self.config.eviction_scores}
         return {"eviction": "lru", "admission": "all"}
 
     # ---- generation ---------------------------------------------------------

@@ -15,6 +15,10 @@ layer's expert compute:
 - spec-gating: the next layer's router applied to this layer's router input;
 - prev-token: the experts the previous token used at the next layer;
 - learned: the MoE-Beyond-style network with an incremental (KV-cached) context.
+A predictor may also give eviction scores for the layer that just ran:
+  reuse_row(pparams, pstate, moe_layer, ids [B, k]) -> (reuse [B, E], pstate)
+called after each MoE layer's fetches when the step evicts by score (recency-reuse,
+`ingraph_reuse.py`: it predicts nothing to prefetch and only ranks slots).
 """
 
 from __future__ import annotations
@@ -122,6 +126,10 @@ def in_graph_predictor(predictor: Any, cfg: MoEConfig):
         from .ingraph_learned import learned_in_graph
 
         return learned_in_graph(predictor, cfg)
+    if name == "recency-reuse":
+        from .ingraph_reuse import RecencyReuseInGraph
+
+        return RecencyReuseInGraph(predictor, cfg)
     cls = IN_GRAPH.get(name)
     return None if cls is None else cls(cfg)
 

@@ -42,6 +42,7 @@ from flax import nnx
 from ..config import MoEConfig
 from ..model.moe import ExpertSlots, Routing, expert_act, mix_experts
 from . import stages
+from .engine_config import check_eviction_scores
 
 _NEVER = jnp.iinfo(jnp.int32).max  # eviction score of a slot that may not be evicted
 _EMPTY = jnp.iinfo(jnp.int32).min  # eviction score of an empty slot: filled first
@@ -277,7 +278,7 @@ MAX_CACHED_STEPS = 16
 def build_decode_step(cfg: MoEConfig, graphdef, *, method: str = "auto", restricted: bool = False,
                       greedy: bool = True, top_p_enabled: bool = False, return_logits: bool = False,
                       predictor=None, prefetch_k: int | None = None, min_score: float = 0.0,
-                      eviction: str = "lru", admission: str = "all"):
+                      eviction: str = "lru", admission: str = "all", eviction_scores: str = "latest"):
     """The jitted decode step for one engine configuration, shared by engines of the same model.
 
     The graph definition is closed over (hashing an nnx GraphDef as a static jit
@@ -299,12 +300,13 @@ def build_decode_step(cfg: MoEConfig, graphdef, *, method: str = "auto", restric
     if admission == "cost" and eviction != "score":
         raise ValueError("cost-aware admission compares a prediction with its victim's score: use eviction='score'")
     pkey = None if predictor is None else getattr(predictor, "cache_key", lambda: id(predictor))()
+    check_eviction_scores(eviction_scores)
     key = (id(graphdef), cfg, method, restricted, greedy, top_p_enabled, return_logits, pkey, prefetch_k,
-           float(min_score), eviction, admission)
+           float(min_score), eviction, admission, eviction_scores)
     if key not in _STEPS:
         _STEPS[key] = (graphdef, predictor, _make_step(cfg, graphdef, method, restricted, greedy, top_p_enabled,
                                                        return_logits, predictor, prefetch_k, min_score, eviction,
-                                                       admission))
+                                                       admission, eviction_scores))
         while len(_STEPS) > MAX_CACHED_STEPS:
             _STEPS.popitem(last=False)
     _STEPS.move_to_end(key)
@@ -312,17 +314,21 @@ def build_decode_step(cfg: MoEConfig, graphdef, *, method: str = "auto", restric
 
 
 def _make_step(cfg, graphdef, method, restricted, greedy, top_p_enabled, return_logits, predictor, prefetch_k,
-               min_score, eviction, admission):
+               min_score, eviction, admission, eviction_scores):
     moe_of_layer = {layer: moe_layer for moe_layer, layer in enumerate(cfg.moe_layers)}
     num_moe = cfg.num_moe_layers
     pk = cfg.top_k if prefetch_k is None else int(prefetch_k)
     by_score = eviction == "score" and not restricted
     # The predictor runs to prefetch, or only to rank slots for eviction (prefetch_k=0).
     prefetching = predictor is not None and not restricted and (pk > 0 or by_score)
+    # A predictor with reuse rows (each expert's chance to be routed again at the layer that just ran)
+    # gives them to score eviction, as the staged path's reuse hook and the simulator's reuse scores.
+    reuse_rows = by_score and prefetching and hasattr(predictor, "reuse_row")
+    book_predictions = by_score and eviction_scores == "latest"
 
     def predicted(state: SlotState, host, scores, clock, live):
         """Book the scores of one MoE layer's experts and prefetch its top ones."""
-        if by_score:
+        if book_predictions:
             state = state._replace(score=_expert_scores(scores, live))
         return _prefetch(state, host, scores, clock, pk, min_score, live, eviction, admission)
 
@@ -361,6 +367,9 @@ def _make_step(cfg, graphdef, method, restricted, greedy, top_p_enabled, return_
             x, slot_states[moe_layer], (hits, misses, evicted, timely, wasted, waves) = _moe_layer(
                 block, residual, normed, routing, slot_states[moe_layer], host_layers[moe_layer], clock, live, method=method,
                 restricted=restricted, eviction=eviction if by_score else "lru")
+            if reuse_rows:  # after the layer's own fetches, as the staged path books its reuse row
+                reuse, pstate = predictor.reuse_row(pparams, pstate, moe_layer, routing.ids.reshape(b, -1))
+                slot_states[moe_layer] = slot_states[moe_layer]._replace(score=_expert_scores(reuse, live))
             reports.append(LayerReport(routing.ids.reshape(b, -1), routing.weights.reshape(b, -1), hits, misses,
                                        evicted + pf_evicted, n_prefetched, timely, wasted, waves))
         if prefetching:
