@@ -18,6 +18,7 @@ from pathlib import Path
 
 from emoe_jax.cli import USER_ERRORS, fail
 from emoe_jax.runtime.engine_config import EVICTION_SCORES
+from emoe_jax.runtime.ingraph_predictors import IN_GRAPH_NAMES
 from emoe_jax.runtime.policies import POLICIES, check_policy
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "embedded"
@@ -69,12 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cost (with --policy score and an in-graph predictor): prefetch a predicted expert only if "
                         "it scores above the expert it would evict")
     p.add_argument("--eviction-scores", choices=list(EVICTION_SCORES), default="latest",
-                   help="with --policy score and a host predictor: latest (each layer's nearest prediction, then "
-                        "its reuse scores once it ran) or reuse (reuse scores only: what causal-reuse's learned "
-                        "reuse model is for)")
+                   help="with --policy score: latest (each layer's nearest prediction, then its reuse scores "
+                        "once it ran) or reuse (reuse scores only: what causal-reuse's and recency-reuse's learned "
+                        "reuse models are for)")
     p.add_argument("--predictor", default="none",
                    help="prefetch experts this predictor expects (exact mode): spec-gating, prev-token and learned "
-                        "run inside the one-jit decode step; the others (static-freq, moe-infinity, emoe, ...) on "
+                        "run inside the one-jit decode step (and recency-reuse, which only ranks evictions); the others (static-freq, moe-infinity, emoe, ...) on "
                         "the host, in a background thread, on the staged path (--predictor list shows those "
                         "generate can run and what each needs); outputs never change, only speed")
     p.add_argument("--train-traces", default=None,
@@ -124,8 +125,8 @@ def _check_model(path: Path) -> None:
                      "python -m emoe_jax.convert HF_DIR OUT_DIR, or give the Hugging Face folder itself")
 
 
-# Predictors generate can run, in generate's terms (the registry also lists simulator-only oracles).
-_IN_GRAPH = ("prev-token", "spec-gating", "learned")
+# Predictors that only rank evictions (they predict nothing to prefetch): useless without --policy score.
+EVICTION_ONLY = ("recency-reuse",)
 
 
 def runnable_predictors() -> dict[str, str]:
@@ -143,7 +144,9 @@ def runnable_predictors() -> dict[str, str]:
             desc += "; or --predictor-checkpoint DIR"
         if name in NEEDS_TRACES:
             desc += "; needs --train-traces DIR (python -m emoe_jax.traces collect --model MODEL ...)"
-        where = "in-graph" if name in _IN_GRAPH else "host thread, staged path"
+        if name in EVICTION_ONLY:
+            desc += "; use with --policy score --eviction-scores reuse"
+        where = "in-graph" if name in IN_GRAPH_NAMES else "host thread, staged path"
         out[name] = f"[{where}] {desc}"
     return out
 
@@ -201,6 +204,9 @@ def _main(argv: list[str] | None) -> int:
         raise SystemExit("error: --admission cost compares a prediction with its victim's score; add --policy score")
     if args.eviction_scores != "latest" and args.policy != "score":
         raise SystemExit("error: --eviction-scores chooses what score eviction ranks by; add --policy score")
+    if args.predictor in EVICTION_ONLY and args.policy != "score":
+        raise SystemExit(f"error: {args.predictor} predicts nothing to prefetch, it only ranks evictions; add "
+                         "--policy score --eviction-scores reuse")
     prompts = _prompts(args)
     note = note_device_experts(args.device_experts)
     if note:

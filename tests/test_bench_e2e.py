@@ -29,15 +29,15 @@ def test_e2e_runs_and_exact_configs_agree_with_the_full_model(setup, capsys):
     root, corpus = setup
     out = root / "out"
     rc = main(["--model", str(root / "ckpt"), "--corpus", str(corpus), "--no-replay", "--fractions", "0.25",
-               "--configs", "on-demand,lru,prev-token,prev-token+score,emoe-prefetch,emoe-restricted,fused",
+               "--configs", "on-demand,lru,prev-token,prev-token+score,recency-reuse,emoe-prefetch,emoe-restricted,fused",
                "--prompt-tokens", "12",
                "--new-tokens", "5", "--similarity-fractions", "0.5,1", "--out", str(out), "--json"])
     assert rc == 0
     report = json.loads((out / "e2e.json").read_text())
     rows = {r["config"]: r for r in report["embedded"]["rows"]}
-    assert set(rows) == {"on-demand", "lru", "prev-token", "prev-token+score", "emoe-prefetch", "emoe-restricted",
-                         "fused"}
-    for name in ("on-demand", "lru", "prev-token", "prev-token+score", "emoe-prefetch"):
+    assert set(rows) == {"on-demand", "lru", "prev-token", "prev-token+score", "recency-reuse", "emoe-prefetch",
+                         "emoe-restricted", "fused"}
+    for name in ("on-demand", "lru", "prev-token", "prev-token+score", "recency-reuse", "emoe-prefetch"):
         assert rows[name]["token_agreement"] == 1.0  # exact mode: the full model's picks, always
         assert rows[name]["kl"] < 1e-6
         assert rows[name]["compiles_after_warmup"] == 0

@@ -51,6 +51,7 @@ def test_streaming_text_and_stats(tiny_ckpt):
     (["--prompt", "a", "--policy", "score"], "predictor's scores"),
     (["--prompt", "a", "--eviction-scores", "reuse"], "add --policy score"),
     (["--prompt", "a", "--predictor", "causal-reuse"], "--train-traces"),
+    (["--prompt", "a", "--predictor", "recency-reuse"], "only ranks evictions; add --policy score"),
 ])
 def test_bad_input_is_a_clear_error(run, tiny_ckpt, args, needle):
     proc = run("--model", str(tiny_ckpt), *args)
@@ -128,3 +129,12 @@ def test_decode_path_flag_and_stats(run, tiny_ckpt):
     assert "Traceback" not in proc.stderr
     proc = run("--model", str(tiny_ckpt), "--prompt", "a", "--max-new-tokens", "3", "--host-experts", "3")
     assert proc.returncode == 0 and "decode path: staged (the host tier" in proc.stderr
+
+
+def test_predictor_list_says_where_each_runs():
+    from emoe_jax.generate import runnable_predictors
+
+    listing = runnable_predictors()
+    assert listing["recency-reuse"].startswith("[in-graph]") and "--policy score" in listing["recency-reuse"]
+    assert listing["spec-gating"].startswith("[in-graph]")
+    assert listing["causal-reuse"].startswith("[host thread, staged path]")

@@ -11,7 +11,8 @@ Sections (all in one process run, so ratios within a table are comparable):
    previous-token, speculative gating, the learned predictor, eMoE's task profiles,
    eMoE in restricted mode (lossy, nothing fetched), and the fused all-resident step;
    NAME+score is predictor NAME with score eviction (the slot whose expert NAME scores
-   lowest goes first), NAME+cost adds cost-aware admission.
+   lowest goes first), NAME+cost adds cost-aware admission; recency-reuse evicts by a
+   learned reuse model fitted on the training traces and prefetches nothing.
 2. the same on a forced-routing replay: a random model of DeepSeek-V2-Lite's shape
    (widths scaled for CPU) routed by the real DeepSeek-V2-Lite traces (validation prompts).
 3. eMoE's claims in form: output similarity of restricted mode vs the fraction (token
@@ -43,7 +44,7 @@ EMBEDDED = ROOT / "checkpoints" / "embedded"
 PREDICTOR_CONFIGS = ("prev-token", "spec-gating", "learned")
 # NAME+score: the same predictor evicting by its scores; NAME+cost: and admitting by them (one-jit step).
 CONFIGS = ("on-demand", "lru", *PREDICTOR_CONFIGS, *(f"{n}+score" for n in PREDICTOR_CONFIGS),
-           *(f"{n}+cost" for n in PREDICTOR_CONFIGS), "emoe-prefetch", "emoe-restricted", "fused")
+           *(f"{n}+cost" for n in PREDICTOR_CONFIGS), "recency-reuse", "emoe-prefetch", "emoe-restricted", "fused")
 DEFAULT_CONFIGS = ("on-demand", "lru", *PREDICTOR_CONFIGS, "emoe-prefetch", "emoe-restricted", "fused")
 REPLAY_CONFIGS = ("on-demand", "lru", "prev-token", "static-freq", "learned", "all-resident")
 
@@ -206,7 +207,7 @@ def embedded_section(args, configs, progress) -> dict:
         return OffloadedEngine.from_checkpoint(model_dir, device_experts=fraction, predictor=predictor,
                                                link_gbps=args.link_gbps, dtype=dtype, **kw)
 
-    needs_traces = {"emoe-prefetch", "emoe-restricted"} & set(configs)
+    needs_traces = {"emoe-prefetch", "emoe-restricted", "recency-reuse"} & set(configs)
     traces = _train_traces(args, engine_factory, tokenizer) if needs_traces else None
     # eMoE's system only reads its fitted predictor (profiles, eMoE-A), so one fit serves every fraction.
     emoe_fitted = None
@@ -236,6 +237,9 @@ def embedded_section(args, configs, progress) -> dict:
                 system = EMoESystem(engine, emoe_fitted, extractor=None, period=40)
             elif name == "emoe-prefetch":  # eMoE's task profiles drive prefetching in exact mode
                 engine = engine_factory(fraction, _fitted_profiles(traces))
+            elif name == "recency-reuse":  # learned eviction only (no prefetch), in-graph on the one-jit path
+                engine = engine_factory(fraction, _fitted_recency_reuse(traces), policy="score",
+                                        eviction_scores="reuse")
             else:
                 base, _, ranking = name.partition("+")
                 try:
@@ -265,6 +269,14 @@ def _fitted_profiles(traces):
     from ..predict.emoe import EMoEPredictor
 
     predictor = EMoEPredictor(task_source="trace", sequence_model=False)
+    predictor.fit(traces)
+    return predictor
+
+
+def _fitted_recency_reuse(traces):
+    from ..predict.recency_reuse import RecencyReuse
+
+    predictor = RecencyReuse()
     predictor.fit(traces)
     return predictor
 

@@ -109,6 +109,8 @@ class PrevTokenInGraph(InGraphPredictor):
 
 
 IN_GRAPH = {"spec-gating": SpecGatingInGraph, "prev-token": PrevTokenInGraph}
+# Host predictors (by name) with an in-graph version: these and the two built from fitted host objects.
+IN_GRAPH_NAMES = (*IN_GRAPH, "learned", "recency-reuse")
 
 
 def is_in_graph(predictor: Any) -> bool:
@@ -134,4 +136,5 @@ def in_graph_predictor(predictor: Any, cfg: MoEConfig):
     return None if cls is None else cls(cfg)
 
 
-__all__ = ["PrefillRouting", "InGraphPredictor", "SpecGatingInGraph", "PrevTokenInGraph", "in_graph_predictor", "is_in_graph", "IN_GRAPH"]
+__all__ = ["PrefillRouting", "InGraphPredictor", "SpecGatingInGraph", "PrevTokenInGraph", "in_graph_predictor", "is_in_graph", "IN_GRAPH",
+           "IN_GRAPH_NAMES"]
