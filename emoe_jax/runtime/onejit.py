@@ -19,7 +19,9 @@ step behind. Inside, for each decoder layer:
      layer still computes with exactly the experts its tokens routed to. With score
      eviction the scores (max over the batch's live rows) are also kept per expert as
      the layer's eviction rank, and with cost-aware admission a prediction is copied
-     only if it scores above the expert it would evict;
+     only if it scores above the expert it would evict; a predictor with reuse rows
+     (recency-reuse) books, after each layer's fetches, that layer's chance of each
+     expert to be routed again as its rank;
   4. routed experts over the slots + shared experts, residual.
 Then the final norm, the vocabulary head and the sampler (greedy, temperature,
 top-p), all in the same executable.
