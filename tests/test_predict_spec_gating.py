@@ -146,11 +146,50 @@ def test_loads_router_kernels_of_a_checkpoint(tmp_path):
     if not (ckpt / "manifest.json").exists():
         pytest.skip("embedded checkpoint not present")
     from emoe_jax.checkpoint import load_checkpoint
-    from emoe_jax.predict.spec_gating import load_router_kernels
+    from emoe_jax.predict.spec_gating import load_routers
 
-    routers, ids = load_router_kernels(ckpt)
+    routers, biases, ids = load_routers(ckpt)
     c = load_checkpoint(ckpt)
     assert ids == tuple(c.config.moe_layers)
-    assert routers.shape == (c.config.num_moe_layers, c.config.num_experts, c.config.hidden_size)
+    assert routers.shape == (c.config.num_moe_layers, c.config.num_experts, c.config.hidden_size) and biases is None
     last = ids[-1]
     np.testing.assert_array_equal(routers[-1], np.asarray(c.dense["layers"][str(last)]["mlp"]["gate"]["weight"], np.float32))
+
+
+def test_gpt_oss_router_with_bias_scores_as_the_model_routes(tmp_path):
+    """gpt-oss's router is `mlp.router` with a bias: the host predictor reads both and scores the next layer as
+    the model's own router (what the in-graph spec-gating applies) does."""
+    import jax
+    from flax import nnx
+
+    from emoe_jax.checkpoint import write_checkpoint
+    from emoe_jax.config import tiny_config
+    from emoe_jax.model.hf_params import nest_for_checkpoint, params_to_hf
+    from emoe_jax.model.random_init import random_model
+    from emoe_jax.predict.base import PromptInfo
+    from emoe_jax.predict.spec_gating import load_routers
+
+    cfg = tiny_config("gpt_oss", top_k=4)
+    graphdef, params, experts = random_model(cfg, seed=0)
+    model = nnx.merge(graphdef, params)
+    rng = np.random.default_rng(0)
+    for layer in cfg.moe_layers:  # random_model leaves router biases at 0; make them matter
+        gate = model.layers[layer].mlp.gate
+        gate.bias[...] = rng.normal(size=gate.bias.shape).astype(np.float32)
+    graphdef, params = nnx.split(model)
+    stacked = {w: np.stack([np.asarray(layer[j]) for layer in experts]) for j, w in enumerate(("gate", "up", "down"))}
+    write_checkpoint(tmp_path / "ckpt", cfg, nest_for_checkpoint(params_to_hf(cfg, params)), stacked)
+    routers, biases, ids = load_routers(tmp_path / "ckpt")
+    lm, e = cfg.num_moe_layers, cfg.num_experts
+    assert ids == tuple(cfg.moe_layers) and routers.shape[:2] == (lm, e) and biases.shape == (lm, e)
+    assert np.abs(biases).max() > 0
+    pred = SpeculativeGating(lookahead=1, model_checkpoint=tmp_path / "ckpt")
+    pred.begin_prompt(PromptInfo(prompt_id=0, task="", text="", n_prefill=1, num_layers=lm, num_experts=e,
+                                 top_k=cfg.top_k))  # fmt: skip
+    pred.begin_token(0, 5)
+    h = np.random.default_rng(1).normal(size=cfg.hidden_size).astype(np.float32)
+    pred.observe_router_input(0, 0, h)
+    got = pred.predict(0, 0)
+    want = jax.nn.softmax(model.layers[cfg.moe_layers[1]].mlp.router_logits(h[None]), axis=-1)[0]
+    row = [i for i, (offset, layer) in enumerate(got.targets) if offset == 0 and layer == 1][0]
+    np.testing.assert_allclose(got.scores[row], np.asarray(want), atol=1e-5)

@@ -352,11 +352,11 @@ def tiny_model_checkpoint(tmp_path_factory):
 
 def test_cli_model_checkpoint_gives_spec_gating_its_routers(tiny_model_checkpoint, tmp_path, capsys):
     """Traces routed by the checkpoint's own routers on depth-constant inputs: spec-gating is exact."""
-    from emoe_jax.predict.spec_gating import load_router_kernels
+    from emoe_jax.predict.spec_gating import load_routers
     from emoe_jax.traces import PromptTrace, TraceMeta
 
     ckpt, cfg = tiny_model_checkpoint
-    routers, layer_ids = load_router_kernels(ckpt)  # [L, E, H]
+    routers, _, layer_ids = load_routers(ckpt)  # [L, E, H]
     L, E, H = routers.shape
     meta = TraceMeta(model=str(ckpt), num_layers=L, num_experts=E, top_k=cfg.top_k, moe_layer_ids=layer_ids,
                      hidden_size=H, source="test")  # fmt: skip

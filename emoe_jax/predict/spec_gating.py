@@ -9,10 +9,11 @@ Steps:
 1. Router matrices ``W[l]`` [E, H] per recorded MoE layer, from a converted
    checkpoint (``load_checkpoint(path).dense``: HF name
    ``layers.{i}.mlp.gate.weight``, ``layers.{i}.block_sparse_moe.gate.weight``
-   for Mixtral; i = ``config.moe_layers[l]``) or given explicitly.
+   for Mixtral, ``layers.{i}.mlp.router.weight`` and its bias ``b[l]`` for
+   gpt-oss; i = ``config.moe_layers[l]``) or given explicitly.
 2. Token t, layer l: ``observe_router_input`` stores the router input h[t, l].
 3. ``predict(t, l)`` scores each target (t, l') of the lookahead with
-   ``softmax(W[l'] @ source)``, where the source is the latest router input
+   ``softmax(W[l'] @ source + b[l'])``, where the source is the latest router input
    that exists *before* layer l' routes:
    - l' > l: h[t, l] (the router input just observed);
    - l' = l: h[t, l-1] (what a prefetcher issued one layer earlier could see);
@@ -31,7 +32,7 @@ import does not, so spec gating runs on traces collected by our engine with
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -43,26 +44,36 @@ class SpecGatingError(EmoeError):
     """Speculative gating cannot run: no router weights, or traces without router inputs."""
 
 
-def load_router_kernels(path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Router matrices [L, E, H] float32 of a converted checkpoint, and their decoder-layer ids."""
+class RouterWeights(NamedTuple):
+    kernels: np.ndarray  # [L, E, H] float32 router matrices, one per MoE layer
+    biases: np.ndarray | None  # [L, E] float32 router biases (gpt-oss), None for bias-free routers
+    layer_ids: tuple[int, ...]  # decoder-layer index of each MoE layer
+
+
+def load_routers(path: str | os.PathLike) -> RouterWeights:
+    """The routers of a converted checkpoint: HF ``layers.{i}.mlp.gate`` (``block_sparse_moe.gate`` for
+    Mixtral, ``mlp.router`` with a bias for gpt-oss)."""
     from emoe_jax.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
     cfg = ckpt.config
     block = "block_sparse_moe" if cfg.family == "mixtral" else "mlp"
+    router = "router" if cfg.family == "gpt_oss" else "gate"
     layers_ids = tuple(int(i) for i in cfg.moe_layers)
     groups = ckpt.load_dense_groups([f"layers_{i}" for i in layers_ids])
-    kernels = []
+    kernels, biases = [], []
     for i in layers_ids:
         try:
-            w = groups["layers"][str(i)][block]["gate"]["weight"]
+            params = groups["layers"][str(i)][block][router]
+            kernels.append(np.asarray(params["weight"], dtype=np.float32))  # [E, H]
+            if cfg.router_bias:
+                biases.append(np.asarray(params["bias"], dtype=np.float32))  # [E]
         except KeyError as exc:
             raise SpecGatingError(
-                f"checkpoint {path} has no router 'layers.{i}.{block}.gate.weight' (missing {exc}); "
+                f"checkpoint {path} has no router 'layers.{i}.{block}.{router}' (missing {exc}); "
                 "is it a converted MoE checkpoint (python -m emoe_jax.convert)?"
             ) from None
-        kernels.append(np.asarray(w, dtype=np.float32))  # [E, H]
-    return np.stack(kernels), layers_ids
+    return RouterWeights(np.stack(kernels), np.stack(biases) if biases else None, layers_ids)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -84,6 +95,7 @@ class SpeculativeGating(BasePredictor):
         routers: np.ndarray | None = None,
         moe_layer_ids: tuple[int, ...] | None = None,
         eviction: str = "lru",
+        router_biases: np.ndarray | None = None,
     ) -> None:
         super().__init__(lookahead=lookahead)
         if (model_checkpoint is None) == (routers is None):
@@ -92,11 +104,16 @@ class SpeculativeGating(BasePredictor):
                 "(a converted checkpoint, CLI --model-checkpoint) or routers=[L, E, H] array (exactly one of them)"
             )
         if model_checkpoint is not None:
-            routers, moe_layer_ids = load_router_kernels(model_checkpoint)
+            routers, router_biases, moe_layer_ids = load_routers(model_checkpoint)
         routers = np.asarray(routers, dtype=np.float32)
         if routers.ndim != 3:
             raise SpecGatingError(f"routers must be [L, E, H], got shape {routers.shape}")
+        if router_biases is not None:
+            router_biases = np.asarray(router_biases, dtype=np.float32)
+            if router_biases.shape != routers.shape[:2]:
+                raise SpecGatingError(f"router biases must be [L, E] = {routers.shape[:2]}, got {router_biases.shape}")
         self.routers = routers  # [L, E, H] float32
+        self.biases = router_biases  # [L, E] float32 or None (added to the logits, as gpt-oss's router does)
         self.moe_layer_ids = None if moe_layer_ids is None else tuple(int(i) for i in moe_layer_ids)
         self.eviction = eviction
         self.current: np.ndarray | None = None  # [L, H] float32 router inputs of the current token
@@ -171,8 +188,13 @@ class SpeculativeGating(BasePredictor):
         if not targets:
             return None
         layers = [int(layer) for _, layer in targets]
-        logits = np.stack([self.routers[lt] @ self.current[s] for lt, s in zip(layers, sources)])  # [h', E]
+        logits = np.stack([self._logits(lt, self.current[s]) for lt, s in zip(layers, sources)])  # [h', E]
         return Prediction(np.asarray(targets), _softmax(logits))
+
+    def _logits(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """Layer ``layer``'s router logits of router inputs x [..., H] -> [..., E]."""
+        logits = x @ self.routers[layer].T
+        return logits if self.biases is None else logits + self.biases[layer]
 
     # -- fast path -------------------------------------------------------------
     def predict_prompt(self, trace: Any, meta: Any) -> PromptPredictions:
@@ -196,6 +218,6 @@ class SpeculativeGating(BasePredictor):
         scores = np.zeros((issue.shape[0], num_experts), np.float32)
         for lt in np.unique(t_layer):
             rows = np.nonzero(t_layer == lt)[0]
-            logits = hidden[token[rows], src[rows]] @ self.routers[lt].T  # [r, E]
+            logits = self._logits(lt, hidden[token[rows], src[rows]])  # [r, E]
             scores[rows] = _softmax(logits)
         return PromptPredictions(issue, target, scores)
