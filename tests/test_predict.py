@@ -31,7 +31,7 @@ def random_traces(make_traces):
     return random_traces
 
 
-PREDICTIVE = ["static-freq", "prev-token", "causal-table", "causal-reuse", "recency-reuse", "moe-infinity-beyond", "moe-infinity", "oracle-prefetch"]
+PREDICTIVE = ["static-freq", "prev-token", "causal-table", "causal-reuse", "cross-reuse", "recency-reuse", "moe-infinity-beyond", "moe-infinity", "oracle-prefetch"]
 
 
 def built(name, train, lookahead=1):

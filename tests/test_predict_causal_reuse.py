@@ -42,7 +42,7 @@ def test_fit_logistic_recovers_known_weights():
     assert np.all(np.isfinite(fit_logistic(x, np.ones(20000, bool))))  # separable: the ridge keeps it finite
 
 
-@pytest.mark.parametrize("name", ["causal-reuse", "recency-reuse"])
+@pytest.mark.parametrize("name", ["causal-reuse", "cross-reuse", "recency-reuse"])
 def test_learned_reuse_ranks_a_sticky_expert_first(make_traces, name):
     """Expert 0 of layer 0 is routed at every token; the others rotate. Its reuse must rank first."""
     rng = np.random.default_rng(1)

@@ -18,7 +18,11 @@ import numpy as np
 
 from emoe_jax.predict.base import PromptInfo, PromptPredictions, require_fitted
 from emoe_jax.predict.causal_table import CausalTable, CausalTables, reuse_rows
-from emoe_jax.predict.reuse_model import ReuseRowHooks, fit_reuse_model, prompt_feature_rows, reuse_probability
+from emoe_jax.predict.cross_model import DECAY as CROSS_DECAY
+from emoe_jax.predict.cross_model import begin_token as cross_begin_token
+from emoe_jax.predict.cross_model import cross_step, fit_cross_model, prompt_cross_rows
+from emoe_jax.predict.reuse_model import (MAX_FIT_ROWS, ReuseRowHooks, fit_logistic, fit_reuse_model, next_use_within,
+                                          prompt_feature_rows, reuse_probability)
 from emoe_jax.traces.split import split_by_prompt_id
 
 
@@ -69,3 +73,92 @@ class CausalReuse(ReuseRowHooks, CausalTable):
         x = prompt_feature_rows(np.asarray(trace.experts).astype(np.int64), base.reuse, tables.log_layer)
         return PromptPredictions(base.issue_step, base.target_step, base.scores,
                                  reuse=reuse_probability(x, self.reuse_weights))  # fmt: skip
+
+
+def expected_use(tables: CausalTables, token_ids: np.ndarray) -> np.ndarray:
+    """[T, L, E] the token table's expected use of each expert by each token (about k per layer; the layer
+    prior for ids the table does not know)."""
+    rows = tables.token_rows(np.asarray(token_ids))
+    log_p = np.broadcast_to(tables.log_layer[None], (len(rows), tables.L, tables.E)).astype(np.float64)
+    known = rows >= 0
+    log_p[known] += tables.tok[rows[known]]
+    return np.exp(log_p)
+
+
+def stack_features(reuse_logit: np.ndarray, cross_row: np.ndarray) -> np.ndarray:
+    """[..., E, 3]: bias, causal-reuse's reuse logit, logit of the (clipped) cross-expert row."""
+    c = np.clip(cross_row, 1e-3, 1.0 - 1e-3)
+    return np.stack([np.ones_like(reuse_logit), reuse_logit, np.log(c / (1.0 - c))], axis=-1)
+
+
+class CrossReuse(CausalReuse):
+    """causal-reuse whose reuse rows also read the cross-expert model (``cross_model``): a second logistic
+    stage on [causal-reuse's reuse logit, the cross row's logit], fitted like the first on held-out prompts
+    (tables and the cross model on the first 80 % of the training prompts, both logistic stages on the last
+    20 %; then tables and cross model refitted on all)."""
+
+    name = "cross-reuse"
+
+    def __init__(self, lookahead: int = 1, eviction: str = "score", horizon: int = 2, decay: float = CROSS_DECAY,
+                 **table_options: Any) -> None:  # fmt: skip
+        super().__init__(lookahead=lookahead, eviction=eviction, horizon=horizon, **table_options)
+        if not 0.0 < float(decay) < 1.0:
+            raise ValueError(f"cross-reuse: decay must be in (0, 1), got {decay}")
+        self.decay = float(decay)
+        self.cross_weights: np.ndarray | None = None  # [L*E + 1, L*E] ridge weights (cross_model)
+        self.stack_weights: np.ndarray | None = None  # [3] second-stage logistic weights (stack_features)
+
+    def fit(self, train: Any) -> None:
+        if len(train) < 2:
+            raise ValueError(f"cross-reuse needs at least 2 training prompts (its tables and its reuse models are "
+                             f"fitted on different prompts), got {len(train)}; pass more traces or use causal-table")
+        table_part, label_part = split_by_prompt_id(train, 0.2)
+        tables = self._tables_for(table_part)
+        E = tables.E
+        cross = fit_cross_model([np.asarray(p.experts).astype(np.int64) for p in table_part], E, self.horizon,
+                                self.decay)  # fmt: skip
+        experts = [np.asarray(p.experts).astype(np.int64) for p in label_part]  # [T, L, k] each
+        self.reuse_weights = fit_reuse_model(experts, lambda i: reuse_rows(tables, self.weights, label_part[i]),
+                                             tables.log_layer, E, self.horizon)  # fmt: skip
+        rows = sum(int(x.shape[0] * x.shape[1]) * E for x in experts)
+        stride = max(1, -(-rows // MAX_FIT_ROWS))
+        xs, ys = [], []
+        for p, x in zip(label_part, experts):
+            logit = prompt_feature_rows(x, reuse_rows(tables, self.weights, p), tables.log_layer) @ self.reuse_weights
+            row = prompt_cross_rows(x, expected_use(tables, p.token_ids), cross, self.decay)
+            xs.append(stack_features(logit, row).reshape(-1, 3)[::stride])
+            ys.append(next_use_within(x, E, self.horizon).reshape(-1)[::stride])
+        self.stack_weights = fit_logistic(np.concatenate(xs), np.concatenate(ys))
+        self.tables = self._tables_for(train)
+        self.cross_weights = fit_cross_model([np.asarray(p.experts).astype(np.int64) for p in train], E,
+                                             self.horizon, self.decay)  # fmt: skip
+
+    # -- step path ------------------------------------------------------------------------
+    def begin_prompt(self, info: PromptInfo) -> None:
+        super().begin_prompt(info)
+        require_fitted(self, "cross_weights")
+        n = info.num_layers * info.num_experts
+        self._crf, self._cross_state = np.zeros(n), np.zeros(n)
+
+    def begin_token(self, t: int, token_id: int) -> None:
+        super().begin_token(t, token_id)
+        expected = expected_use(self.tables, np.array([token_id])).reshape(-1)  # [L*E]
+        cross_begin_token(self._crf, self._cross_state, expected, self.decay)
+
+    def observe(self, t: int, l: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
+        CausalTable.observe(self, t, l, experts, weights)
+        routed = np.asarray(experts, np.int64)
+        logit = self._reuse_features(t, l, routed, CausalTable.reuse(self, t, l)) @ self.reuse_weights  # [E]
+        row = np.zeros(self.tables.E)
+        cross_step(self._crf, self._cross_state, l, routed, self.cross_weights, row)
+        self._reuse_row = (t, l, reuse_probability(stack_features(logit, row), self.stack_weights))
+
+    # -- fast path --------------------------------------------------------------------------
+    def predict_prompt(self, trace: Any, meta: Any) -> PromptPredictions:
+        tables = require_fitted(self, "tables")
+        base = CausalTable.predict_prompt(self, trace, meta)
+        experts = np.asarray(trace.experts).astype(np.int64)
+        logit = prompt_feature_rows(experts, base.reuse, tables.log_layer) @ self.reuse_weights  # [T*L, E]
+        row = prompt_cross_rows(experts, expected_use(tables, trace.token_ids), self.cross_weights, self.decay)
+        return PromptPredictions(base.issue_step, base.target_step, base.scores,
+                                 reuse=reuse_probability(stack_features(logit, row), self.stack_weights))  # fmt: skip

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from emoe_jax.errors import EmoeError
 from emoe_jax.predict.base import BasePredictor
-from emoe_jax.predict.causal_reuse import CausalReuse
+from emoe_jax.predict.causal_reuse import CausalReuse, CrossReuse
 from emoe_jax.predict.causal_table import CausalTable
 from emoe_jax.predict.moe_infinity import MoEInfinity
 from emoe_jax.predict.moe_infinity_beyond import MoEInfinityBeyond
@@ -50,6 +50,11 @@ _REGISTRY: dict[str, tuple[Callable[..., BasePredictor], str]] = {
         CausalReuse,
         "causal-table's prefetch + learned reuse for eviction: P(routed again within 2 tokens), logistic on "
         "recency-frequency features",
+    ),
+    "cross-reuse": (
+        CrossReuse,
+        "causal-reuse + a cross-expert model (the prompt's routing over all layers -> which experts come back) "
+        "in its reuse scores",
     ),
     "recency-reuse": (
         RecencyReuse,

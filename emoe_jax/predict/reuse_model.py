@@ -178,11 +178,16 @@ class ReuseRowHooks:
         self._log_prior = np.ascontiguousarray(log_prior, np.float64).reshape(-1)  # [L*E]
         self._reuse_row: tuple[int, int, np.ndarray] | None = None
 
-    def _observe_reuse_row(self, t: int, l: int, experts: np.ndarray, table_reuse_row: np.ndarray) -> None:
+    def _reuse_features(self, t: int, l: int, experts: np.ndarray, table_reuse_row: np.ndarray) -> np.ndarray:
+        """Advance the state by step (t, l); its layer's features [E, F]."""
         features = np.zeros((table_reuse_row.shape[0], NUM_FEATURES))  # [E, F]
         step_features(*self._state, t, l, np.asarray(experts, np.int64), np.asarray(table_reuse_row, np.float64),
                       self._log_prior, CRF_DECAYS, features)  # fmt: skip
-        self._reuse_row = (t, l, reuse_probability(features, self.reuse_weights))
+        return features
+
+    def _observe_reuse_row(self, t: int, l: int, experts: np.ndarray, table_reuse_row: np.ndarray) -> None:
+        self._reuse_row = (t, l, reuse_probability(self._reuse_features(t, l, experts, table_reuse_row),
+                                                   self.reuse_weights))  # fmt: skip
 
     def reuse(self, t: int, l: int) -> np.ndarray:
         """After (t, l) routed: each expert's chance to be routed at layer l again within the horizon [E]."""
