@@ -97,7 +97,7 @@ def test_batched_prefetching_with_a_real_predictor_is_exact(tiny_model, policy):
 
 
 
-@pytest.mark.parametrize("name", ["causal-reuse", "recency-reuse"])
+@pytest.mark.parametrize("name", ["causal-reuse", "cross-reuse", "recency-reuse"])
 def test_learned_reuse_eviction_on_the_staged_path_is_exact(tiny_model, make_traces, name):
     """Learned reuse rows rank the device slots (eviction_scores="reuse"); outputs unchanged."""
     cfg, g, p, ex, resident = tiny_model("qwen3_moe")

@@ -17,7 +17,7 @@ from emoe_jax.errors import EmoeError
 from ..config import MoEConfig
 
 NO_PREDICTOR = ("none", "on-demand")
-NEEDS_TRACES = ("static-freq", "causal-table", "causal-reuse", "recency-reuse", "moe-infinity", "moe-infinity-beyond",
+NEEDS_TRACES = ("static-freq", "causal-table", "causal-reuse", "cross-reuse", "recency-reuse", "moe-infinity", "moe-infinity-beyond",
                 "emoe", "emoe-profiles")
 
 
