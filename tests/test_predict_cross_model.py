@@ -45,16 +45,22 @@ def test_rows_read_token_t_up_to_layer_l_and_the_table_past_it():
     T = len(experts)
     expected = rng.random((T, L, E))
     weights = rng.normal(size=(L * E + 1, L * E))
-    rows = prompt_cross_rows(experts, expected, weights, decay)  # [T*L, E]
+    before, after = prompt_cross_rows(experts, expected, weights, decay)  # [T*L, E] each
     crf = np.zeros(L * E)
+
+    def row(state, l):
+        return state @ weights[:-1, l * E:(l + 1) * E] + weights[-1, l * E:(l + 1) * E]
+
     for t in range(T):
         crf = crf * decay
         for l in range(L):
+            state = crf.copy()
+            state[l * E:] += expected[t, l:].reshape(-1)  # layers l and past: the table's expectation
+            np.testing.assert_allclose(before[t * L + l], row(state, l), rtol=1e-10, atol=1e-10)
             crf[l * E + experts[t, l]] += 1.0
             state = crf.copy()
             state[(l + 1) * E:] += expected[t, l + 1:].reshape(-1)  # layers past l: the table's expectation
-            want = state @ weights[:-1, l * E:(l + 1) * E] + weights[-1, l * E:(l + 1) * E]
-            np.testing.assert_allclose(rows[t * L + l], want, rtol=1e-10, atol=1e-10)
+            np.testing.assert_allclose(after[t * L + l], row(state, l), rtol=1e-10, atol=1e-10)
 
 
 def test_expected_use_is_the_token_table_or_the_prior(make_traces):

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from emoe_jax.predict.base import PromptInfo, PromptPredictions, require_fitted
-from emoe_jax.predict.causal_table import CausalTable, CausalTables, reuse_rows
+from emoe_jax.predict.base import Prediction, PromptInfo, PromptPredictions, require_fitted
+from emoe_jax.predict.causal_table import CausalTable, CausalTables, reuse_rows, row_scores
 from emoe_jax.predict.cross_model import DECAY as CROSS_DECAY
 from emoe_jax.predict.cross_model import begin_token as cross_begin_token
-from emoe_jax.predict.cross_model import cross_step, fit_cross_model, prompt_cross_rows
+from emoe_jax.predict.cross_model import cross_step, fit_cross_model, layer_row, prompt_cross_rows
 from emoe_jax.predict.reuse_model import (MAX_FIT_ROWS, ReuseRowHooks, fit_logistic, fit_reuse_model, next_use_within,
                                           prompt_feature_rows, reuse_probability)
 from emoe_jax.traces.split import split_by_prompt_id
@@ -91,6 +91,13 @@ def stack_features(reuse_logit: np.ndarray, cross_row: np.ndarray) -> np.ndarray
     return np.stack([np.ones_like(reuse_logit), reuse_logit, np.log(c / (1.0 - c))], axis=-1)
 
 
+def predict_features(table_scores: np.ndarray, cross_before: np.ndarray) -> np.ndarray:
+    """[..., E, 3]: bias, log of the table's prediction (about k x a probability), logit of the cross row
+    of the layer about to route, from the state before it routes."""
+    c = np.clip(cross_before, 1e-3, 1.0 - 1e-3)
+    return np.stack([np.ones_like(c), np.log(np.maximum(table_scores, 1e-4)), np.log(c / (1.0 - c))], axis=-1)
+
+
 class CrossReuse(CausalReuse):
     """causal-reuse whose reuse rows also read the cross-expert model (``cross_model``): a second logistic
     stage on [causal-reuse's reuse logit, the cross row's logit], fitted like the first on held-out prompts
@@ -100,13 +107,16 @@ class CrossReuse(CausalReuse):
     name = "cross-reuse"
 
     def __init__(self, lookahead: int = 1, eviction: str = "score", horizon: int = 2, decay: float = CROSS_DECAY,
-                 **table_options: Any) -> None:  # fmt: skip
+                 cross_prefetch: bool = True, **table_options: Any) -> None:  # fmt: skip
         super().__init__(lookahead=lookahead, eviction=eviction, horizon=horizon, **table_options)
         if not 0.0 < float(decay) < 1.0:
             raise ValueError(f"cross-reuse: decay must be in (0, 1), got {decay}")
         self.decay = float(decay)
+        self.cross_prefetch = bool(cross_prefetch)
         self.cross_weights: np.ndarray | None = None  # [L*E + 1, L*E] ridge weights (cross_model)
         self.stack_weights: np.ndarray | None = None  # [3] second-stage logistic weights (stack_features)
+        # [3] logistic weights of the step-about-to-run predictions (predict_features); None: the table's own
+        self.predict_weights: np.ndarray | None = None
 
     def fit(self, train: Any) -> None:
         if len(train) < 2:
@@ -122,13 +132,22 @@ class CrossReuse(CausalReuse):
                                              tables.log_layer, E, self.horizon)  # fmt: skip
         rows = sum(int(x.shape[0] * x.shape[1]) * E for x in experts)
         stride = max(1, -(-rows // MAX_FIT_ROWS))
-        xs, ys = [], []
+        xs, ys, px, py = [], [], [], []
         for p, x in zip(label_part, experts):
             logit = prompt_feature_rows(x, reuse_rows(tables, self.weights, p), tables.log_layer) @ self.reuse_weights
-            row = prompt_cross_rows(x, expected_use(tables, p.token_ids), cross, self.decay)
-            xs.append(stack_features(logit, row).reshape(-1, 3)[::stride])
+            before, after = prompt_cross_rows(x, expected_use(tables, p.token_ids), cross, self.decay)
+            xs.append(stack_features(logit, after).reshape(-1, 3)[::stride])
             ys.append(next_use_within(x, E, self.horizon).reshape(-1)[::stride])
+            if self.cross_prefetch:  # the step about to run: the table's prediction and the cross row before it
+                steps = np.arange(x.shape[0] * tables.L)
+                table = row_scores(tables, self.weights, tables.token_rows(np.asarray(p.token_ids)), x, steps, steps,
+                                   steps // tables.L)  # fmt: skip
+                routed = np.zeros((x.shape[0], tables.L, E), bool)
+                np.put_along_axis(routed, x, True, axis=2)
+                px.append(predict_features(table, before).reshape(-1, 3)[::stride])
+                py.append(routed.reshape(-1)[::stride])
         self.stack_weights = fit_logistic(np.concatenate(xs), np.concatenate(ys))
+        self.predict_weights = fit_logistic(np.concatenate(px), np.concatenate(py)) if self.cross_prefetch else None
         self.tables = self._tables_for(train)
         self.cross_weights = fit_cross_model([np.asarray(p.experts).astype(np.int64) for p in train], E,
                                              self.horizon, self.decay)  # fmt: skip
@@ -145,6 +164,16 @@ class CrossReuse(CausalReuse):
         expected = expected_use(self.tables, np.array([token_id])).reshape(-1)  # [L*E]
         cross_begin_token(self._crf, self._cross_state, expected, self.decay)
 
+    def predict(self, t: int, l: int) -> Prediction:
+        pred = super().predict(t, l)
+        if self.predict_weights is None:
+            return pred
+        before = np.zeros(self.tables.E)
+        layer_row(self._cross_state, l, self.cross_weights, before)  # the state before (t, l) routes
+        scores = pred.scores.copy()
+        scores[0] = reuse_probability(predict_features(scores[0], before), self.predict_weights)  # row 0: (t, l)
+        return Prediction(pred.targets, scores)
+
     def observe(self, t: int, l: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
         CausalTable.observe(self, t, l, experts, weights)
         routed = np.asarray(experts, np.int64)
@@ -159,6 +188,13 @@ class CrossReuse(CausalReuse):
         base = CausalTable.predict_prompt(self, trace, meta)
         experts = np.asarray(trace.experts).astype(np.int64)
         logit = prompt_feature_rows(experts, base.reuse, tables.log_layer) @ self.reuse_weights  # [T*L, E]
-        row = prompt_cross_rows(experts, expected_use(tables, trace.token_ids), self.cross_weights, self.decay)
-        return PromptPredictions(base.issue_step, base.target_step, base.scores,
-                                 reuse=reuse_probability(stack_features(logit, row), self.stack_weights))  # fmt: skip
+        before, after = prompt_cross_rows(experts, expected_use(tables, trace.token_ids), self.cross_weights,
+                                          self.decay)  # fmt: skip
+        scores = base.scores
+        if self.predict_weights is not None:
+            scores = scores.copy()
+            now = base.target_step == base.issue_step  # the step about to run
+            scores[now] = reuse_probability(predict_features(scores[now], before[base.target_step[now]]),
+                                            self.predict_weights)  # fmt: skip
+        return PromptPredictions(base.issue_step, base.target_step, scores,
+                                 reuse=reuse_probability(stack_features(logit, after), self.stack_weights))  # fmt: skip

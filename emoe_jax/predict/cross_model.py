@@ -71,16 +71,11 @@ def begin_token(crf, state, expected, decay):
 
 
 @njit
-def cross_step(crf, state, l, routed, weights, out):
-    """Step (t, l): token t's experts ``routed`` [k] at layer l replace layer l's expected use in ``state``;
-    write layer l's row ``out`` [E] = state @ weights[:N, layer l] + weights[N, layer l]."""
+def layer_row(state, l, weights, out):
+    """Layer l's row ``out`` [E] = state @ weights[:N, layer l] + weights[N, layer l] of the current state."""
     num_experts = out.shape[0]
     base = l * num_experts
-    for j in range(routed.shape[0]):
-        crf[base + routed[j]] += 1.0
-    for e in range(num_experts):
-        state[base + e] = crf[base + e]
-    n = crf.shape[0]
+    n = state.shape[0]
     for e in range(num_experts):
         out[e] = weights[n, base + e]
     for q in range(n):
@@ -91,7 +86,20 @@ def cross_step(crf, state, l, routed, weights, out):
 
 
 @njit
-def _prompt_rows(experts, expected, weights, decay, out):
+def cross_step(crf, state, l, routed, weights, out):
+    """Step (t, l): token t's experts ``routed`` [k] at layer l replace layer l's expected use in ``state``;
+    write layer l's row ``out`` [E] of the new state."""
+    num_experts = out.shape[0]
+    base = l * num_experts
+    for j in range(routed.shape[0]):
+        crf[base + routed[j]] += 1.0
+    for e in range(num_experts):
+        state[base + e] = crf[base + e]
+    layer_row(state, l, weights, out)
+
+
+@njit
+def _prompt_rows(experts, expected, weights, decay, before, after):
     num_tokens, num_layers, _ = experts.shape
     n = expected.shape[1]
     crf = np.zeros(n)
@@ -99,15 +107,19 @@ def _prompt_rows(experts, expected, weights, decay, out):
     for t in range(num_tokens):
         begin_token(crf, state, expected[t], decay)
         for l in range(num_layers):
-            cross_step(crf, state, l, experts[t, l], weights, out[t * num_layers + l])
+            s = t * num_layers + l
+            layer_row(state, l, weights, before[s])
+            cross_step(crf, state, l, experts[t, l], weights, after[s])
 
 
 def prompt_cross_rows(experts: np.ndarray, expected: np.ndarray, weights: np.ndarray,
-                      decay: float = DECAY) -> np.ndarray:  # fmt: skip
-    """Rows [T*L, E] of one prompt: experts [T, L, k], expected [T, L, E] (token table's expected use)."""
+                      decay: float = DECAY) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Rows (before, after) [T*L, E] each of one prompt: layer l's row at step (t, l) before and after
+    token t's routing at layer l enters the state. experts [T, L, k], expected [T, L, E] (token table's
+    expected use)."""
     T, L, _ = experts.shape
     E = expected.shape[2]
-    out = np.zeros((T * L, E))
+    before, after = np.zeros((T * L, E)), np.zeros((T * L, E))
     _prompt_rows(np.ascontiguousarray(experts, np.int64), np.ascontiguousarray(expected.reshape(T, L * E), np.float64),
-                 np.ascontiguousarray(weights, np.float64), float(decay), out)  # fmt: skip
-    return out
+                 np.ascontiguousarray(weights, np.float64), float(decay), before, after)  # fmt: skip
+    return before, after
