@@ -79,3 +79,20 @@ def test_cross_reuse_refuses_what_it_cannot_fit(make_traces):
         get_predictor("cross-reuse").fit(one)
     with pytest.raises(ValueError, match="decay must be in"):
         get_predictor("cross-reuse", decay=1.0)
+
+
+def test_cross_prefetch_replaces_only_the_step_about_to_run(make_traces):
+    rng = np.random.default_rng(3)
+    traces = make_traces(_random_prompts(rng, 8, 3, 6, 2), 6)
+    table = get_predictor("causal-table", lookahead=1)
+    table.fit(traces)
+    plain = get_predictor("cross-reuse", lookahead=1, cross_prefetch=False)
+    cross = get_predictor("cross-reuse", lookahead=1)
+    plain.fit(traces)
+    cross.fit(traces)
+    want = table.predict_prompt(traces[0], traces.meta)
+    got_plain, got = (p.predict_prompt(traces[0], traces.meta) for p in (plain, cross))
+    np.testing.assert_array_equal(got_plain.scores, want.scores)  # without the stage: the table's predictions
+    now = want.target_step == want.issue_step
+    np.testing.assert_array_equal(got.scores[~now], want.scores[~now])  # further targets: the table's
+    assert np.all((got.scores[now] > 0) & (got.scores[now] < 1)) and not np.allclose(got.scores[now], want.scores[now])

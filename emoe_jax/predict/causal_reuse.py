@@ -100,9 +100,11 @@ def predict_features(table_scores: np.ndarray, cross_before: np.ndarray) -> np.n
 
 class CrossReuse(CausalReuse):
     """causal-reuse whose reuse rows also read the cross-expert model (``cross_model``): a second logistic
-    stage on [causal-reuse's reuse logit, the cross row's logit], fitted like the first on held-out prompts
-    (tables and the cross model on the first 80 % of the training prompts, both logistic stages on the last
-    20 %; then tables and cross model refitted on all)."""
+    stage on [causal-reuse's reuse logit, the cross row's logit]; with ``cross_prefetch`` the prediction of
+    the step about to run is a logistic stage on [the table's prediction, that layer's cross row before it
+    routes] (further targets keep the table's scores). Fitted like causal-reuse on held-out prompts (tables
+    and the cross model on the first 80 % of the training prompts, the logistic stages on the last 20 %;
+    then tables and cross model refitted on all)."""
 
     name = "cross-reuse"
 
