@@ -75,9 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "reuse models are for)")
     p.add_argument("--predictor", default="none",
                    help="prefetch experts this predictor expects (exact mode): spec-gating, prev-token and learned "
-                        "run inside the one-jit decode step (and recency-reuse, which only ranks evictions); the others (static-freq, moe-infinity, emoe, ...) on "
-                        "the host, in a background thread, on the staged path (--predictor list shows those "
-                        "generate can run and what each needs); outputs never change, only speed")
+                        "run inside the one-jit decode step (and recency-reuse, which only ranks evictions); the "
+                        "others (static-freq, moe-infinity, emoe, ...) on the host, in a background thread, on the "
+                        "staged path (--predictor list shows those generate can run and what each needs); outputs "
+                        "never change, only speed")
     p.add_argument("--train-traces", default=None,
                    help="trace set of this model for predictors fitted on traces (static-freq, moe-infinity, emoe)")
     p.add_argument("--predictor-checkpoint", default=None, help="learned predictor checkpoint directory")

@@ -238,8 +238,8 @@ def embedded_section(args, configs, progress) -> dict:
             elif name == "emoe-prefetch":  # eMoE's task profiles drive prefetching in exact mode
                 engine = engine_factory(fraction, _fitted_profiles(traces))
             elif name == "recency-reuse":  # learned eviction only (no prefetch), in-graph on the one-jit path
-                engine = engine_factory(fraction, _fitted_recency_reuse(traces), policy="score",
-                                        eviction_scores="reuse")
+                engine = engine_factory(fraction, runtime_predictor(name, cfg, model_dir, train_traces=traces),
+                                        policy="score", eviction_scores="reuse")
             else:
                 base, _, ranking = name.partition("+")
                 try:
@@ -269,14 +269,6 @@ def _fitted_profiles(traces):
     from ..predict.emoe import EMoEPredictor
 
     predictor = EMoEPredictor(task_source="trace", sequence_model=False)
-    predictor.fit(traces)
-    return predictor
-
-
-def _fitted_recency_reuse(traces):
-    from ..predict.recency_reuse import RecencyReuse
-
-    predictor = RecencyReuse()
     predictor.fit(traces)
     return predictor
 

@@ -21,8 +21,8 @@ from emoe_jax.predict.causal_table import CausalTable, CausalTables, reuse_rows,
 from emoe_jax.predict.cross_model import DECAY as CROSS_DECAY
 from emoe_jax.predict.cross_model import begin_token as cross_begin_token
 from emoe_jax.predict.cross_model import cross_step, fit_cross_model, layer_row, prompt_cross_rows
-from emoe_jax.predict.reuse_model import (MAX_FIT_ROWS, ReuseRowHooks, fit_logistic, fit_reuse_model, next_use_within,
-                                          prompt_feature_rows, reuse_probability)
+from emoe_jax.predict.reuse_model import (ReuseRowHooks, fit_logistic, fit_reuse_model, prompt_feature_rows,
+                                          reuse_fit_rows, reuse_probability)
 from emoe_jax.traces.split import split_by_prompt_id
 
 
@@ -130,16 +130,14 @@ class CrossReuse(CausalReuse):
         cross = fit_cross_model([np.asarray(p.experts).astype(np.int64) for p in table_part], E, self.horizon,
                                 self.decay)  # fmt: skip
         experts = [np.asarray(p.experts).astype(np.int64) for p in label_part]  # [T, L, k] each
-        self.reuse_weights = fit_reuse_model(experts, lambda i: reuse_rows(tables, self.weights, label_part[i]),
-                                             tables.log_layer, E, self.horizon)  # fmt: skip
-        rows = sum(int(x.shape[0] * x.shape[1]) * E for x in experts)
-        stride = max(1, -(-rows // MAX_FIT_ROWS))
-        xs, ys, px, py = [], [], [], []
+        # The first stage's rows (features once per prompt); the second stage reads the same rows' logits.
+        x_rows, labels, stride = reuse_fit_rows(experts, lambda i: reuse_rows(tables, self.weights, label_part[i]),
+                                                tables.log_layer, E, self.horizon)  # fmt: skip
+        self.reuse_weights = fit_logistic(x_rows, labels)
+        after_rows, px, py = [], [], []
         for p, x in zip(label_part, experts):
-            logit = prompt_feature_rows(x, reuse_rows(tables, self.weights, p), tables.log_layer) @ self.reuse_weights
             before, after = prompt_cross_rows(x, expected_use(tables, p.token_ids), cross, self.decay)
-            xs.append(stack_features(logit, after).reshape(-1, 3)[::stride])
-            ys.append(next_use_within(x, E, self.horizon).reshape(-1)[::stride])
+            after_rows.append(after.reshape(-1)[::stride])  # the (step, expert) rows of reuse_fit_rows
             if self.cross_prefetch:  # the step about to run: the table's prediction and the cross row before it
                 steps = np.arange(x.shape[0] * tables.L)
                 table = row_scores(tables, self.weights, tables.token_rows(np.asarray(p.token_ids)), x, steps, steps,
@@ -148,7 +146,8 @@ class CrossReuse(CausalReuse):
                 np.put_along_axis(routed, x, True, axis=2)
                 px.append(predict_features(table, before).reshape(-1, 3)[::stride])
                 py.append(routed.reshape(-1)[::stride])
-        self.stack_weights = fit_logistic(np.concatenate(xs), np.concatenate(ys))
+        self.stack_weights = fit_logistic(stack_features(x_rows @ self.reuse_weights, np.concatenate(after_rows)),
+                                          labels)  # fmt: skip
         self.predict_weights = fit_logistic(np.concatenate(px), np.concatenate(py)) if self.cross_prefetch else None
         self.tables = self._tables_for(train)
         self.cross_weights = fit_cross_model([np.asarray(p.experts).astype(np.int64) for p in train], E,

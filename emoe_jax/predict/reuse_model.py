@@ -153,17 +153,26 @@ def reuse_probability(features: np.ndarray, weights: np.ndarray) -> np.ndarray:
 MAX_FIT_ROWS = 2_000_000  # (step, expert) rows a reuse model is fitted on; a strided subsample beyond
 
 
-def fit_reuse_model(experts: Sequence[np.ndarray], table_reuse: Callable[[int], np.ndarray], log_prior: np.ndarray,
-                    num_experts: int, horizon: int) -> np.ndarray:  # fmt: skip
-    """Logistic weights [F] for "routed again within ``horizon`` tokens" over prompts ``experts`` ([T, L, k] each);
-    ``table_reuse(i)`` gives prompt i's table reuse rows [T*L, E] (computed one prompt at a time)."""
+def reuse_fit_rows(experts: Sequence[np.ndarray], table_reuse: Callable[[int], np.ndarray], log_prior: np.ndarray,
+                   num_experts: int, horizon: int) -> tuple[np.ndarray, np.ndarray, int]:  # fmt: skip
+    """The rows a reuse model is fitted on over prompts ``experts`` ([T, L, k] each): features [N, F], labels
+    "routed again within ``horizon`` tokens" [N], and the stride: every stride-th (step, expert) row of each
+    prompt, in (step, expert) order, at most about MAX_FIT_ROWS in all. ``table_reuse(i)`` gives prompt i's
+    table reuse rows [T*L, E] (computed one prompt at a time)."""
     rows = sum(int(x.shape[0] * x.shape[1]) * num_experts for x in experts)
     stride = max(1, -(-rows // MAX_FIT_ROWS))
     xs, ys = [], []
     for i, x in enumerate(experts):
         xs.append(prompt_feature_rows(x, table_reuse(i), log_prior).reshape(-1, NUM_FEATURES)[::stride])
         ys.append(next_use_within(x, num_experts, horizon).reshape(-1)[::stride])
-    return fit_logistic(np.concatenate(xs), np.concatenate(ys))
+    return np.concatenate(xs), np.concatenate(ys), stride
+
+
+def fit_reuse_model(experts: Sequence[np.ndarray], table_reuse: Callable[[int], np.ndarray], log_prior: np.ndarray,
+                    num_experts: int, horizon: int) -> np.ndarray:  # fmt: skip
+    """Logistic weights [F] for "routed again within ``horizon`` tokens" (rows: ``reuse_fit_rows``)."""
+    x, y, _ = reuse_fit_rows(experts, table_reuse, log_prior, num_experts, horizon)
+    return fit_logistic(x, y)
 
 
 class ReuseRowHooks:

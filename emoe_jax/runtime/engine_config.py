@@ -25,7 +25,7 @@ class EngineConfig:
     policy / host_policy: device eviction (lru | lfu | score; score ranks experts by the predictor's
     latest scores, so it needs a predictor) / host eviction (lru | lfu: no predictor scores the host tier). admission: all (every prediction is
     prefetched) or cost (only one that scores above the expert it would evict; score eviction on the
-    one-jit path). eviction_scores (policy score, host predictors): latest (the nearest prediction of a
+    one-jit path). eviction_scores (policy score): latest (the nearest prediction of a
     layer, then its reuse row once it ran) or reuse (reuse rows only, e.g. causal-reuse's). mode: exact (outputs equal the
     all-resident model's) or restricted (eMoE, lossy). method: expert mixing kernel (auto | gather |
     sorted | blocked | reference). pad_id: padding token (default: the model's). prefetch_k: experts
