@@ -93,6 +93,10 @@ def simulate_reference(traces: Any, predictor: Any, config: SimConfig) -> dict:
                 return (freq.get(key, 0), recency[key])
             if policy == "belady":
                 return (-next_use_after(key, g - 1), recency[key])
+            if policy == "score" and config.distance_weight > 0:  # expected wait to the next use, negated
+                p = max(score_value(key, g // L), 1e-4)
+                layers_to_go = (key // E - g % L) % L
+                return (-(config.distance_weight * layers_to_go / L + (1.0 - p) / p), recency[key])
             if policy == "score":
                 return (score_value(key, g // L), recency[key])
             return (0, recency[key])

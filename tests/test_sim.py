@@ -203,6 +203,12 @@ CONFIGS = {
                                     expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=0.5),  # fmt: skip
     "lrfu-latest-per-layer": SimConfig(capacity=9, per_layer=True, eviction="score", crf_weight=0.5, crf_decay=0.5,
                                        expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=0.4),  # fmt: skip
+    "distance-reuse-routed": SimConfig(capacity=7, eviction="score", eviction_scores="reuse", distance_weight=2.0,
+                                       prefetch_issue="routed", lookahead_layers=1, expert_bytes=1e6,
+                                       bandwidth_gbps=1.0, layer_compute_ms=0.5),  # fmt: skip
+    "distance-lrfu-bypass": SimConfig(capacity=7, eviction="score", eviction_scores="reuse", distance_weight=0.7,
+                                      crf_weight=0.3, crf_decay=0.8, demand_admission="bypass", lookahead_layers=2,
+                                      expert_bytes=1e6, bandwidth_gbps=1.0, layer_compute_ms=0.5),  # fmt: skip
     "full-layer-lookahead": SimConfig(capacity=7, lookahead_layers=3, prefetch_k=3, expert_bytes=1e6,
                                       bandwidth_gbps=2.0, layer_compute_ms=0.2, reset_per_prompt=True,
                                       initial_fill="random", seed=3),  # fmt: skip
@@ -288,10 +294,12 @@ def test_cli_json_and_errors(random_traces, tmp_path, capsys):
     assert out["split"]["train_prompts"] == 3 and "recall@2" in out["prediction"]
     assert sim_main(["--traces", str(path), "--predictor", "causal-table", "--capacity", "8", "--split", "0.5",
                      "--eviction", "score", "--demand-admission", "bypass", "--prefetch-issue", "routed",
-                     "--lookahead-layers", "0", "--eviction-scores", "reuse", "--crf-weight", "0.1", "--json", "--no-progress"]) == 0  # fmt: skip
+                     "--lookahead-layers", "0", "--eviction-scores", "reuse", "--crf-weight", "0.1",
+                     "--distance-weight", "1.5", "--json", "--no-progress"]) == 0  # fmt: skip
     out = json.loads(capsys.readouterr().out)
     assert out["config"]["demand_admission"] == "bypass" and out["config"]["prefetch_issue"] == "routed"
     assert out["config"]["eviction_scores"] == "reuse" and out["config"]["crf_weight"] == 0.1
+    assert out["config"]["distance_weight"] == 1.5
     assert (out["capacity_experts"], out["scratch_slots"]) == (6, 2) and 0 <= out["hit_rate"] <= 1
     assert sim_main(["--traces", str(path), "--predictor", "nope"]) == 2
     assert "unknown predictor" in capsys.readouterr().err
@@ -551,6 +559,23 @@ def test_eviction_scores_reuse_ignores_the_prefetch_predictions(sequence):
     assert (reuse.demand_misses, reuse.hits) == (3, 1)
     with pytest.raises(SimConfigError, match="eviction_scores"):
         simulate(seq, Disagree(), cfg.with_(eviction_scores="both"))
+
+
+def test_distance_aware_score_eviction_by_hand(make_traces):
+    # Three layers, top-1, capacity 2 (one pool), zero latency, no prefetch; every token routes expert 0 at
+    # every layer (keys 0, 8, 16); every predicted reuse is 0.5, so the score alone ties and recency decides:
+    # step 2 evicts key 0, and from then on each step evicts the key needed next -> 6 misses, 0 hits.
+    # Distance weight 1: at step 2 (layer 2) key 0's layer runs in 1 layer, key 8's in 2: evict key 8; step 3
+    # hits key 0; step 4 (layer 1) misses key 8 and evicts key 0 (2 layers to go, key 16: 1); step 5 hits
+    # key 16 -> 4 misses, 2 hits.
+    traces = make_traces([np.zeros((2, 3, 1), np.int64)], num_experts=8)
+    cfg = ZERO.with_(capacity=2, eviction="score", prefetch_k=0)
+    alone = simulate(traces, FixedReuse(0.5), cfg)
+    assert (alone.demand_misses, alone.hits) == (6, 0)
+    nearest = simulate(traces, FixedReuse(0.5), cfg.with_(distance_weight=1.0))
+    assert (nearest.demand_misses, nearest.hits) == (4, 2)
+    with pytest.raises(SimConfigError, match="distance_weight"):
+        simulate(traces, FixedReuse(0.5), cfg.with_(distance_weight=-1.0))
 
 
 def test_lrfu_score_eviction_by_hand(sequence):

@@ -115,3 +115,11 @@ def test_policy_overrides_replace_a_named_policys_settings(_traces):
     direct = simulate(test, pred, cfg)
     assert rows[0]["hit_rate"] == direct.hit_rate
     assert rows[0]["stall_ms_per_token"] == pytest.approx(direct.to_dict()["stall_ms_per_token"])
+    # reuse-dist-routed: reuse-routed with a distance weight (2 by default, or the override)
+    for override, weight in (({}, 2.0), ({"distance_weight": 0.7}, 0.7)):
+        rows, _ = run_sweep(train, test, predictors=["causal-table"], lookaheads=[0], capacities=[0.5],
+                            policies=["reuse-dist-routed"], miss_modes=["copy"], host_gbps=[], baselines=(), **kw,
+                            policy_overrides={"reuse-dist-routed": override})  # fmt: skip
+        direct = simulate(test, pred, cfg.with_(crf_weight=0.0, distance_weight=weight)).to_dict()
+        assert (rows[0]["hit_rate"], rows[0]["stall_ms_per_token"]) == (direct["hit_rate"],
+                                                                        pytest.approx(direct["stall_ms_per_token"]))

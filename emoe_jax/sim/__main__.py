@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--crf-weight", type=float, default=0.0,
                    help="score eviction ranks score + this x CRF (LRFU-like; each past access weighted decay^tokens)")
     g.add_argument("--crf-decay", type=float, default=0.9, help="CRF decay per token")
+    g.add_argument("--distance-weight", type=float, default=0.0,
+                   help="score eviction evicts the longest expected wait to next use: this x (layers until the "
+                        "expert's layer runs again) / L + (1 - score) / score tokens (0: the score alone)")
     g.add_argument("--reset-per-prompt", action="store_true", help="fresh cache for every prompt")
     g.add_argument("--initial-fill", choices=("empty", "random"), default=None, help="initial cache content")
     g.add_argument("--seed", type=int, default=0, help="seed of the random initial fill")
@@ -144,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             eviction_scores=args.eviction_scores,
             crf_weight=args.crf_weight,
             crf_decay=args.crf_decay,
+            distance_weight=args.distance_weight,
             host_bandwidth_gbps=args.host_bandwidth_gbps,
             host_overhead_ms=args.host_overhead_ms,
         )

@@ -61,6 +61,10 @@ class SimConfig:
     # crf_decay ** (tokens since the access); 0 = the score alone
     crf_weight: float = 0.0
     crf_decay: float = 0.9
+    # distance-aware score eviction: the victim is the expert with the latest expected wait to its next use,
+    # distance_weight x (layers until its layer runs again) / L + (1 - p) / p tokens for its score p
+    # (the per-token odds against reuse); 0 = rank by the score alone (the same order as (1 - p) / p)
+    distance_weight: float = 0.0
 
     @classmethod
     def moe_beyond(cls, **overrides) -> "SimConfig":
@@ -148,6 +152,8 @@ class SimConfig:
             raise SimConfigError(f"admission must be 'all' or 'cost', got {self.admission!r}")
         if self.crf_weight < 0 or not 0 < self.crf_decay <= 1:
             raise SimConfigError(f"crf_weight must be >= 0 and crf_decay in (0, 1], got {self.crf_weight}, {self.crf_decay}")
+        if self.distance_weight < 0:
+            raise SimConfigError(f"distance_weight must be >= 0, got {self.distance_weight}")
         if self.eviction_scores not in ("latest", "reuse"):
             raise SimConfigError(f"eviction_scores must be 'latest' or 'reuse', got {self.eviction_scores!r}")
         if self.prefetch_issue not in ("step", "routed"):

@@ -30,7 +30,8 @@ Per token-major step g (token t, layer l), at time ``now``:
    now += stall + layer_compute.
 Transfers take ``xfer`` seconds each on one of ``n_links`` serial links.
 Score eviction ranks each expert's latest score (+ ``crf_weight`` x its CRF,
-LRFU's recency-frequency: the sum over its accesses of ``crf_decay`` ** tokens since).
+LRFU's recency-frequency: the sum over its accesses of ``crf_decay`` ** tokens since);
+with ``distance_weight`` > 0, by expected wait to next use (``_rank_value``).
 With ``prm.issue_after_routing`` step 2 for step s+1 (its score updates and prefetch
 requests, which read the routing of steps <= s only) runs at the end of step s's
 demand instead of at the start of step s+1: the requests queue behind step s's
@@ -115,7 +116,7 @@ class CacheState(NamedTuple):
     q_target: np.ndarray  # [Q] int64 step it is for
     q_score: np.ndarray  # [Q] float32 predicted chance its target routes to it
     q_ptr: np.ndarray  # [2] int64 head, tail (monotonic)
-    ints: np.ndarray  # [3] int64 recency clock, queue sequence counter, current global token
+    ints: np.ndarray  # [4] int64 recency clock, queue sequence counter, current global token, current layer
     counts: np.ndarray  # [len(INT_COUNTERS)] int64
     floats: np.ndarray  # [len(FLOAT_COUNTERS)] float64
 
@@ -133,7 +134,7 @@ def new_cache_state(num_keys: int, num_pools: int, pool_capacity: int, n_links: 
         pool_size=np.zeros(num_pools, np.int64), slot_pos=np.full(num_keys, -1, np.int64),
         link_free=np.zeros(n_links, np.float64), q_key=np.zeros(qcap, np.int32), q_seq=np.zeros(qcap, np.int64),
         q_issue=np.zeros(qcap, np.float64), q_target=np.zeros(qcap, np.int64), q_score=np.zeros(qcap, np.float32),
-        q_ptr=np.zeros(2, np.int64), ints=np.zeros(3, np.int64),
+        q_ptr=np.zeros(2, np.int64), ints=np.zeros(4, np.int64),
         counts=np.zeros(len(INT_COUNTERS), np.int64), floats=np.zeros(len(FLOAT_COUNTERS), np.float64),
     )  # fmt: skip
 
@@ -165,6 +166,7 @@ class ReplayParams(NamedTuple):
     issue_after_routing: bool  # step s's predictions are issued right after step s-1 routed, behind its demand
     crf_weight: float  # score eviction ranks score + crf_weight x CRF (LRFU-like; 0: the score alone)
     crf_decay: float  # CRF = sum over past accesses of crf_decay ** (tokens since the access)
+    distance_weight: float  # score eviction: > 0 ranks by expected wait (layers to go + odds against reuse)
 
 
 class PromptInput(NamedTuple):
@@ -197,6 +199,21 @@ def _score_value(key, score, prm, st):
 
 
 @njit_inline
+def _rank_value(key, score, prm, st):
+    """What score eviction ranks (lowest goes first). With ``distance_weight`` w > 0: minus the expected
+    wait to the key's next use, w x (layers until its layer runs again) / L + (1 - v) / v tokens, v its
+    score value. Why: a score is the expert's chance of reuse over the next tokens, booked when its layer
+    last ran; of two experts with the same chance, the one whose layer runs sooner is needed sooner
+    (Belady keeps the nearest next use)."""
+    v = _score_value(key, score, prm, st)
+    if prm.distance_weight == 0.0:
+        return v
+    p = max(v, 1e-4)
+    layers_to_go = (key // prm.num_experts - st.ints[3]) % prm.num_layers  # 0: the layer running now
+    return -(prm.distance_weight * layers_to_go / prm.num_layers + (1.0 - p) / p)
+
+
+@njit_inline
 def _find_victim(pool, by_time, only_arrived, policy, prm, st):
     """The key the policy evicts first among unpinned residents of ``pool`` (-1: none).
 
@@ -219,7 +236,7 @@ def _find_victim(pool, by_time, only_arrived, policy, prm, st):
         elif policy == BELADY:  # furthest next use first
             primary = -float(st.next_use[key])
         elif policy == SCORE:  # lowest predicted score first (+ weighted CRF, LRFU-like)
-            primary = _score_value(key, st.score[key], prm, st)
+            primary = _rank_value(key, st.score[key], prm, st)
         else:  # LRU: recency alone
             primary = 0.0
         recency = st.last_use[key]
@@ -414,6 +431,7 @@ def run_prompt(prompt, step_offset, prm, st):
         t = s // num_layers
         counted = t >= prm.warmup_tokens
         st.ints[2] = g // num_layers  # the global token (prompts hold whole tokens)
+        st.ints[3] = s % num_layers  # the layer of this step (prompts start at a token's first layer)
         now = st.floats[F_NOW]
         _advance(now, g, counted, prm, st)
         if not prm.issue_after_routing or s % num_layers == 0:  # a token's first layer: its id is news

@@ -165,6 +165,7 @@ def simulate(traces: Any, predictor: Any, config: SimConfig | None = None, progr
         host_overhead=float(host_overhead), warmup_tokens=int(config.warmup_tokens),
         bypass=config.demand_admission == "bypass", issue_after_routing=config.prefetch_issue == "routed",
         crf_weight=float(config.crf_weight), crf_decay=float(config.crf_decay),
+        distance_weight=float(config.distance_weight),
     )  # fmt: skip
     inner = getattr(predictor, "inner", predictor)  # a MemoisedPredictor's predictor
     if (config.prefetch_issue == "routed" and meta.hidden_size is not None
