@@ -61,9 +61,9 @@ class SimConfig:
     # crf_decay ** (tokens since the access); 0 = the score alone
     crf_weight: float = 0.0
     crf_decay: float = 0.9
-    # distance-aware score eviction: the victim is the expert with the latest expected wait to its next use,
+    # distance-aware score eviction: the victim is the expert with the longest expected wait to its next use,
     # distance_weight x (layers until its layer runs again) / L + (1 - p) / p tokens for its score p
-    # (the per-token odds against reuse); 0 = rank by the score alone (the same order as (1 - p) / p)
+    # (the odds against reuse); 0 = rank by the score alone (the same order as (1 - p) / p)
     distance_weight: float = 0.0
 
     @classmethod
