@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from emoe_jax.predict import get_predictor
-from emoe_jax.predict.causal_reuse import expected_use
+from emoe_jax.predict.causal_reuse import expected_use, last_run_features, predict_features
 from emoe_jax.predict.causal_table import CausalTables
 from emoe_jax.predict.cross_model import crf_vectors, fit_cross_model, prompt_cross_rows
+from emoe_jax.predict.reuse_model import NUM_FEATURES
 
 
 def _random_prompts(rng, n, L, E, k):
@@ -96,3 +97,21 @@ def test_cross_prefetch_replaces_only_the_step_about_to_run(make_traces):
     now = want.target_step == want.issue_step
     np.testing.assert_array_equal(got.scores[~now], want.scores[~now])  # further targets: the table's
     assert np.all((got.scores[now] > 0) & (got.scores[now] < 1)) and not np.allclose(got.scores[now], want.scores[now])
+
+
+def test_prefetch_stage_reads_each_layers_last_run_features():
+    """The step-about-to-run features: bias, log table, logit cross row, then the reuse features of (t-1, l),
+    zeros at the first token (whose bias column is then 0, an intercept of its own)."""
+    L, E, F = 2, 3, NUM_FEATURES
+    features = np.arange(3 * L * E * F, dtype=np.float64).reshape(3 * L, E, F) + 1.0  # [T*L, E, F], T = 3
+    last = last_run_features(features, L)
+    np.testing.assert_array_equal(last[:L], 0.0)
+    np.testing.assert_array_equal(last[L:], features[:-L])
+    table = np.full((3 * L, E), 0.5)
+    cross = np.full((3 * L, E), 0.25)
+    rows = predict_features(table, cross, last)  # [T*L, E, 3 + F]
+    assert rows.shape == (3 * L, E, 3 + F)
+    np.testing.assert_allclose(rows[..., 0], 1.0)
+    np.testing.assert_allclose(rows[..., 1], np.log(0.5))
+    np.testing.assert_allclose(rows[..., 2], np.log(0.25 / 0.75))
+    np.testing.assert_array_equal(rows[..., 3:], last)

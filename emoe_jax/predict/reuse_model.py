@@ -154,16 +154,21 @@ MAX_FIT_ROWS = 2_000_000  # (step, expert) rows a reuse model is fitted on; a st
 
 
 def reuse_fit_rows(experts: Sequence[np.ndarray], table_reuse: Callable[[int], np.ndarray], log_prior: np.ndarray,
-                   num_experts: int, horizon: int) -> tuple[np.ndarray, np.ndarray, int]:  # fmt: skip
+                   num_experts: int, horizon: int, on_prompt: Callable[[int, np.ndarray, int], None] | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray, int]:  # fmt: skip
     """The rows a reuse model is fitted on over prompts ``experts`` ([T, L, k] each): features [N, F], labels
     "routed again within ``horizon`` tokens" [N], and the stride: every stride-th (step, expert) row of each
     prompt, in (step, expert) order, at most about MAX_FIT_ROWS in all. ``table_reuse(i)`` gives prompt i's
-    table reuse rows [T*L, E] (computed one prompt at a time)."""
+    table reuse rows [T*L, E] (computed one prompt at a time). ``on_prompt(i, features [T*L, E, F], stride)``,
+    if given, sees each prompt's full features (for later stages fitted on the same prompts)."""
     rows = sum(int(x.shape[0] * x.shape[1]) * num_experts for x in experts)
     stride = max(1, -(-rows // MAX_FIT_ROWS))
     xs, ys = [], []
     for i, x in enumerate(experts):
-        xs.append(prompt_feature_rows(x, table_reuse(i), log_prior).reshape(-1, NUM_FEATURES)[::stride])
+        features = prompt_feature_rows(x, table_reuse(i), log_prior)  # [T*L, E, F]
+        if on_prompt is not None:
+            on_prompt(i, features, stride)
+        xs.append(features.reshape(-1, NUM_FEATURES)[::stride])
         ys.append(next_use_within(x, num_experts, horizon).reshape(-1)[::stride])
     return np.concatenate(xs), np.concatenate(ys), stride
 
