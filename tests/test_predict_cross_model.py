@@ -100,8 +100,8 @@ def test_cross_prefetch_replaces_only_the_step_about_to_run(make_traces):
 
 
 def test_prefetch_stage_reads_each_layers_last_run_features():
-    """The step-about-to-run features: bias, log table, logit cross row, then the reuse features of (t-1, l),
-    zeros at the first token (whose bias column is then 0, an intercept of its own)."""
+    """The step-about-to-run features: bias, log table, logits of the cross and within-token rows, then the
+    reuse features of (t-1, l), zeros at the first token (whose bias column is then 0, an intercept of its own)."""
     L, E, F = 2, 3, NUM_FEATURES
     features = np.arange(3 * L * E * F, dtype=np.float64).reshape(3 * L, E, F) + 1.0  # [T*L, E, F], T = 3
     last = last_run_features(features, L)
@@ -109,9 +109,11 @@ def test_prefetch_stage_reads_each_layers_last_run_features():
     np.testing.assert_array_equal(last[L:], features[:-L])
     table = np.full((3 * L, E), 0.5)
     cross = np.full((3 * L, E), 0.25)
-    rows = predict_features(table, cross, last)  # [T*L, E, 3 + F]
-    assert rows.shape == (3 * L, E, 3 + F)
+    within = np.full((3 * L, E), -0.5)  # a ridge row below 0: clipped to 1e-3
+    rows = predict_features(table, cross, within, last)  # [T*L, E, 4 + F]
+    assert rows.shape == (3 * L, E, 4 + F)
     np.testing.assert_allclose(rows[..., 0], 1.0)
     np.testing.assert_allclose(rows[..., 1], np.log(0.5))
     np.testing.assert_allclose(rows[..., 2], np.log(0.25 / 0.75))
-    np.testing.assert_array_equal(rows[..., 3:], last)
+    np.testing.assert_allclose(rows[..., 3], np.log(1e-3 / (1 - 1e-3)))
+    np.testing.assert_array_equal(rows[..., 4:], last)

@@ -23,6 +23,7 @@ from emoe_jax.predict.cross_model import begin_token as cross_begin_token
 from emoe_jax.predict.cross_model import cross_step, fit_cross_model, layer_row, prompt_cross_rows
 from emoe_jax.predict.reuse_model import (NUM_FEATURES, ReuseRowHooks, fit_logistic, fit_reuse_model,
                                           prompt_feature_rows, reuse_fit_rows, reuse_probability)
+from emoe_jax.predict.within_token import fit_within_model, prompt_within_rows, within_row
 from emoe_jax.traces.split import split_by_prompt_id
 
 
@@ -91,17 +92,21 @@ def stack_features(reuse_logit: np.ndarray, cross_row: np.ndarray) -> np.ndarray
     return np.stack([np.ones_like(reuse_logit), reuse_logit, np.log(c / (1.0 - c))], axis=-1)
 
 
-def predict_features(table_scores: np.ndarray, cross_before: np.ndarray, last_features: np.ndarray) -> np.ndarray:
-    """[..., E, 3 + NUM_FEATURES]: bias, log of the table's prediction (about k x a probability), logit of the
-    cross row of the layer about to route from the state before it routes, and the reuse model's features
-    [..., E, NUM_FEATURES] of that layer's experts as its last run left them (zeros before its first run in
-    the prompt: their bias column is 0 there, so the first token gets its own intercept).
+def predict_features(table_scores: np.ndarray, cross_before: np.ndarray, within: np.ndarray,
+                     last_features: np.ndarray) -> np.ndarray:  # fmt: skip
+    """[..., E, 4 + NUM_FEATURES]: bias, log of the table's prediction (about k x a probability), logits of
+    the (clipped) cross row and within-token row (``within_token``) of the layer about to route from the
+    state before it routes, and the reuse model's features [..., E, NUM_FEATURES] of that layer's experts as
+    its last run left them (zeros before its first run in the prompt: their bias column is 0 there, so the
+    first token gets its own intercept).
 
     Why the last run's features: an expert's recency and frequency in this prompt say whether it comes back
     at the next token; with them the step's top prefetch among experts its layer did not just use is right
     74 % of the time instead of 72 % (Puffin training prompts), and each wrong one is a wasted copy."""
     c = np.clip(cross_before, 1e-3, 1.0 - 1e-3)
-    head = np.stack([np.ones_like(c), np.log(np.maximum(table_scores, 1e-4)), np.log(c / (1.0 - c))], axis=-1)
+    w = np.clip(within, 1e-3, 1.0 - 1e-3)
+    head = np.stack([np.ones_like(c), np.log(np.maximum(table_scores, 1e-4)), np.log(c / (1.0 - c)),
+                     np.log(w / (1.0 - w))], axis=-1)  # fmt: skip
     return np.concatenate([head, np.asarray(last_features, head.dtype)], axis=-1)
 
 
@@ -131,9 +136,10 @@ class CrossReuse(CausalReuse):
         self.cross_prefetch = bool(cross_prefetch)
         self.cross_weights: np.ndarray | None = None  # [L*E + 1, L*E] ridge weights (cross_model)
         self.stack_weights: np.ndarray | None = None  # [3] second-stage logistic weights (stack_features)
-        # [3 + NUM_FEATURES] logistic weights of the step-about-to-run predictions (predict_features); None: the
+        # [4 + NUM_FEATURES] logistic weights of the step-about-to-run predictions (predict_features); None: the
         # table's own
         self.predict_weights: np.ndarray | None = None
+        self.within_weights: np.ndarray | None = None  # [L, L*E + 1, E] within-token ridge weights (cross_prefetch)
 
     def fit(self, train: Any) -> None:
         if len(train) < 2:
@@ -145,12 +151,14 @@ class CrossReuse(CausalReuse):
         cross = fit_cross_model([np.asarray(p.experts).astype(np.int64) for p in table_part], E, self.horizon,
                                 self.decay)  # fmt: skip
         experts = [np.asarray(p.experts).astype(np.int64) for p in label_part]  # [T, L, k] each
+        within = self._fit_within(table_part, tables)
         after_rows, px, py = [], [], []
 
         def stage_rows(i: int, features: np.ndarray, stride: int) -> None:
             """The later stages' rows of label prompt i, from its first-stage features [T*L, E, F]."""
             p, x = label_part[i], experts[i]
-            before, after = prompt_cross_rows(x, expected_use(tables, p.token_ids), cross, self.decay)
+            expected = expected_use(tables, p.token_ids)  # [T, L, E]
+            before, after = prompt_cross_rows(x, expected, cross, self.decay)
             after_rows.append(after.reshape(-1)[::stride])  # the (step, expert) rows of reuse_fit_rows
             if self.cross_prefetch:  # the step about to run: the state before it routes
                 steps = np.arange(x.shape[0] * tables.L)
@@ -158,7 +166,8 @@ class CrossReuse(CausalReuse):
                                    steps // tables.L)  # fmt: skip
                 routed = np.zeros((x.shape[0], tables.L, E), bool)
                 np.put_along_axis(routed, x, True, axis=2)
-                rows = predict_features(table, before, last_run_features(features, tables.L))
+                rows = predict_features(table, before, prompt_within_rows(x, expected, within, self.decay),
+                                        last_run_features(features, tables.L))  # fmt: skip
                 px.append(rows.reshape(-1, rows.shape[-1])[::stride])
                 py.append(routed.reshape(-1)[::stride])
 
@@ -172,6 +181,14 @@ class CrossReuse(CausalReuse):
         self.tables = self._tables_for(train)
         self.cross_weights = fit_cross_model([np.asarray(p.experts).astype(np.int64) for p in train], E,
                                              self.horizon, self.decay)  # fmt: skip
+        self.within_weights = self._fit_within(train, self.tables)
+
+    def _fit_within(self, traces: Any, tables: CausalTables) -> np.ndarray | None:
+        """The within-token model over ``traces`` (None without the prefetch stage)."""
+        if not self.cross_prefetch:
+            return None
+        return fit_within_model([np.asarray(p.experts).astype(np.int64) for p in traces],
+                                lambda i: expected_use(tables, traces[i].token_ids), tables.E, self.decay)  # fmt: skip
 
     # -- step path ------------------------------------------------------------------------
     def begin_prompt(self, info: PromptInfo) -> None:
@@ -194,7 +211,8 @@ class CrossReuse(CausalReuse):
         before = np.zeros(self.tables.E)
         layer_row(self._cross_state, l, self.cross_weights, before)  # the state before (t, l) routes
         scores = pred.scores.copy()
-        scores[0] = reuse_probability(predict_features(scores[0], before, self._last_features[l]),
+        within = within_row(self._cross_state, l, self.within_weights)
+        scores[0] = reuse_probability(predict_features(scores[0], before, within, self._last_features[l]),
                                       self.predict_weights)  # row 0: (t, l)  # fmt: skip
         return Prediction(pred.targets, scores)
 
@@ -215,15 +233,16 @@ class CrossReuse(CausalReuse):
         experts = np.asarray(trace.experts).astype(np.int64)
         features = prompt_feature_rows(experts, base.reuse, tables.log_layer)  # [T*L, E, F]
         logit = features @ self.reuse_weights  # [T*L, E]
-        before, after = prompt_cross_rows(experts, expected_use(tables, trace.token_ids), self.cross_weights,
-                                          self.decay)  # fmt: skip
+        expected = expected_use(tables, trace.token_ids)  # [T, L, E]
+        before, after = prompt_cross_rows(experts, expected, self.cross_weights, self.decay)
         scores = base.scores
         if self.predict_weights is not None:
             scores = scores.copy()
             now = base.target_step == base.issue_step  # the step about to run
             last = last_run_features(features, tables.L)
+            within = prompt_within_rows(experts, expected, self.within_weights, self.decay)  # [T*L, E]
             target = base.target_step[now]
-            scores[now] = reuse_probability(predict_features(scores[now], before[target], last[target]),
-                                            self.predict_weights)  # fmt: skip
+            scores[now] = reuse_probability(predict_features(scores[now], before[target], within[target],
+                                                             last[target]), self.predict_weights)  # fmt: skip
         return PromptPredictions(base.issue_step, base.target_step, scores,
                                  reuse=reuse_probability(stack_features(logit, after), self.stack_weights))  # fmt: skip
