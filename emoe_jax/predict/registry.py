@@ -54,7 +54,7 @@ _REGISTRY: dict[str, tuple[Callable[..., BasePredictor], str]] = {
     "cross-reuse": (
         CrossReuse,
         "causal-reuse + a cross-expert model (the prompt's routing over all layers -> which experts come back) "
-        "in its reuse scores",
+        "in its reuse scores, and a within-token model (the token's routed layers -> this layer) in its prefetch",
     ),
     "recency-reuse": (
         RecencyReuse,
