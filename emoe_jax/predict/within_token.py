@@ -11,7 +11,8 @@ before (t, l) routes,
 
 to "routed at (t, l)" ranks the step's top expert (among those its layer did not
 just use) right 82 % of the time on Puffin training prompts, against 74 % for the
-table with the recency features (docs/simulator.md, "Within-token prefetch").
+table with the recency features (docs/simulator.md, "Prefetch that reads the token's earlier
+layers").
 
 Fitting: L ridge regressions over the same tokens. x(t, l) differs from x(t, l-1)
 only in layer l-1's block (E columns: expected use -> routing), so the L normal
