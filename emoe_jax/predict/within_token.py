@@ -62,9 +62,8 @@ def fit_within_model(experts: Sequence[np.ndarray], expected: Callable[[int], np
     pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def flush() -> None:
-        x = np.hstack([np.concatenate([s for s, _, _ in pending]), np.ones((sum(len(s) for s, _, _ in pending), 1))])
-        used = np.concatenate([u for _, u, _ in pending])  # [n_tok, N]
-        delta = np.concatenate([d for _, _, d in pending])  # [n_tok, N]
+        start, used, delta = (np.concatenate(parts) for parts in zip(*pending))  # [n_tok, N] each
+        x = np.hstack([start, np.ones((len(start), 1))])
         gram0[:] += x.T @ x
         for l in range(L):
             if l > 0:  # layer l-1's block: expected use -> routing
@@ -76,10 +75,13 @@ def fit_within_model(experts: Sequence[np.ndarray], expected: Callable[[int], np
             moment[l] += x.T @ used[:, l * E:(l + 1) * E]
         pending.clear()
 
+    pending_tokens = 0
     for i, x in enumerate(experts):
         pending.append(token_start_states(np.asarray(x, np.int64), expected(i), decay))
-        if sum(len(p[0]) for p in pending) >= CHUNK_TOKENS:
+        pending_tokens += len(x)
+        if pending_tokens >= CHUNK_TOKENS:
             flush()
+            pending_tokens = 0
     if pending:
         flush()
     weights = np.zeros((L, n + 1, E))
